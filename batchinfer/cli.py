@@ -1,0 +1,242 @@
+"""The `batchinfer` command: a thin click layer over config, plan, runner and store.
+
+Exit codes: 0 complete, 3 partial (some rows or shards failed), 1 failed or interrupted,
+2 bad usage, config or inputs (fix something before rerunning).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from typing import Any
+
+import click
+
+from batchinfer import config as config_mod, runner
+from batchinfer.runner import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
+log = logging.getLogger("batchinfer")
+
+SET_HELP = "Override a config key, e.g. --set sampling.max_tokens=32 (repeatable)."
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("filelock", "fsspec", "urllib3", "botocore", "s3fs", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(code: int, message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(config_path: str, sets: tuple[str, ...]) -> config_mod.Config:
+    try:
+        return config_mod.load_config(config_path, sets)
+    except config_mod.ConfigError as e:
+        _fail(EXIT_USAGE, str(e))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Batch LLM inference on Ray: Parquet prompts in, Parquet results out, exactly once.
+
+    \b
+    Exit codes: 0 complete, 3 partial (some rows or shards failed),
+                1 failed or interrupted (rerun to resume), 2 bad usage/config/inputs.
+    """
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--new-run", is_flag=True,
+              help="Discard a previous run at output.path (its parts too) and start over.")
+@click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
+def run(config_path: str, sets: tuple[str, ...], new_run: bool, no_progress: bool) -> None:
+    """Run (or resume) the batch job described by CONFIG.
+
+    Rerunning the same command after a crash finishes the remaining shards; rerunning a
+    finished run does nothing.
+    """
+    sys.exit(run_job(_load(config_path, sets), new_run=new_run, progress=not no_progress))
+
+
+def run_job(cfg: config_mod.Config, *, new_run: bool = False, progress: bool = True) -> int:
+    """Run and print the summary; return the exit code. Shared with jobs/batch_job.py."""
+    try:
+        report = runner.run(cfg, new_run=new_run, progress=progress)
+    except runner.USAGE_ERRORS as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to resume", err=True)
+        return EXIT_FAILED
+    except Exception as e:
+        traceback.print_exc()
+        click.echo(f"error: run failed: {type(e).__name__}: {e}\n"
+                   "rerun the same command to resume after fixing the cause", err=True)
+        return EXIT_FAILED
+    click.echo(format_summary(report.manifest, did_work=report.did_work))
+    return report.exit_code
+
+
+def format_summary(m: dict[str, Any], *, did_work: bool = True) -> str:
+    rows, tokens, this = m["rows"], m["tokens"], m["this_run"]
+    lines = [f"batchinfer: {m['status']}" + ("" if did_work else " (already done; nothing to do)")]
+    lines.append(f"  rows     {rows['ok']:,} ok, {rows['failed']:,} failed, "
+                 f"{rows['missing']:,} not done, of {rows['total']:,}")
+    shards = m["shards"]
+    lines.append(f"  shards   {shards['committed']}/{shards['total']} committed"
+                 + (f", {shards['failed']} failed" if shards["failed"] else ""))
+    if m["errors"]:
+        lines.append("  errors   " + ", ".join(f"{k}: {v}" for k, v in sorted(m["errors"].items())))
+    lines.append(f"  tokens   {tokens['prompt']:,} in, {tokens['completion']:,} out")
+    if did_work:
+        lines.append(f"  this run {this['rows']:,} rows in {this['wall_s']:.1f} s wall "
+                     f"({this['generate_s']:.1f} s generating on {this['workers']} workers): "
+                     f"{this['rows_per_s']:.2f} rows/s, {this['tokens_per_s']:.1f} tokens/s")
+    for f in m.get("failed_shards", []):
+        lines.append(f"  failed   {f['part']}: {f['reason']}")
+    lines.append(f"  output   {m['output']}  (pandas.read_parquet reads it as one table)")
+    if m["status"] == "interrupted":
+        lines.append("  rerun the same command to finish the remaining shards")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def plan(config_path: str, sets: tuple[str, ...]) -> None:
+    """Show the files, rows and shards CONFIG would run, and one rendered prompt.
+
+    Reads only Parquet footers and the first row; starts no engine and writes nothing.
+    """
+    from batchinfer import plan as planning
+    from batchinfer.store import RunStore
+
+    cfg = _load(config_path, sets)
+    try:
+        runner.preflight(cfg)
+        p = planning.make_plan(cfg)
+        existing = RunStore(cfg.output.path).read_plan()
+    except runner.USAGE_ERRORS as e:
+        _fail(EXIT_USAGE, str(e))
+    sizes = [s.num_rows for s in p.shards]
+    click.echo(f"inputs   {len(p.files)} files, {p.total_rows:,} rows ({cfg.input.path})")
+    for f in p.files[:20]:
+        click.echo(f"  {f.name}  {f.num_rows:,} rows in {len(f.row_groups)} row groups")
+    if len(p.files) > 20:
+        click.echo(f"  ... and {len(p.files) - 20} more")
+    click.echo(f"shards   {len(p.shards)} (rows per shard: min {min(sizes)}, max {max(sizes)}, "
+               f"target {cfg.run.rows_per_shard})")
+    click.echo(f"output   {cfg.output.path}")
+    if existing is not None:
+        same = existing.fingerprint == p.fingerprint
+        click.echo("         holds a run with the same fingerprint: `run` resumes it" if same else
+                   "         holds a run with a different fingerprint: `run` refuses unless --new-run")
+    click.echo(f"fingerprint {p.fingerprint}")
+    click.echo("first prompt, as the model sees it:")
+    click.echo(_first_prompt(cfg, p))
+
+
+def _first_prompt(cfg: config_mod.Config, p) -> str:
+    import pyarrow.parquet as pq
+
+    from batchinfer import storage
+    from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
+
+    first = p.files[p.shards[0].file]
+    loc = storage.locate(first.url)
+    column = cfg.input.prompt_column or cfg.input.messages_column
+    with loc.fs.open(loc.path, "rb") as f:
+        cell = pq.ParquetFile(f).read_row_group(0, columns=[column]).column(0)[0].as_py()
+    try:
+        builder = PromptBuilder(load_tokenizer(cfg.engine), cfg.input)
+    except ImportError as e:
+        return f"  (cannot render: {e}; install the engine's extra)"
+    try:
+        return "  " + builder.render(cell).replace("\n", "\n  ")
+    except RowError as e:
+        return f"  (this row is an error: {e})"
+
+
+@main.command()
+@click.argument("output_path", metavar="OUTPUT_PATH")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(output_path: str, as_json: bool) -> None:
+    """Show a run's progress and state from its run directory alone.
+
+    Exit code: that of the finished run (0, 3), 1 while running or unfinished, 2 if
+    OUTPUT_PATH holds no run.
+    """
+    from batchinfer.store import RunStore
+
+    store = RunStore(output_path)
+    plan = store.read_plan()
+    if plan is None:
+        _fail(EXIT_USAGE, f"no run at {store.url} (expected {store.meta.url}/plan.json)")
+    committed = store.committed()
+    manifest = store.read_manifest()
+    heartbeat = store.read_status() or {}
+    finished = manifest is not None and manifest.get("fingerprint") == plan.fingerprint \
+        and manifest["shards"]["committed"] == len(committed)
+    state = manifest["status"] if finished else heartbeat.get("state", "not started")
+    rows_done = sum(s["rows"] for s in committed.values())
+    info = {
+        "output": store.url, "state": state,
+        "shards": {"done": len(committed), "total": len(plan.shards)},
+        "rows": {"done": rows_done, "total": plan.total_rows,
+                 "failed": sum(s["rows_failed"] for s in committed.values())},
+        "updated_at": heartbeat.get("updated_at"), "host": heartbeat.get("host"),
+        "fingerprint": plan.fingerprint,
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+    else:
+        click.echo(f"run      {store.url}")
+        click.echo(f"state    {state}" + _age(heartbeat) if not finished else f"state    {state}")
+        click.echo(f"shards   {len(committed)}/{len(plan.shards)} committed")
+        click.echo(f"rows     {rows_done:,}/{plan.total_rows:,} done, "
+                   f"{info['rows']['failed']:,} with errors")
+    sys.exit(runner.exit_code_for(state) if finished else EXIT_FAILED)
+
+
+def _age(heartbeat: dict[str, Any]) -> str:
+    from datetime import datetime
+
+    if not heartbeat.get("updated_at"):
+        return ""
+    age = time.time() - datetime.fromisoformat(heartbeat["updated_at"]).timestamp()
+    return f" (driver {heartbeat.get('host')}:{heartbeat.get('pid')}, last heartbeat {age:.0f} s ago)"
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def validate(config_path: str, sets: tuple[str, ...]) -> None:
+    """Check CONFIG and print it resolved, every key with its description.
+
+    Also checks that the engine backend is installed and the model can be found.
+    """
+    from batchinfer import engines
+
+    cfg = _load(config_path, sets)
+    click.echo(config_mod.to_commented_yaml(cfg), nl=False)
+    try:
+        runner.preflight(cfg)
+    except runner.USAGE_ERRORS as e:
+        _fail(EXIT_USAGE, str(e))
+    click.echo(f"# OK: engine backends registered: {', '.join(engines.names())}")
+    sys.exit(EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

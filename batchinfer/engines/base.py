@@ -1,0 +1,148 @@
+"""The engine protocol: one model replica that turns prompt token ids into completions.
+
+A continuous-batching backend implements `async generate(request)` and batches inside
+the engine; a static-batching backend subclasses `BatchEngine` and implements only
+`generate_batch(requests)`. Either way the worker keeps up to `max_in_flight` requests
+submitted, from the current shard and the next, so the engine never drains at a shard
+boundary.
+
+A request the engine refuses (prompt too long, bad parameter) comes back as a `Result`
+with `error` set: it is that row's error, never the job's. An exception out of
+`generate` means the engine itself failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from batchinfer.config import EngineConfig, SamplingConfig
+
+
+@dataclass
+class Request:
+    """One row's prompt, already rendered through the chat template and tokenized."""
+
+    id: int
+    prompt_token_ids: list[int]
+
+
+@dataclass
+class Result:
+    """What the engine made of one request."""
+
+    text: str | None
+    finish_reason: str  # "stop" | "length" | "error"
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: str | None = None
+
+    @classmethod
+    def failed(cls, code: str, message: str, prompt_tokens: int | None = None) -> Result:
+        return cls(None, "error", prompt_tokens, 0 if prompt_tokens is not None else None,
+                   f"{code}: {message}")
+
+
+class Engine(ABC):
+    """One model replica owned by one worker. Constructed inside the worker process."""
+
+    name: ClassVar[str]
+
+    def __init__(self, *, config: EngineConfig, sampling: SamplingConfig):
+        self.config = config
+        self.sampling = sampling
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """Most prompt + completion tokens one request may use."""
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests the worker keeps submitted; enough to refill a batch as one finishes."""
+        return 2 * self.config.max_batch_size
+
+    @abstractmethod
+    async def generate(self, request: Request) -> Result:
+        """Run one request to completion."""
+
+    def check_length(self, request: Request) -> Result | None:
+        """The prompt_too_long error for a prompt that leaves no room to generate, else None."""
+        n = len(request.prompt_token_ids)
+        if n >= self.max_model_len:
+            return Result.failed("prompt_too_long", f"{n} tokens >= {self.max_model_len}", n)
+        return None
+
+    def shutdown(self) -> None:
+        """Release the model; the default has nothing to release."""
+
+
+class BatchEngine(Engine):
+    """An engine that runs static batches; subclasses implement only `generate_batch`.
+
+    Requests queue up from any number of shards; a single thread takes whatever is
+    pending (up to `max_batch_size`) as soon as the previous batch is done.
+    """
+
+    def __init__(self, *, config: EngineConfig, sampling: SamplingConfig):
+        super().__init__(config=config, sampling=sampling)
+        self._pending: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    @abstractmethod
+    def generate_batch(self, requests: list[Request]) -> list[Result]:
+        """Results for `requests`, in the same order."""
+
+    async def generate(self, request: Request) -> Result:
+        refused = self.check_length(request)
+        if refused is not None:
+            return refused
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name=f"{self.name}-batcher", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.put((request, future, loop))
+        return await future
+
+    def _loop(self) -> None:
+        while True:
+            first = self._pending.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.config.max_batch_size:
+                try:
+                    item = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._pending.put(None)
+                    break
+                batch.append(item)
+            try:
+                results = self.generate_batch([req for req, _, _ in batch])
+                outcome = [(fut, loop, r, None) for (_, fut, loop), r in zip(batch, results)]
+            except Exception as e:  # the engine failed: every waiting request learns why
+                outcome = [(fut, loop, None, e) for _, fut, loop in batch]
+            for fut, loop, result, error in outcome:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+
+    def shutdown(self) -> None:
+        if self._thread is not None:
+            self._pending.put(None)
+            self._thread.join(timeout=60)
+            self._thread = None
+
+
+def _settle(future: asyncio.Future, result: Result | None, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

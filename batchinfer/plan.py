@@ -1,0 +1,273 @@
+"""The plan: which input files, which shards, and the fingerprint of everything that shapes results.
+
+`cut_shards` is a pure, deterministic function of file row-group sizes; `make_plan` adds
+the I/O (listing, footer reads) around it. A plan is made once per run, saved in the run
+directory and reused on resume.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchinfer import models, storage
+from batchinfer.config import Config
+
+PLAN_VERSION = 1
+FOOTER_READ_THREADS = 32
+
+
+class InputError(ValueError):
+    """Input files that cannot be used as planned; the message names the file and column."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    url: str
+    """Full URL (or absolute local path) of the file."""
+    name: str
+    """Path relative to the input root; synthesized ids are "<name>:<row>"."""
+    version: str
+    """ETag on object stores, size+mtime on local disks."""
+    num_rows: int
+    row_groups: tuple[int, ...]
+    """Rows in each row group."""
+
+    def row_groups_for(self, start: int, num_rows: int) -> tuple[list[int], int]:
+        """Row groups covering rows [start, start+num_rows) and the offset of `start` in the first."""
+        groups, first_row, row = [], 0, 0
+        for i, n in enumerate(self.row_groups):
+            if row + n > start and row < start + num_rows:
+                if not groups:
+                    first_row = row
+                groups.append(i)
+            row += n
+        return groups, start - first_row
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    file: int
+    """Index into Plan.files."""
+    row_start: int
+    num_rows: int
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.index:06d}"
+
+
+@dataclass
+class Plan:
+    files: list[InputFile]
+    shards: list[Shard]
+    settings: dict[str, Any]
+    """Everything that shapes results, except the input files (see `fingerprint`)."""
+    input_schema: str
+    """Arrow schema (IPC, base64) of the input columns the run reads."""
+    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    version: int = PLAN_VERSION
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.files, self.settings)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+    def schema(self) -> pa.Schema:
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.input_schema)))
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "fingerprint": self.fingerprint}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        d = json.loads(text)
+        if d.get("version") != PLAN_VERSION:
+            raise InputError(f"plan record version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        d.pop("fingerprint", None)
+        d["files"] = [InputFile(**{**f, "row_groups": tuple(f["row_groups"])}) for f in d["files"]]
+        d["shards"] = [Shard(**s) for s in d["shards"]]
+        return cls(**d)
+
+
+def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
+    """Cut each file into shards of whole row groups near `rows_per_shard` rows.
+
+    A row group is added to the current shard when that brings it closer to the target;
+    a row group much larger than the target is split into even row ranges instead.
+    """
+    shards: list[Shard] = []
+    for fi, f in enumerate(files):
+        start, size, row = 0, 0, 0
+        for n in f.row_groups:
+            if n > rows_per_shard * 1.5:
+                if size:
+                    shards.append(Shard(len(shards), fi, start, size))
+                pieces = math.ceil(n / rows_per_shard)
+                for k in range(pieces):
+                    a, b = row + n * k // pieces, row + n * (k + 1) // pieces
+                    shards.append(Shard(len(shards), fi, a, b - a))
+                start, size = row + n, 0
+            elif size and abs(size + n - rows_per_shard) > abs(size - rows_per_shard):
+                shards.append(Shard(len(shards), fi, start, size))
+                start, size = row, n
+            else:
+                size += n
+            row += n
+        if size:
+            shards.append(Shard(len(shards), fi, start, size))
+    return shards
+
+
+def fingerprint(files: list[InputFile], settings: dict[str, Any]) -> str:
+    inputs = [[f.name, f.version, f.num_rows] for f in files]
+    blob = json.dumps({"inputs": inputs, "settings": settings}, sort_keys=True)
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def settings_of(cfg: Config) -> dict[str, Any]:
+    """What shapes results besides the input files: columns, prompt, model, engine, sampling."""
+    engine = cfg.engine
+    return {
+        "input": {k: v for k, v in asdict(cfg.input).items() if k != "path"},
+        "engine": {
+            "backend": engine.backend,
+            "model": models.resolve(engine.model).identity,
+            "tokenizer": models.resolve(engine.tokenizer).identity if engine.tokenizer else None,
+            "dtype": engine.dtype,
+            "max_model_len": engine.max_model_len,
+        },
+        "sampling": asdict(cfg.sampling),
+    }
+
+
+def needed_columns(cfg: Config) -> list[str]:
+    cols = [cfg.input.id_column, cfg.input.prompt_column, cfg.input.messages_column,
+            *cfg.input.passthrough_columns]
+    return list(dict.fromkeys(c for c in cols if c))
+
+
+def list_inputs(cfg: Config) -> list[dict[str, Any]]:
+    """Info dicts (name, relative, size, version...) of every input file, sorted."""
+    _, infos = storage.list_parquet(cfg.input.path)
+    return infos
+
+
+def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
+    """List inputs, read their footers in parallel, check columns, cut shards."""
+    infos = infos if infos is not None else list_inputs(cfg)
+    loc = storage.locate(cfg.input.path)
+    with ThreadPoolExecutor(min(FOOTER_READ_THREADS, len(infos))) as pool:
+        footers = list(pool.map(lambda info: _read_footer(loc.fs, info), infos))
+    columns = needed_columns(cfg)
+    files, schema, first = [], None, None
+    for info, (meta, file_schema) in zip(infos, footers):
+        url = storage.join_protocol(loc.fs, info["name"])
+        this = _select(file_schema, columns, url, cfg)
+        if schema is None:
+            schema, first = this, url
+        elif not this.equals(schema):
+            raise InputError(_schema_mismatch(first, schema, url, this))
+        files.append(InputFile(
+            url=url, name=info["relative"], version=storage.version_tag(info),
+            num_rows=meta.num_rows,
+            row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+        ))
+    if not any(f.num_rows for f in files):  # an empty file alone just contributes no shard
+        raise InputError(f"every input file under {cfg.input.path!r} is empty (0 rows); nothing to do")
+    return Plan(
+        files=files,
+        shards=cut_shards(files, cfg.run.rows_per_shard),
+        settings=settings_of(cfg),
+        input_schema=base64.b64encode(schema.serialize().to_pybytes()).decode(),
+    )
+
+
+def _read_footer(fs, info: dict[str, Any]) -> tuple[pq.FileMetaData, pa.Schema]:
+    try:
+        with fs.open(info["name"], "rb") as f:
+            pf = pq.ParquetFile(f)
+            return pf.metadata, pf.schema_arrow
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(
+            f"input file {storage.join_protocol(fs, info['name'])!r} is not a readable Parquet "
+            f"file ({e}); expected a complete Parquet file"
+        ) from None
+
+
+def _select(schema: pa.Schema, columns: list[str], url: str, cfg: Config) -> pa.Schema:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise InputError(
+            f"input file {url!r} has no column {', '.join(repr(c) for c in missing)} "
+            f"(columns found: {', '.join(schema.names)}); check input.id_column, "
+            "input.prompt_column, input.messages_column and input.passthrough_columns"
+        )
+    selected = pa.schema([schema.field(c) for c in columns])
+    if cfg.input.prompt_column:
+        t = selected.field(cfg.input.prompt_column).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
+                or pa.types.is_large_binary(t)):
+            raise InputError(
+                f"input file {url!r}: prompt column {cfg.input.prompt_column!r} has type {t}; "
+                "expected string"
+            )
+    if cfg.input.messages_column:
+        t = selected.field(cfg.input.messages_column).type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+            raise InputError(
+                f"input file {url!r}: messages column {cfg.input.messages_column!r} has type {t}; "
+                "expected list<struct<role: string, content: string>>"
+            )
+    return selected
+
+
+def _schema_mismatch(first: str, a: pa.Schema, url: str, b: pa.Schema) -> str:
+    diffs = [f"{fa.name}: {fa.type} vs {fb.type}" for fa, fb in zip(a, b) if not fa.type.equals(fb.type)]
+    return (f"input files disagree on column types: {first!r} and {url!r} differ in "
+            f"{'; '.join(diffs)}; every input file must have the same types for the columns read")
+
+
+def verify_inputs(plan: Plan, infos: list[dict[str, Any]]) -> None:
+    """Refuse to resume when the input files are not exactly those the plan was made from."""
+    now = {i["relative"]: storage.version_tag(i) for i in infos}
+    planned = {f.name: f.version for f in plan.files}
+    problems = []
+    for name, version in planned.items():
+        if name not in now:
+            problems.append(f"input file {name!r} is gone")
+        elif now[name] != version:
+            problems.append(f"input file {name!r} changed since the plan was made "
+                            f"(version {version} -> {now[name]})")
+    problems += [f"input file {name!r} is new since the plan was made"
+                 for name in now if name not in planned]
+    if problems:
+        raise InputError(
+            "; ".join(problems) + ". Resuming would mix results of different inputs; "
+            "restore the inputs, use another output.path, or pass --new-run to start over"
+        )
+
+
+def diff_settings(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two settings dicts ("sampling.max_tokens: 64 -> 32")."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += diff_settings(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,78 @@
+"""Progress on the driver: a tqdm bar on a terminal, a plain line every so often in logs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+LOG_INTERVAL_S = 30.0
+
+
+class Progress:
+    def __init__(self, *, total_shards: int, total_rows: int, done_shards: int, done_rows: int,
+                 stream: TextIO | None = None, enabled: bool = True):
+        self.stream = stream or sys.stderr
+        self.total_shards, self.total_rows = total_shards, total_rows
+        self.done_shards, self.done_rows = done_shards, done_rows
+        self.started = time.monotonic()
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.bar = None
+        if self.tty:
+            self.bar = tqdm(total=total_rows, initial=done_rows, unit="row", file=self.stream,
+                            dynamic_ncols=True, smoothing=0.1)
+        self.next_line = self.started + LOG_INTERVAL_S
+        self.rows = done_rows
+        self.tokens = 0
+        self.shards = done_shards
+        self.failed = 0
+
+    def update(self, committed: dict[int, dict[str, Any]], live: dict[int, dict[str, int]],
+               failed: int) -> None:
+        committed_rows = sum(s["rows"] for s in committed.values())
+        live_rows = sum(p.get("rows", 0) for p in live.values())
+        self.rows = min(self.total_rows, self.done_rows + max(committed_rows, live_rows))
+        self.tokens = sum(p.get("completion_tokens", 0) for p in live.values())
+        self.shards = self.done_shards + len(committed)
+        self.failed = failed
+        if self.bar is not None:
+            self.bar.n = self.rows
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+            self.bar.refresh()
+        elif self.enabled and time.monotonic() >= self.next_line:
+            self.next_line = time.monotonic() + LOG_INTERVAL_S
+            print(self.line(), file=self.stream, flush=True)
+
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(time.monotonic() - self.started, 1e-9)
+
+    def _postfix(self) -> str:
+        failed = f", {self.failed} failed" if self.failed else ""
+        return f"shards {self.shards}/{self.total_shards}{failed}, {self.tokens_per_s():.0f} tok/s"
+
+    def line(self) -> str:
+        pct = 100.0 * self.rows / max(self.total_rows, 1)
+        elapsed = time.monotonic() - self.started
+        new_rows = self.rows - self.done_rows
+        eta = ""
+        if new_rows > 0:
+            eta = f", eta {_duration(elapsed * (self.total_rows - self.rows) / new_rows)}"
+        return (f"progress: {self.rows}/{self.total_rows} rows ({pct:.0f}%), "
+                f"{self._postfix()}, elapsed {_duration(elapsed)}{eta}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

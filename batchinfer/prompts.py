@@ -1,0 +1,117 @@
+"""Rows -> conversations -> token ids, through the model's chat template.
+
+A row whose prompt cannot become a request (null, empty, malformed messages, a template
+that refuses it) becomes that row's error; the rest of the shard goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from batchinfer import models
+from batchinfer.config import EngineConfig, InputConfig
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class RowError(ValueError):
+    """A row that cannot be turned into a request; `code` is machine-readable."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def load_tokenizer(engine: EngineConfig):
+    """The Hugging Face tokenizer (with its chat template) for the configured model."""
+    from transformers import AutoTokenizer
+
+    name = engine.tokenizer or engine.model
+    ref = models.resolve(name)
+    if ref.gguf_file is not None:
+        cached = models.materialize(ref, engine.cache_dir)
+        return AutoTokenizer.from_pretrained(cached)
+    return AutoTokenizer.from_pretrained(ref.path, trust_remote_code=engine.trust_remote_code)
+
+
+class PromptBuilder:
+    """Turns the prompt (or messages) cell of each row into prompt token ids."""
+
+    def __init__(self, tokenizer: Any, cfg: InputConfig):
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        if cfg.messages_column and not self.has_template:
+            raise ValueError(
+                "input.messages_column is set but the model's tokenizer has no chat template "
+                "(use prompt_column for a base model)"
+            )
+
+    def conversation(self, cell: Any) -> list[dict[str, str]]:
+        if self.cfg.messages_column:
+            messages = _check_messages(cell)
+        else:
+            if cell is None:
+                raise RowError("empty_prompt", "prompt is null")
+            if isinstance(cell, bytes):
+                try:
+                    cell = cell.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise RowError("bad_encoding", f"prompt is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not isinstance(cell, str):
+                raise RowError("bad_prompt", f"prompt is {type(cell).__name__}, expected a string")
+            if not cell.strip():
+                raise RowError("empty_prompt", "prompt is empty")
+            messages = [{"role": "user", "content": cell}]
+        if self.cfg.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
+        return messages
+
+    def render(self, cell: Any) -> str:
+        """The exact text the model sees for one row."""
+        messages = self.conversation(cell)
+        if not self.has_template:
+            return "\n\n".join(m["content"] for m in messages)
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # jinja raises its own TemplateError for refused conversations
+            raise RowError("bad_messages", f"chat template refused the conversation: {e}") from None
+
+    def encode(self, cells: Sequence[Any]) -> list[list[int] | RowError]:
+        """Token ids per row, or the RowError that row produced."""
+        texts: list[str | RowError] = []
+        for cell in cells:
+            try:
+                texts.append(self.render(cell))
+            except RowError as e:
+                texts.append(e)
+        good = [t for t in texts if isinstance(t, str)]
+        # The template already wrote any BOS/special tokens; adding them again would double them.
+        ids = iter(self.tokenizer(good, add_special_tokens=not self.has_template)["input_ids"]) if good else iter(())
+        return [next(ids) if isinstance(t, str) else t for t in texts]
+
+
+def _check_messages(cell: Any) -> list[dict[str, str]]:
+    if cell is None:
+        raise RowError("bad_messages", "messages is null")
+    if hasattr(cell, "tolist"):
+        cell = cell.tolist()
+    if not isinstance(cell, list) or not cell:
+        raise RowError("bad_messages", f"expected a non-empty list of {{role, content}}, got {type(cell).__name__}")
+    out = []
+    for i, m in enumerate(cell):
+        if not isinstance(m, dict):
+            raise RowError("bad_messages", f"message {i} is {type(m).__name__}, expected {{role, content}}")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise RowError("bad_messages", f"message {i} has role {role!r}, expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise RowError("bad_messages", f"message {i} has content of type {type(content).__name__}, expected a string")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] == "assistant":
+        raise RowError("bad_messages", "the last message is from the assistant; expected a user (or tool) turn to answer")
+    return out

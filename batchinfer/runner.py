@@ -1,0 +1,271 @@
+"""run(config): plan -> resume state -> workers -> manifest.
+
+Everything that can be refused is checked before a worker starts: the engine's packages,
+the model, the inputs and their columns, and whether the output holds another run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from batchinfer import engines, models, plan as planning, storage
+from batchinfer.config import Config, ConfigError
+from batchinfer.plan import Plan
+from batchinfer.progress import Progress
+from batchinfer.store import RunStore
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+STATUS_EVERY_S = 5.0
+
+
+class RunRefused(RuntimeError):
+    """The output holds a run this config must not resume; the message says what differs."""
+
+
+# Errors that mean "fix the config, the inputs or the install", raised before any work.
+USAGE_ERRORS = (ConfigError, RunRefused, planning.InputError, storage.StorageError,
+                models.ModelError, engines.EngineUnavailable)
+
+
+@dataclass
+class RunReport:
+    status: str
+    """complete | partial | interrupted | failed"""
+    exit_code: int
+    manifest: dict[str, Any]
+    did_work: bool
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def preflight(cfg: Config) -> None:
+    """Cheap checks that need no inputs: engine packages installed, model found."""
+    engines.check_available(cfg.engine.backend)
+    models.resolve(cfg.engine.model)
+    if cfg.engine.tokenizer:
+        models.resolve(cfg.engine.tokenizer)
+
+
+def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool) -> Plan:
+    """The plan on record if this config may resume it, else a new one (recorded)."""
+    infos = planning.list_inputs(cfg)
+    existing = store.read_plan()
+    if existing is not None and new_run:
+        log.warning("--new-run: removing the previous run at %s", store.url)
+        store.clear()
+        existing = None
+    if existing is None:
+        return store.write_plan(planning.make_plan(cfg, infos))
+    planning.verify_inputs(existing, infos)
+    diffs = planning.diff_settings(existing.settings, planning.settings_of(cfg))
+    if diffs:
+        raise RunRefused(
+            f"{store.url} holds a run made with other settings ({'; '.join(diffs)}); "
+            "resuming would mix results. Use another output.path, or pass --new-run to "
+            "discard that run and start over"
+        )
+    return existing
+
+
+def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
+        install_signal_handlers: bool = True) -> RunReport:
+    started = time.time()
+    preflight(cfg)
+    store = RunStore(cfg.output.path)
+    plan = prepare_plan(cfg, store, new_run=new_run)
+    committed = store.committed()
+    pending = [s.index for s in plan.shards if s.index not in committed]
+    if not pending:
+        manifest = store.read_manifest()
+        if manifest is None or manifest.get("fingerprint") != plan.fingerprint:
+            manifest = build_manifest(plan, store, committed, {}, {}, started, started, 0, None)
+            store.write_manifest(manifest, success=True)
+        log.info("run at %s is already complete: nothing to do", store.url)
+        return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, False)
+
+    log.info("%d of %d shards to do (%d rows); %d already committed",
+             len(pending), len(plan.shards), sum(plan.shards[i].num_rows for i in pending),
+             len(committed))
+    stop = threading.Event()
+    restore = _install_signal_handlers(stop) if install_signal_handlers else (lambda: None)
+    heartbeat = _Heartbeat(store, plan, len(committed))
+    heartbeat.write("starting", force=True)
+    owns_ray = _connect_ray(cfg)
+    # Imported here so `plan`, `status` and `validate` never import Ray.
+    from batchinfer.scheduler import Scheduler
+
+    scheduler = Scheduler(cfg=cfg, plan=plan, stop=stop, on_commit=heartbeat.commit)
+    bar = None
+    try:
+        workers = scheduler.start_workers(cfg.run.worker_start_timeout_s)
+        log.info("%d workers ready (engine load %s s)", len(workers),
+                 ", ".join(str(w["load_s"]) for w in workers))
+        heartbeat.write("running", force=True)
+        generate_started = time.time()
+        bar = Progress(total_shards=len(plan.shards), total_rows=plan.total_rows,
+                       done_shards=len(committed),
+                       done_rows=sum(s["rows"] for s in committed.values()), enabled=progress)
+        outcome = scheduler.run(pending, bar)
+        bar.close()
+    except KeyboardInterrupt:
+        heartbeat.write("interrupted", force=True)
+        raise
+    except BaseException:
+        heartbeat.write("failed", force=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        scheduler.shutdown()
+        if owns_ray:
+            import ray
+            ray.shutdown()
+        restore()
+
+    committed.update(outcome.committed)
+    status = "interrupted" if outcome.interrupted else None
+    manifest = build_manifest(plan, store, committed, outcome.committed, outcome.failed,
+                              started, generate_started, len(workers), status)
+    if outcome.interrupted:
+        heartbeat.write("interrupted", force=True)
+        return RunReport("interrupted", EXIT_FAILED, manifest, True)
+    store.write_manifest(manifest, success=len(committed) == len(plan.shards))
+    heartbeat.write(manifest["status"], force=True)
+    return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, True)
+
+
+def exit_code_for(status: str) -> int:
+    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(status, EXIT_FAILED)
+
+
+def build_manifest(plan: Plan, store: RunStore, committed: dict[int, dict[str, Any]],
+                   new: dict[int, dict[str, Any]], failed: dict[int, str], started: float,
+                   generate_started: float, workers: int, status: str | None) -> dict[str, Any]:
+    """The final report: status, counts, tokens, throughput, and every shard's summary.
+
+    `committed` holds every committed shard, `new` those this invocation committed.
+    """
+    finished = time.time()
+    summaries = [committed[i] for i in sorted(committed)]
+    errors: dict[str, int] = {}
+    for s in summaries:
+        for code, n in s.get("errors", {}).items():
+            errors[code] = errors.get(code, 0) + n
+    rows_ok = sum(s["rows_ok"] for s in summaries)
+    rows_failed = sum(s["rows_failed"] for s in summaries)
+    this_run = list(new.values())
+    run_rows = sum(s["rows"] for s in this_run)
+    run_tokens = sum(s["completion_tokens"] for s in this_run)
+    gen_s = max(finished - generate_started, 1e-9)
+    if status is None:
+        status = "complete" if len(committed) == len(plan.shards) and not rows_failed else "partial"
+    return {
+        "status": status,
+        "output": store.url,
+        "fingerprint": plan.fingerprint,
+        "plan_created_at": plan.created_at,
+        "finished_at": now_iso(),
+        "shards": {"total": len(plan.shards), "committed": len(committed), "failed": len(failed)},
+        "rows": {"total": plan.total_rows, "ok": rows_ok, "failed": rows_failed,
+                 "missing": plan.total_rows - rows_ok - rows_failed},
+        "errors": errors,
+        "tokens": {"prompt": sum(s["prompt_tokens"] for s in summaries),
+                   "completion": sum(s["completion_tokens"] for s in summaries)},
+        "this_run": {
+            "wall_s": round(finished - started, 2),
+            "generate_s": round(gen_s, 2) if run_rows else 0.0,
+            "workers": workers,
+            "shards": len(this_run),
+            "rows": run_rows,
+            "completion_tokens": run_tokens,
+            "rows_per_s": round(run_rows / gen_s, 3) if run_rows else 0.0,
+            "tokens_per_s": round(run_tokens / gen_s, 2) if run_rows else 0.0,
+        },
+        "failed_shards": [{"shard": i, "part": f"{plan.shards[i].name}.parquet", "reason": r}
+                          for i, r in sorted(failed.items())],
+        "shard_summaries": summaries,
+    }
+
+
+class _Heartbeat:
+    """Writes `_batchinfer/status.json` at state changes and, at most every few seconds, on commits."""
+
+    def __init__(self, store: RunStore, plan: Plan, done: int):
+        self.store, self.plan, self.done = store, plan, done
+        self.started_at = now_iso()
+        self.last = 0.0
+        self.state = "starting"
+
+    def commit(self, summary: dict[str, Any]) -> None:
+        self.done += 1
+        self.write(self.state)
+
+    def write(self, state: str, force: bool = False) -> None:
+        self.state = state
+        if not force and time.monotonic() - self.last < STATUS_EVERY_S:
+            return
+        self.last = time.monotonic()
+        try:
+            self.store.write_status({
+                "state": state, "started_at": self.started_at, "updated_at": now_iso(),
+                "host": socket.gethostname(), "pid": os.getpid(),
+                "shards_done": self.done, "shards_total": len(self.plan.shards),
+                "fingerprint": self.plan.fingerprint,
+            })
+        except Exception as e:  # the status file is advisory; never fail a run over it
+            log.warning("could not write status.json: %s", e)
+
+
+def _connect_ray(cfg: Config) -> bool:
+    """Join the configured or $RAY_ADDRESS cluster, else start a fresh local one; True if we own it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+                        "HF_HUB_DISABLE_PROGRESS_BARS": "1"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        # address="local" never joins a stale "current cluster" left by an earlier `ray start`.
+        needed = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
+                 include_dashboard=False, runtime_env=env, log_to_driver=True)
+    return True
+
+
+def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """First SIGINT/SIGTERM: stop handing out shards and let those in flight commit. Second: exit now."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if stop.is_set():
+            log.error("second signal: exiting now; rerun the same command to resume")
+            os._exit(EXIT_FAILED)
+        log.warning("%s received: finishing shards in flight, then exiting (again to exit now)",
+                    signal.Signals(signum).name)
+        stop.set()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return restore

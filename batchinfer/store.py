@@ -1,0 +1,147 @@
+"""The run directory on any fsspec URL: plan record, atomic shard commits, status, manifest.
+
+Layout (everything but the parts starts with "_", which Parquet dataset readers skip):
+
+    part-000000.parquet ...            one per committed shard, visible only once complete
+    _SUCCESS                           written when every shard has committed
+    _batchinfer/plan.json              the plan and its fingerprint
+    _batchinfer/commits/part-*.json    the summary of each committed shard
+    _batchinfer/status.json            the driver's heartbeat and state
+    _batchinfer/manifest.json          the final report
+    _batchinfer/staging/               temp files of local commits in progress
+
+A part file is the commit: it appears in one atomic create-if-absent step, so only the
+first attempt to commit a shard wins. Its summary is stored in the part's own Parquet
+metadata too, so a commit record lost to a crash is rebuilt from the part.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from batchinfer import storage
+from batchinfer.plan import Plan
+from batchinfer.results import SUMMARY_KEY
+
+META_DIR = "_batchinfer"
+PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+
+
+class RunStore:
+    def __init__(self, url: str):
+        self.root = storage.locate(url)
+        self.fs = self.root.fs
+        self.meta = self.root.child(META_DIR)
+
+    @property
+    def url(self) -> str:
+        return self.root.url
+
+    # ------------------------------------------------------------------ plan
+
+    def read_plan(self) -> Plan | None:
+        text = self._read_text(self.meta.child("plan.json"))
+        return Plan.from_json(text) if text is not None else None
+
+    def write_plan(self, plan: Plan) -> Plan:
+        """Record the plan unless one exists; return the plan that is on record."""
+        if storage.put_if_absent(self.meta.child("plan.json"), plan.to_json().encode(), self._staging()):
+            return plan
+        return self.read_plan()  # another driver recorded its plan first
+
+    # ------------------------------------------------------------------ commits
+
+    def part(self, shard_name: str) -> storage.Location:
+        return self.root.child(f"{shard_name}.parquet")
+
+    def commit(self, shard_name: str, data: bytes, summary: dict[str, Any]) -> bool:
+        """Make a shard's part visible unless another attempt did first; True if this one won."""
+        won = storage.put_if_absent(self.part(shard_name), data, self._staging())
+        if won:
+            self._write_json(self._record(shard_name), summary)
+        return won
+
+    def committed(self) -> dict[int, dict[str, Any]]:
+        """Summaries of every committed shard, by shard index; rebuilds records lost to a crash."""
+        parts = self._ls(self.root)
+        indexes = {int(m.group(1)): name for name in parts if (m := PART_RE.match(name))}
+        records = {n.removesuffix(".json") for n in self._ls(self.meta.child("commits"))}
+
+        def summary(item: tuple[int, str]) -> tuple[int, dict[str, Any]]:
+            index, name = item
+            shard_name = name.removesuffix(".parquet")
+            if shard_name in records:
+                try:
+                    return index, json.loads(self._read_text(self._record(shard_name)))
+                except (ValueError, TypeError):
+                    pass  # a record cut short by a crash: the part itself knows the summary
+            found = self.summary_from_part(shard_name)
+            self._write_json(self._record(shard_name), found)
+            return index, found
+
+        with ThreadPoolExecutor(16) as pool:
+            return dict(pool.map(summary, sorted(indexes.items())))
+
+    def summary_from_part(self, shard_name: str) -> dict[str, Any]:
+        with self.fs.open(self.part(shard_name).path, "rb") as f:
+            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
+        return json.loads(meta[SUMMARY_KEY])
+
+    def _record(self, shard_name: str) -> storage.Location:
+        return self.meta.child("commits", f"{shard_name}.json")
+
+    # ------------------------------------------------------------------ status and manifest
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        self._write_json(self.meta.child("status.json"), status)
+
+    def read_status(self) -> dict[str, Any] | None:
+        return self._read_json(self.meta.child("status.json"))
+
+    def write_manifest(self, manifest: dict[str, Any], success: bool) -> None:
+        self._write_json(self.meta.child("manifest.json"), manifest)
+        if success:
+            storage.put(self.root.child("_SUCCESS"), b"", self._staging())
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        return self._read_json(self.meta.child("manifest.json"))
+
+    def exists(self) -> bool:
+        return self.fs.exists(self.meta.child("plan.json").path)
+
+    def clear(self) -> None:
+        """Remove a previous run's parts and metadata (for an explicit new run)."""
+        for name in self._ls(self.root):
+            if PART_RE.match(name) or name == "_SUCCESS":
+                self.fs.rm(self.root.child(name).path)
+        if self.fs.exists(self.meta.path):
+            self.fs.rm(self.meta.path, recursive=True)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _staging(self) -> storage.Location:
+        return self.meta.child("staging")
+
+    def _ls(self, loc: storage.Location) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(loc.path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    def _read_text(self, loc: storage.Location) -> str | None:
+        try:
+            return self.fs.cat_file(loc.path).decode()
+        except FileNotFoundError:
+            return None
+
+    def _read_json(self, loc: storage.Location) -> dict[str, Any] | None:
+        text = self._read_text(loc)
+        return json.loads(text) if text is not None else None
+
+    def _write_json(self, loc: storage.Location, value: dict[str, Any]) -> None:
+        storage.put(loc, json.dumps(value, indent=1, default=str).encode(), self._staging())
