@@ -23,7 +23,7 @@ log = logging.getLogger("batchinfer")
 SET_HELP = "Override a config key, e.g. --set sampling.max_tokens=32 (repeatable)."
 
 
-def _setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("filelock", "fsspec", "urllib3", "botocore", "s3fs", "asyncio"):
@@ -35,7 +35,7 @@ def _fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def _load(config_path: str, sets: tuple[str, ...]) -> config_mod.Config:
+def load_or_exit(config_path: str, sets: tuple[str, ...]) -> config_mod.Config:
     try:
         return config_mod.load_config(config_path, sets)
     except config_mod.ConfigError as e:
@@ -51,7 +51,7 @@ def main(verbose: bool) -> None:
     Exit codes: 0 complete, 3 partial (some rows or shards failed),
                 1 failed or interrupted (rerun to resume), 2 bad usage/config/inputs.
     """
-    _setup_logging(verbose)
+    setup_logging(verbose)
 
 
 @main.command()
@@ -66,7 +66,7 @@ def run(config_path: str, sets: tuple[str, ...], new_run: bool, no_progress: boo
     Rerunning the same command after a crash finishes the remaining shards; rerunning a
     finished run does nothing.
     """
-    sys.exit(run_job(_load(config_path, sets), new_run=new_run, progress=not no_progress))
+    sys.exit(run_job(load_or_exit(config_path, sets), new_run=new_run, progress=not no_progress))
 
 
 def run_job(cfg: config_mod.Config, *, new_run: bool = False, progress: bool = True) -> int:
@@ -122,7 +122,7 @@ def plan(config_path: str, sets: tuple[str, ...]) -> None:
     from batchinfer import plan as planning
     from batchinfer.store import RunStore
 
-    cfg = _load(config_path, sets)
+    cfg = load_or_exit(config_path, sets)
     try:
         runner.preflight(cfg)
         p = planning.make_plan(cfg)
@@ -228,7 +228,7 @@ def validate(config_path: str, sets: tuple[str, ...]) -> None:
     """
     from batchinfer import engines
 
-    cfg = _load(config_path, sets)
+    cfg = load_or_exit(config_path, sets)
     click.echo(config_mod.to_commented_yaml(cfg), nl=False)
     try:
         runner.preflight(cfg)

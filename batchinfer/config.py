@@ -209,13 +209,21 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set expects section.key=value (e.g. sampling.max_tokens=32), got {item!r}")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        parsed = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
-        value = text
+        parsed = text
     section = raw.setdefault(parts[0], {})
     if not isinstance(section, dict):
         raise ConfigError(f"--set {item!r}: section {parts[0]!r} is not a mapping in the config")
-    section[parts[1]] = value
+    section[parts[1]] = Override(text, parsed)
+
+
+@dataclass(frozen=True)
+class Override:
+    """A --set value: parsed as YAML, but kept as text for string fields ("a: b" is a string)."""
+
+    text: str
+    parsed: Any
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -263,6 +271,9 @@ def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
             problems.append(_unknown(key, names, where))
             continue
         ok, coerced, expected = _coerce(_hints(cls)[key], value)
+        if not ok and isinstance(value, Override):
+            ok, coerced, _ = _coerce(_hints(cls)[key], value.text)
+            value = value.parsed
         if ok:
             values[key] = coerced
         else:
@@ -276,6 +287,8 @@ def _show(value: Any) -> str:
 
 def _coerce(tp: Any, value: Any) -> tuple[bool, Any, str]:
     """Check `value` against type `tp`; return (ok, value, description of what is allowed)."""
+    if isinstance(value, Override):
+        value = value.parsed
     bound = None
     if typing.get_origin(tp) is Annotated:
         tp, *extras = typing.get_args(tp)
@@ -299,15 +312,17 @@ def _coerce(tp: Any, value: Any) -> tuple[bool, Any, str]:
     if tp is str:
         return isinstance(value, str), value, "a string"
     if tp in (int, float):
-        kind = "an integer" if tp is int else "a number"
-        expected = f"{kind} {bound.describe()}" if bound else kind
-        numeric = isinstance(value, int) or (tp is float and isinstance(value, float))
-        if isinstance(value, bool) or not numeric:
-            return False, value, expected
-        if bound and bound.violation(value):
-            return False, value, expected
-        return True, tp(value), expected
+        return _coerce_number(tp, value, bound)
     raise TypeError(f"config type {tp!r} is not supported by the loader")
+
+
+def _coerce_number(tp: type, value: Any, bound: Bound | None) -> tuple[bool, Any, str]:
+    kind = "an integer" if tp is int else "a number"
+    expected = f"{kind} {bound.describe()}" if bound else kind
+    numeric = isinstance(value, int) or (tp is float and isinstance(value, float))
+    if isinstance(value, bool) or not numeric or (bound and bound.violation(value)):
+        return False, value, expected
+    return True, tp(value), expected
 
 
 # --------------------------------------------------------------------------- self-description
@@ -319,7 +334,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                 and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 and isinstance(nxt.value.value, str)):

@@ -174,7 +174,7 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
         footers = list(pool.map(lambda info: _read_footer(loc.fs, info), infos))
     columns = needed_columns(cfg)
     files, schema, first = [], None, None
-    for info, (meta, file_schema) in zip(infos, footers):
+    for info, (meta, file_schema) in zip(infos, footers, strict=True):
         url = storage.join_protocol(loc.fs, info["name"])
         this = _select(file_schema, columns, url, cfg)
         if schema is None:
@@ -236,7 +236,7 @@ def _select(schema: pa.Schema, columns: list[str], url: str, cfg: Config) -> pa.
 
 
 def _schema_mismatch(first: str, a: pa.Schema, url: str, b: pa.Schema) -> str:
-    diffs = [f"{fa.name}: {fa.type} vs {fb.type}" for fa, fb in zip(a, b) if not fa.type.equals(fb.type)]
+    diffs = [f"{fa.name}: {fa.type} vs {fb.type}" for fa, fb in zip(a, b, strict=True) if not fa.type.equals(fb.type)]
     return (f"input files disagree on column types: {first!r} and {url!r} differ in "
             f"{'; '.join(diffs)}; every input file must have the same types for the columns read")
 

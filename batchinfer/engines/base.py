@@ -77,7 +77,7 @@ class Engine(ABC):
             return Result.failed("prompt_too_long", f"{n} tokens >= {self.max_model_len}", n)
         return None
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release the model; the default has nothing to release."""
 
 
@@ -126,7 +126,10 @@ class BatchEngine(Engine):
                 batch.append(item)
             try:
                 results = self.generate_batch([req for req, _, _ in batch])
-                outcome = [(fut, loop, r, None) for (_, fut, loop), r in zip(batch, results)]
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{self.name}.generate_batch returned {len(results)} "
+                                       f"results for {len(batch)} requests")
+                outcome = [(fut, loop, r, None) for (_, fut, loop), r in zip(batch, results, strict=True)]
             except Exception as e:  # the engine failed: every waiting request learns why
                 outcome = [(fut, loop, None, e) for _, fut, loop in batch]
             for fut, loop, result, error in outcome:

@@ -86,7 +86,7 @@ class TransformersEngine(BatchEngine):
                 **kwargs,
             )
         new = out[:, width:].tolist()
-        return [self._result(tokens, limit, n) for tokens, limit, n in zip(new, limits, lengths)]
+        return [self._result(tokens, limit, n) for tokens, limit, n in zip(new, limits, lengths, strict=True)]
 
     def _result(self, tokens: list[int], limit: int, prompt_tokens: int) -> Result:
         tokens = tokens[:limit]

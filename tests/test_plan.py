@@ -1,0 +1,178 @@
+"""The planner: pure shard cutting (no Ray, no I/O) and footer-only planning of real files."""
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from batchinfer.config import config_from_dict
+from batchinfer.plan import (
+    InputError,
+    InputFile,
+    Plan,
+    cut_shards,
+    diff_settings,
+    make_plan,
+    verify_inputs,
+)
+from batchinfer.samples import write_sample_prompts
+from batchinfer.storage import StorageError, list_parquet
+
+
+def files_of(*groups):
+    return [InputFile(url=f"/in/{i}.parquet", name=f"{i}.parquet", version="v", num_rows=sum(g),
+                      row_groups=tuple(g)) for i, g in enumerate(groups)]
+
+
+def rows_of(shards):
+    return [(s.file, s.row_start + k) for s in shards for k in range(s.num_rows)]
+
+
+def test_whole_row_groups_are_merged_near_the_target():
+    shards = cut_shards(files_of([25] * 8), rows_per_shard=50)
+    assert [(s.row_start, s.num_rows) for s in shards] == [(0, 50), (50, 50), (100, 50), (150, 50)]
+
+
+def test_a_row_group_is_added_only_when_that_gets_closer_to_the_target():
+    shards = cut_shards(files_of([300, 300, 300]), rows_per_shard=512)
+    assert [s.num_rows for s in shards] == [600, 300]
+
+
+def test_a_big_row_group_is_split_into_even_row_ranges():
+    shards = cut_shards(files_of([10, 1000, 10]), rows_per_shard=300)
+    assert [(s.row_start, s.num_rows) for s in shards] == [
+        (0, 10), (10, 250), (260, 250), (510, 250), (760, 250), (1010, 10)]
+
+
+def test_shards_never_span_files_and_indexes_are_sequential():
+    shards = cut_shards(files_of([5, 5], [7], []), rows_per_shard=100)
+    assert [(s.index, s.file, s.num_rows) for s in shards] == [(0, 0, 10), (1, 1, 7)]
+    assert shards[1].name == "part-000001"
+
+
+@settings(max_examples=200, deadline=None)
+@given(groups=st.lists(st.lists(st.integers(0, 400), max_size=12), min_size=1, max_size=5),
+       target=st.integers(1, 500))
+def test_every_row_is_in_exactly_one_shard(groups, target):
+    files = files_of(*groups)
+    shards = cut_shards(files, target)
+    expected = [(fi, r) for fi, f in enumerate(files) for r in range(f.num_rows)]
+    assert rows_of(shards) == expected
+    assert cut_shards(files, target) == shards  # deterministic
+    for s in shards:
+        assert s.num_rows > 0
+        groups_, skip = files[s.file].row_groups_for(s.row_start, s.num_rows)
+        covered = sum(files[s.file].row_groups[g] for g in groups_)
+        assert 0 <= skip and skip + s.num_rows <= covered
+
+
+def test_row_groups_for_a_range():
+    f = files_of([10, 20, 30])[0]
+    assert f.row_groups_for(0, 10) == ([0], 0)
+    assert f.row_groups_for(15, 20) == ([1, 2], 5)
+    assert f.row_groups_for(35, 5) == ([2], 5)
+
+
+# --------------------------------------------------------------------------- real files
+
+
+def config(tmp_path, **input_):
+    return config_from_dict({"input": {"path": str(tmp_path / "in"), "id_column": "id", **input_},
+                             "output": {"path": str(tmp_path / "out")},
+                             "run": {"rows_per_shard": 50}})
+
+
+def test_plan_reads_footers_and_round_trips(tmp_path):
+    write_sample_prompts(str(tmp_path / "in"), files=2, rows_per_file=100, row_group_size=25)
+    plan = make_plan(config(tmp_path))
+    assert [f.name for f in plan.files] == ["prompts-000.parquet", "prompts-001.parquet"]
+    assert plan.total_rows == 200 and len(plan.shards) == 4
+    assert plan.files[0].version.startswith("size:")
+    again = Plan.from_json(plan.to_json())
+    assert again.fingerprint == plan.fingerprint and again.shards == plan.shards
+    assert again.schema().names == ["id", "prompt"]
+
+
+def test_inputs_by_glob_and_single_file(tmp_path):
+    write_sample_prompts(str(tmp_path / "in"), files=3, rows_per_file=10)
+    root, infos = list_parquet(str(tmp_path / "in" / "prompts-00[12].parquet"))
+    assert [i["relative"] for i in infos] == ["prompts-001.parquet", "prompts-002.parquet"]
+    _, infos = list_parquet(str(tmp_path / "in" / "prompts-000.parquet"))
+    assert [i["relative"] for i in infos] == ["prompts-000.parquet"]
+
+
+def test_underscore_and_dot_files_are_skipped(tmp_path):
+    write_sample_prompts(str(tmp_path / "in"), files=1, rows_per_file=10)
+    os.makedirs(tmp_path / "in" / "_tmp")
+    write_sample_prompts(str(tmp_path / "in" / "_tmp"), files=1, rows_per_file=10)
+    (tmp_path / "in" / ".hidden.parquet").write_bytes(b"x")
+    _, infos = list_parquet(str(tmp_path / "in"))
+    assert [i["relative"] for i in infos] == ["prompts-000.parquet"]
+
+
+def test_missing_input_path(tmp_path):
+    with pytest.raises(StorageError, match="does not exist"):
+        list_parquet(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(StorageError, match="no Parquet files matched"):
+        list_parquet(str(tmp_path / "empty"))
+
+
+def test_missing_prompt_column_lists_the_columns_found(tmp_path):
+    os.makedirs(tmp_path / "in")
+    pq.write_table(pa.table({"id": ["a"], "text": ["hi"]}), tmp_path / "in" / "x.parquet")
+    with pytest.raises(InputError) as e:
+        make_plan(config(tmp_path))
+    assert "has no column 'prompt' (columns found: id, text)" in str(e.value)
+    assert "x.parquet" in str(e.value)
+
+
+def test_prompt_column_of_wrong_type(tmp_path):
+    os.makedirs(tmp_path / "in")
+    pq.write_table(pa.table({"id": ["a"], "prompt": [3]}), tmp_path / "in" / "x.parquet")
+    with pytest.raises(InputError, match="prompt column 'prompt' has type int64; expected string"):
+        make_plan(config(tmp_path))
+
+
+def test_files_that_disagree_on_types(tmp_path):
+    os.makedirs(tmp_path / "in")
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["hi"]}), tmp_path / "in" / "a.parquet")
+    pq.write_table(pa.table({"id": [1], "prompt": ["hi"]}), tmp_path / "in" / "b.parquet")
+    with pytest.raises(InputError, match="disagree on column types.*id: string vs int64"):
+        make_plan(config(tmp_path))
+
+
+def test_not_a_parquet_file(tmp_path):
+    os.makedirs(tmp_path / "in")
+    (tmp_path / "in" / "bad.parquet").write_text("id,prompt\n1,hi\n")
+    with pytest.raises(InputError, match="bad.parquet' is not a readable Parquet file"):
+        make_plan(config(tmp_path))
+
+
+def test_verify_inputs_names_changed_new_and_gone_files(tmp_path):
+    write_sample_prompts(str(tmp_path / "in"), files=2, rows_per_file=10)
+    plan = make_plan(config(tmp_path))
+    _, infos = list_parquet(str(tmp_path / "in"))
+    verify_inputs(plan, infos)  # unchanged: fine
+    pq.write_table(pa.table({"id": ["z"], "prompt": ["changed"]}), tmp_path / "in" / "prompts-001.parquet")
+    os.remove(tmp_path / "in" / "prompts-000.parquet")
+    write_sample_prompts(str(tmp_path / "extra"), files=1, rows_per_file=3)
+    os.rename(tmp_path / "extra" / "prompts-000.parquet", tmp_path / "in" / "late.parquet")
+    _, infos = list_parquet(str(tmp_path / "in"))
+    with pytest.raises(InputError) as e:
+        verify_inputs(plan, infos)
+    text = str(e.value)
+    assert "input file 'prompts-000.parquet' is gone" in text
+    assert "input file 'prompts-001.parquet' changed since the plan was made" in text
+    assert "input file 'late.parquet' is new" in text
+
+
+def test_fingerprint_covers_settings_and_inputs(tmp_path):
+    write_sample_prompts(str(tmp_path / "in"), files=1, rows_per_file=10)
+    a = make_plan(config(tmp_path))
+    assert make_plan(config(tmp_path)).fingerprint == a.fingerprint
+    b = make_plan(config(tmp_path, system_prompt="Be brief."))
+    assert b.fingerprint != a.fingerprint
+    assert diff_settings(a.settings, b.settings) == ["input.system_prompt: None -> 'Be brief.'"]

@@ -1,0 +1,182 @@
+"""End-to-end runs on the session's local Ray cluster with the real small model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchinfer import runner
+from batchinfer.plan import InputError
+from batchinfer.runner import RunRefused
+from batchinfer.samples import write_sample_prompts
+from batchinfer.store import RunStore
+from tests.conftest import REPO, make_config, write_yaml
+
+RESULT_COLUMNS = ["output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s", "error"]
+
+
+def part_stats(out):
+    return {p: (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns)
+            for p in sorted(os.listdir(out)) if p.startswith("part-")}
+
+
+def test_run_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
+    write_sample_prompts(str(tmp_path / "prompts"), files=2, rows_per_file=30, row_group_size=10)
+    cfg = make_config(tmp_path, input={"passthrough_columns": ["category"]},
+                      run={"num_workers": 2, "rows_per_shard": 20})
+    report = runner.run(cfg, progress=False)
+    assert (report.status, report.exit_code, report.did_work) == ("complete", 0, True)
+
+    out = tmp_path / "out"
+    df = pd.read_parquet(out)
+    assert list(df.columns) == ["id", "category", *RESULT_COLUMNS]
+    inputs = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "prompts").iterdir())])
+    assert sorted(df.id) == sorted(inputs.id) and df.id.is_unique
+    assert df.output.str.len().min() > 0 and df.error.isna().all()
+    assert set(df.finish_reason) <= {"stop", "length"}
+    assert (df.completion_tokens.between(1, 4)).all() and (df.prompt_tokens > 10).all()
+    assert (df.set_index("id").category == inputs.set_index("id").category).all()
+    assert (out / "_SUCCESS").exists()
+
+    m = report.manifest
+    assert m["rows"] == {"total": 60, "ok": 60, "failed": 0, "missing": 0}
+    assert m["shards"] == {"total": 4, "committed": 4, "failed": 0}
+    assert m["tokens"]["completion"] == df.completion_tokens.sum()
+    assert m["tokens"]["prompt"] == df.prompt_tokens.sum()
+    assert json.loads((out / "_batchinfer" / "manifest.json").read_text())["status"] == "complete"
+
+    before = part_stats(out)
+    again = runner.run(cfg, progress=False)
+    assert (again.status, again.exit_code, again.did_work) == ("complete", 0, False)
+    assert part_stats(out) == before
+
+
+def test_too_long_prompt_is_a_row_error_and_the_job_continues(tmp_path, ray_cluster):
+    os.makedirs(tmp_path / "prompts")
+    prompts = ["Say hi.", "Name a color.", "word " * 300, "Count to three."]
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(4)], "prompt": prompts}),
+                   tmp_path / "prompts" / "p.parquet")
+    cfg = make_config(tmp_path, engine={"max_model_len": 128})
+    report = runner.run(cfg, progress=False)
+    assert (report.status, report.exit_code) == ("partial", 3)
+    df = pd.read_parquet(tmp_path / "out").set_index("id")
+    assert df.loc["r2", "finish_reason"] == "error"
+    assert df.loc["r2", "error"].startswith("prompt_too_long: ") and ">= 128" in df.loc["r2", "error"]
+    assert pd.isna(df.loc["r2", "output"])
+    ok = df.drop(index="r2")
+    assert ok.error.isna().all() and (ok.output.str.len() > 0).all()
+    assert report.manifest["rows"] == {"total": 4, "ok": 3, "failed": 1, "missing": 0}
+    assert report.manifest["errors"] == {"prompt_too_long": 1}
+
+
+def test_messages_column_and_synthesized_ids(tmp_path, ray_cluster):
+    os.makedirs(tmp_path / "prompts")
+    messages = [
+        [{"role": "user", "content": "Say hi."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
+        [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+    ]
+    pq.write_table(pa.table({"messages": messages}), tmp_path / "prompts" / "chats.parquet")
+    cfg = make_config(tmp_path, input={"id_column": None, "prompt_column": None,
+                                       "messages_column": "messages"})
+    report = runner.run(cfg, progress=False)
+    assert report.exit_code == 3
+    df = pd.read_parquet(tmp_path / "out").set_index("id")
+    assert sorted(df.index) == ["chats.parquet:0", "chats.parquet:1", "chats.parquet:2"]
+    assert df.loc["chats.parquet:2", "error"].startswith("bad_messages: the last message is from the assistant")
+    assert df.loc[["chats.parquet:0", "chats.parquet:1"], "output"].str.len().min() > 0
+
+
+def test_fingerprint_change_is_refused_unless_a_new_run_is_asked_for(tmp_path, ray_cluster):
+    write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=10, row_group_size=10)
+    assert runner.run(make_config(tmp_path), progress=False).exit_code == 0
+    before = part_stats(tmp_path / "out")
+    changed = make_config(tmp_path, sampling={"max_tokens": 2})
+    with pytest.raises(RunRefused, match=r"other settings \(sampling.max_tokens: 4 -> 2\)"):
+        runner.run(changed, progress=False)
+    assert part_stats(tmp_path / "out") == before
+    report = runner.run(changed, new_run=True, progress=False)
+    assert report.exit_code == 0 and report.did_work
+    df = pd.read_parquet(tmp_path / "out")
+    assert len(df) == 10 and df.completion_tokens.max() <= 2
+
+
+def test_changed_input_is_refused_on_resume(tmp_path, ray_cluster):
+    write_sample_prompts(str(tmp_path / "prompts"), files=2, rows_per_file=10, row_group_size=10)
+    cfg = make_config(tmp_path)
+    assert runner.run(cfg, progress=False).exit_code == 0
+    write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=12, start=500)
+    with pytest.raises(InputError, match="input file 'prompts-000.parquet' changed since the plan was made"):
+        runner.run(cfg, progress=False)
+
+
+def test_two_workers_commit_the_same_shard_concurrently_one_wins(tmp_path, ray_cluster):
+    import ray
+
+    from batchinfer.worker import ShardWorker
+
+    write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=6, row_group_size=6)
+    cfg = make_config(tmp_path, sampling={"max_tokens": 2})
+    store = RunStore(cfg.output.path)
+    plan = store.write_plan(runner.planning.make_plan(cfg))
+    actor = ray.remote(ShardWorker).options(num_cpus=1)
+    workers = [actor.remote(config=cfg, plan=plan, worker_index=i) for i in range(2)]
+    try:
+        summaries = ray.get([w.process.remote(0, 1) for w in workers])
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert sorted(s["won"] for s in summaries) == [False, True]
+    winner = next(s for s in summaries if s["won"])
+    assert all(s["worker"] == winner["worker"] for s in summaries)  # the loser reports the winner's part
+    df = pd.read_parquet(tmp_path / "out")
+    assert sorted(df.id) == [f"q{i:06d}" for i in range(6)]
+    assert os.listdir(tmp_path / "out" / "_batchinfer" / "staging") == []
+
+
+def test_missing_prompt_column_fails_before_any_engine_starts(tmp_path):
+    os.makedirs(tmp_path / "prompts")
+    pq.write_table(pa.table({"id": ["a"], "question": ["hi"]}), tmp_path / "prompts" / "q.parquet")
+    cfg = make_config(tmp_path)
+    # An unreachable Ray address: reaching Ray (or any engine) would fail differently.
+    config_path = write_yaml(tmp_path / "c.yaml", cfg)
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchinfer.cli", "run", str(config_path),
+         "--set", "run.ray_address=127.0.0.1:1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "has no column 'prompt' (columns found: id, question)" in proc.stderr
+    assert not (tmp_path / "out" / "_batchinfer" / "plan.json").exists()
+
+
+def test_cli_plan_and_status(tmp_path, ray_cluster):
+    write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=10, row_group_size=5)
+    cfg = make_config(tmp_path, run={"rows_per_shard": 5})
+    config_path = write_yaml(tmp_path / "c.yaml", cfg)
+    cli = [sys.executable, "-m", "batchinfer.cli"]
+    plan = subprocess.run([*cli, "plan", str(config_path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr
+    assert "inputs   1 files, 10 rows" in plan.stdout and "shards   2" in plan.stdout
+    assert "<|im_start|>user\n  Write one sentence about the ocean.<|im_end|>" in plan.stdout
+    assert not (tmp_path / "out").exists()  # plan writes nothing
+
+    status = subprocess.run([*cli, "status", str(tmp_path / "out")], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 2 and "no run at" in status.stderr
+
+    runner.run(cfg, progress=False)
+    status = subprocess.run([*cli, "status", str(tmp_path / "out"), "--json"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    assert info["state"] == "complete"
+    assert info["shards"] == {"done": 2, "total": 2}
+    assert info["rows"] == {"done": 10, "total": 10, "failed": 0}

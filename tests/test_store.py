@@ -1,0 +1,91 @@
+"""The run directory: first-commit-wins, nothing partial visible, records rebuilt from parts."""
+
+import json
+import multiprocessing
+import os
+
+import pandas as pd
+import pyarrow as pa
+
+from batchinfer.results import to_parquet
+from batchinfer.store import RunStore
+
+
+def part_bytes(shard: int, tag: str, rows: int = 5) -> tuple[bytes, dict]:
+    summary = {"shard": shard, "part": f"part-{shard:06d}.parquet", "rows": rows, "rows_ok": rows,
+               "rows_failed": 0, "prompt_tokens": 1, "completion_tokens": 2, "errors": {},
+               "tag": tag}
+    table = pa.table({"id": [f"{shard}-{i}" for i in range(rows)], "output": [tag] * rows})
+    return to_parquet(table, summary, "zstd"), summary
+
+
+def _commit_in_process(args):
+    url, tag, barrier = args
+    data, summary = part_bytes(7, tag)
+    barrier.wait()
+    return tag, RunStore(url).commit("part-000007", data, summary)
+
+
+def test_same_shard_committed_concurrently_by_processes_exactly_one_wins(tmp_path):
+    url = str(tmp_path / "run")
+    n = 8
+    with multiprocessing.Manager() as manager:
+        barrier = manager.Barrier(n)
+        with multiprocessing.get_context("spawn").Pool(n) as pool:
+            outcomes = pool.map(_commit_in_process, [(url, f"attempt-{i}", barrier) for i in range(n)])
+    winners = [tag for tag, won in outcomes if won]
+    assert len(winners) == 1
+    df = pd.read_parquet(url)
+    assert len(df) == 5 and set(df.output) == {winners[0]}
+    store = RunStore(url)
+    assert store.committed()[7]["tag"] == winners[0]
+    assert os.listdir(tmp_path / "run" / "_batchinfer" / "staging") == []  # no temp file left
+
+
+def test_a_losing_commit_leaves_the_winner_untouched(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    first, s1 = part_bytes(0, "first")
+    second, s2 = part_bytes(0, "second")
+    assert store.commit("part-000000", first, s1) is True
+    path = tmp_path / "run" / "part-000000.parquet"
+    before = (path.stat().st_ino, path.stat().st_mtime_ns)
+    assert store.commit("part-000000", second, s2) is False
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == before
+    assert path.read_bytes() == first
+
+
+def test_metadata_is_invisible_to_dataset_readers(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    for i in range(3):
+        data, summary = part_bytes(i, "x")
+        store.commit(f"part-{i:06d}", data, summary)
+    store.write_status({"state": "running"})
+    store.write_manifest({"status": "complete"}, success=True)
+    (tmp_path / "run" / "_batchinfer" / "staging" / "part-000009.parquet.tmp").write_bytes(b"junk")
+    assert len(pd.read_parquet(str(tmp_path / "run"))) == 15
+    assert (tmp_path / "run" / "_SUCCESS").exists()
+
+
+def test_lost_or_torn_commit_records_are_rebuilt_from_the_parts(tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    for i in range(3):
+        data, summary = part_bytes(i, f"t{i}")
+        store.commit(f"part-{i:06d}", data, summary)
+    records = tmp_path / "run" / "_batchinfer" / "commits"
+    os.remove(records / "part-000001.json")           # crash between part and record
+    (records / "part-000002.json").write_text('{"sha')  # crash mid-write of a record
+    found = store.committed()
+    assert sorted(found) == [0, 1, 2]
+    assert [found[i]["tag"] for i in range(3)] == ["t0", "t1", "t2"]
+    assert json.loads((records / "part-000001.json").read_text())["tag"] == "t1"
+
+
+def test_clear_removes_the_previous_run_only(tmp_path):
+    run = tmp_path / "run"
+    store = RunStore(str(run))
+    data, summary = part_bytes(0, "x")
+    store.commit("part-000000", data, summary)
+    store.write_manifest({"status": "complete"}, success=True)
+    (run / "notes.txt").write_text("user file")
+    store.clear()
+    assert sorted(os.listdir(run)) == ["notes.txt"]
