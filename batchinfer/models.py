@@ -8,14 +8,19 @@ on a node writes a plain transformers folder into a local cache and every later 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
+import logging
 import os
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class ModelError(RuntimeError):
@@ -110,8 +115,8 @@ def cache_root(cache_dir: str | None) -> Path:
 def materialize(ref: ModelRef, cache_dir: str | None) -> str:
     """A plain transformers folder for `ref`: the folder itself, or a cached conversion of a GGUF.
 
-    Concurrent workers on one node may convert at the same time; each writes its own temp
-    folder and renames it into place, the first rename wins and the rest discard theirs.
+    Workers on one node share the cache: the first converts under a file lock while the
+    others wait for it, and the folder appears by an atomic rename once complete.
     """
     if ref.gguf_file is None:
         return ref.path
@@ -119,18 +124,22 @@ def materialize(ref: ModelRef, cache_dir: str | None) -> str:
     target = cache_root(cache_dir) / "models" / f"{ref.name}-{key}"
     if (target / "done.json").is_file():
         return str(target)
-    import importlib.util
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "done.json").is_file():
+            _convert_gguf(ref, target)
+    return str(target)
+
+
+def _convert_gguf(ref: ModelRef, target: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"model {ref.name!r} is a GGUF file; converting it needs the gguf "
                          "package: pip install 'batchinfer[cpu]'")
-    import logging
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    logging.getLogger(__name__).info(
-        "converting %s once into the model cache %s (about 30 s on two CPU cores)", ref.name, target)
+    log.info("converting %s once into the model cache %s (about 30 s on two CPU cores)",
+             ref.name, target)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
     tmp.mkdir(parents=True)
     try:
@@ -143,12 +152,9 @@ def materialize(ref: ModelRef, cache_dir: str | None) -> str:
         tok.save_pretrained(tmp)
         model.save_pretrained(tmp)
         (tmp / "done.json").write_text(json.dumps({"source": ref.identity}))
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "done.json").is_file():
-                raise
+        if target.exists():  # a conversion cut short before its rename left no done.json
+            shutil.rmtree(target)
+        os.rename(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)

@@ -236,15 +236,13 @@ def _connect_ray(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-                        "HF_HUB_DISABLE_PROGRESS_BARS": "1"}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
     else:
         # address="local" never joins a stale "current cluster" left by an earlier `ray start`.
         needed = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
-                 include_dashboard=False, runtime_env=env, log_to_driver=True)
+                 include_dashboard=False, log_to_driver=True)
     return True
 
 

@@ -27,6 +27,9 @@ from batchinfer.worker import ShardWorker
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+# Workers log to files (forwarded to the driver): no progress bars or tokenizer fork warnings.
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 PROGRESS_POLL_S = 2.0
 
 
@@ -67,7 +70,8 @@ class Scheduler:
     def _new_actor(self, index: int):
         run = self.cfg.run
         opts: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "num_gpus": run.gpus_per_worker,
-                                "max_restarts": 0, "max_task_retries": 0}
+                                "max_restarts": 0, "max_task_retries": 0,
+                                "runtime_env": {"env_vars": WORKER_ENV}}
         if run.accelerator_type:
             opts["accelerator_type"] = run.accelerator_type
         return ray.remote(ShardWorker).options(**opts).remote(
