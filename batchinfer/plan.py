@@ -75,6 +75,8 @@ class Plan:
     """Everything that shapes results, except the input files (see `fingerprint`)."""
     input_schema: str
     """Arrow schema (IPC, base64) of the input columns the run reads."""
+    rows_per_shard: int
+    """The target the shards were cut for."""
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     version: int = PLAN_VERSION
 
@@ -193,6 +195,7 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
         shards=cut_shards(files, cfg.run.rows_per_shard),
         settings=settings_of(cfg),
         input_schema=base64.b64encode(schema.serialize().to_pybytes()).decode(),
+        rows_per_shard=cfg.run.rows_per_shard,
     )
 
 

@@ -77,6 +77,9 @@ def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool) -> Plan:
             "resuming would mix results. Use another output.path, or pass --new-run to "
             "discard that run and start over"
         )
+    if existing.rows_per_shard != cfg.run.rows_per_shard:
+        log.warning("resuming with the recorded plan, cut for rows_per_shard=%d (config says %d)",
+                    existing.rows_per_shard, cfg.run.rows_per_shard)
     return existing
 
 
