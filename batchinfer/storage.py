@@ -6,8 +6,10 @@ run directory and the workers stay filesystem-agnostic.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,21 +117,12 @@ def put_if_absent(loc: Location, data: bytes, staging: Location) -> bool:
     """
     fs = loc.fs
     if is_local(fs):
-        os.makedirs(staging.path, exist_ok=True)
-        os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-        tmp = os.path.join(staging.path, f"{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.link(tmp, loc.path)
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with _staged(loc, data, staging) as tmp:
+            try:
+                os.link(tmp, loc.path)
+                return True
+            except FileExistsError:
+                return False
     if "s3" in _protocols(fs):
         try:
             fs.pipe_file(loc.path, data, mode="create")
@@ -151,13 +144,22 @@ def put(loc: Location, data: bytes, staging: Location) -> None:
     if not is_local(loc.fs):
         loc.fs.pipe_file(loc.path, data)
         return
+    with _staged(loc, data, staging) as tmp:
+        os.replace(tmp, loc.path)
+
+
+@contextlib.contextmanager
+def _staged(loc: Location, data: bytes, staging: Location) -> Iterator[str]:
+    """A durable temp copy of `data` in `staging`, removed afterwards (moved or not)."""
     os.makedirs(staging.path, exist_ok=True)
     os.makedirs(os.path.dirname(loc.path), exist_ok=True)
     tmp = os.path.join(staging.path, f"{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, loc.path)
+            f.flush()
+            os.fsync(f.fileno())
+        yield tmp
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
