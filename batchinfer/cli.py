@@ -21,6 +21,7 @@ from batchinfer.runner import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 log = logging.getLogger("batchinfer")
 
 SET_HELP = "Override a config key, e.g. --set sampling.max_tokens=32 (repeatable)."
+DATE_HELP = "Date for {date} in input.path/output.path, YYYY-MM-DD (default: today, UTC)."
 
 
 def setup_logging(verbose: bool) -> None:
@@ -35,9 +36,9 @@ def _fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def load_or_exit(config_path: str, sets: tuple[str, ...]) -> config_mod.Config:
+def load_or_exit(config_path: str, sets: tuple[str, ...], date: str | None = None) -> config_mod.Config:
     try:
-        return config_mod.load_config(config_path, sets)
+        return config_mod.load_config(config_path, sets, date)
     except config_mod.ConfigError as e:
         _fail(EXIT_USAGE, str(e))
 
@@ -57,16 +58,19 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--date", metavar="YYYY-MM-DD", help=DATE_HELP)
 @click.option("--new-run", is_flag=True,
               help="Discard a previous run at output.path (its parts too) and start over.")
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress lines.")
-def run(config_path: str, sets: tuple[str, ...], new_run: bool, no_progress: bool) -> None:
+def run(config_path: str, sets: tuple[str, ...], date: str | None, new_run: bool,
+        no_progress: bool) -> None:
     """Run (or resume) the batch job described by CONFIG.
 
     Rerunning the same command after a crash finishes the remaining shards; rerunning a
     finished run does nothing.
     """
-    sys.exit(run_job(load_or_exit(config_path, sets), new_run=new_run, progress=not no_progress))
+    sys.exit(run_job(load_or_exit(config_path, sets, date), new_run=new_run,
+                     progress=not no_progress))
 
 
 def run_job(cfg: config_mod.Config, *, new_run: bool = False, progress: bool = True) -> int:
@@ -114,7 +118,8 @@ def format_summary(m: dict[str, Any], *, did_work: bool = True) -> str:
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def plan(config_path: str, sets: tuple[str, ...]) -> None:
+@click.option("--date", metavar="YYYY-MM-DD", help=DATE_HELP)
+def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     """Show the files, rows and shards CONFIG would run, and one rendered prompt.
 
     Reads only Parquet footers and the first row; starts no engine and writes nothing.
@@ -122,11 +127,11 @@ def plan(config_path: str, sets: tuple[str, ...]) -> None:
     from batchinfer import plan as planning
     from batchinfer.store import RunStore
 
-    cfg = load_or_exit(config_path, sets)
+    cfg = load_or_exit(config_path, sets, date)
     try:
         runner.preflight(cfg)
         p = planning.make_plan(cfg)
-        existing = RunStore(cfg.output.path).read_plan()
+        existing = RunStore(cfg.output.path, cfg.storage).read_plan()
     except runner.USAGE_ERRORS as e:
         _fail(EXIT_USAGE, str(e))
     sizes = [s.num_rows for s in p.shards]
@@ -148,16 +153,13 @@ def plan(config_path: str, sets: tuple[str, ...]) -> None:
 
 
 def _first_prompt(cfg: config_mod.Config, p) -> str:
-    import pyarrow.parquet as pq
-
     from batchinfer import storage
     from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 
     first = p.files[p.shards[0].file]
-    loc = storage.locate(first.url)
     column = cfg.input.prompt_column or cfg.input.messages_column
-    with loc.fs.open(loc.path, "rb") as f:
-        cell = pq.ParquetFile(f).read_row_group(0, columns=[column]).column(0)[0].as_py()
+    with storage.open_parquet(first.url, cfg.storage) as pf:
+        cell = pf.read_row_group(0, columns=[column]).column(0)[0].as_py()
     try:
         builder = PromptBuilder(load_tokenizer(cfg.engine), cfg.input)
     except ImportError as e:
@@ -171,16 +173,24 @@ def _first_prompt(cfg: config_mod.Config, p) -> str:
 @main.command()
 @click.argument("output_path", metavar="OUTPUT_PATH")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(output_path: str, as_json: bool) -> None:
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Take the storage settings (endpoint, region, profile) from this config.")
+def status(output_path: str, as_json: bool, config_path: str | None) -> None:
     """Show a run's progress and state from its run directory alone.
 
     Exit code: that of the finished run (0, 3), 1 while running or unfinished, 2 if
     OUTPUT_PATH holds no run.
     """
+    from batchinfer import storage
     from batchinfer.store import RunStore
 
-    store = RunStore(output_path)
-    plan = store.read_plan()
+    storage_cfg = load_or_exit(config_path, ()).storage if config_path else None
+    store = RunStore(output_path, storage_cfg)
+    try:
+        with storage.errors(output_path, "OUTPUT_PATH"):
+            plan = store.read_plan()
+    except storage.StorageError as e:
+        _fail(EXIT_USAGE, str(e))
     if plan is None:
         _fail(EXIT_USAGE, f"no run at {store.url} (expected {store.meta.url}/plan.json)")
     committed = store.committed()
@@ -221,14 +231,15 @@ def _age(heartbeat: dict[str, Any]) -> str:
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def validate(config_path: str, sets: tuple[str, ...]) -> None:
+@click.option("--date", metavar="YYYY-MM-DD", help=DATE_HELP)
+def validate(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     """Check CONFIG and print it resolved, every key with its description.
 
     Also checks that the engine backend is installed and the model can be found.
     """
     from batchinfer import engines
 
-    cfg = load_or_exit(config_path, sets)
+    cfg = load_or_exit(config_path, sets, date)
     click.echo(config_mod.to_commented_yaml(cfg), nl=False)
     try:
         runner.preflight(cfg)

@@ -17,6 +17,7 @@ import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -97,6 +98,22 @@ class OutputConfig:
 
 
 @dataclass
+class StorageConfig:
+    endpoint_url: str | None = None
+    """S3-compatible endpoint, e.g. http://127.0.0.1:9000; default AWS (or $AWS_ENDPOINT_URL)."""
+    region: str | None = None
+    """S3 region; default from the AWS environment or config."""
+    profile: str | None = None
+    """AWS profile in ~/.aws; default the credential chain (environment, profile, instance role)."""
+    anon: bool = False
+    """Read public buckets without credentials."""
+    retries: Annotated[int, Bound(ge=1)] = 10
+    """Attempts per storage request on throttling (SlowDown) and 5xx errors, with backoff."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Extra fsspec options for every URL (e.g. key, secret, client_kwargs); never logged."""
+
+
+@dataclass
 class EngineConfig:
     backend: str = "transformers"
     """Engine backend, by registry name (see `batchinfer validate`)."""
@@ -167,6 +184,8 @@ class Config:
     """Where prompts come from and how rows become conversations."""
     output: OutputConfig = field(default_factory=OutputConfig)
     """Where results go."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """How to reach object storage (applies to input and output URLs)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Which model runs and how."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -181,8 +200,10 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML config (or the defaults when path is None) and apply `key=value` overrides."""
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
+                date: str | None = None) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply `key=value` overrides,
+    and put `date` (YYYY-MM-DD, default today in UTC) wherever a path says `{date}`."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -199,7 +220,24 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             )
     for item in overrides:
         apply_override(raw, item)
-    return config_from_dict(raw)
+    return with_date(config_from_dict(raw), date)
+
+
+DATE_PLACEHOLDER = "{date}"
+
+
+def with_date(cfg: Config, date: str | None) -> Config:
+    """Substitute `{date}` in input.path and output.path (nightly batches)."""
+    if date is None:
+        date = datetime.now(timezone.utc).date().isoformat()
+    else:
+        try:
+            date = datetime.strptime(date, "%Y-%m-%d").date().isoformat()
+        except ValueError:
+            raise ConfigError(f"--date: got {date!r}; expected a date as YYYY-MM-DD") from None
+    cfg.input.path = cfg.input.path.replace(DATE_PLACEHOLDER, date)
+    cfg.output.path = cfg.output.path.replace(DATE_PLACEHOLDER, date)
+    return cfg
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
@@ -342,15 +380,28 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
+
+
+def redact(value: Any) -> Any:
+    """A copy of `value` with every secret-looking mapping entry replaced by '***'."""
+    if isinstance(value, dict):
+        return {k: "***" if any(w in str(k).lower() for w in SECRET_WORDS) and v else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 def to_commented_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, each key followed by its one-line description."""
+    """The resolved config as YAML, each key followed by its one-line description; secrets hidden."""
     lines = []
     for section in dataclasses.fields(Config):
         obj = getattr(cfg, section.name)
         lines.append(f"{section.name}:  # {field_docs(Config)[section.name]}")
         docs = field_docs(type(obj))
         for f in dataclasses.fields(obj):
-            value = yaml.safe_dump(getattr(obj, f.name), default_flow_style=True,
+            value = yaml.safe_dump(redact(getattr(obj, f.name)), default_flow_style=True,
                                    width=1000).strip()
             value = value.removesuffix("\n...").removesuffix("...").strip()
             lines.append(f"  {f.name}: {value}  # {docs.get(f.name, '')}")

@@ -164,20 +164,21 @@ def needed_columns(cfg: Config) -> list[str]:
 
 def list_inputs(cfg: Config) -> list[dict[str, Any]]:
     """Info dicts (name, relative, size, version...) of every input file, sorted."""
-    _, infos = storage.list_parquet(cfg.input.path)
+    with storage.errors(cfg.input.path, "input.path"):
+        _, infos = storage.list_parquet(cfg.input.path, cfg.storage)
     return infos
 
 
 def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
     """List inputs, read their footers in parallel, check columns, cut shards."""
     infos = infos if infos is not None else list_inputs(cfg)
-    loc = storage.locate(cfg.input.path)
+    loc = storage.locate(cfg.input.path, cfg.storage)
+    urls = [storage.join_protocol(loc.fs, info["name"]) for info in infos]
     with ThreadPoolExecutor(min(FOOTER_READ_THREADS, len(infos))) as pool:
-        footers = list(pool.map(lambda info: _read_footer(loc.fs, info), infos))
+        footers = list(pool.map(lambda url: _read_footer(url, cfg), urls))
     columns = needed_columns(cfg)
     files, schema, first = [], None, None
-    for info, (meta, file_schema) in zip(infos, footers, strict=True):
-        url = storage.join_protocol(loc.fs, info["name"])
+    for info, url, (meta, file_schema) in zip(infos, urls, footers, strict=True):
         this = _select(file_schema, columns, url, cfg)
         if schema is None:
             schema, first = this, url
@@ -199,15 +200,14 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
     )
 
 
-def _read_footer(fs, info: dict[str, Any]) -> tuple[pq.FileMetaData, pa.Schema]:
+def _read_footer(url: str, cfg: Config) -> tuple[pq.FileMetaData, pa.Schema]:
+    """One file's footer: a ranged read of its tail, no row data."""
     try:
-        with fs.open(info["name"], "rb") as f:
-            pf = pq.ParquetFile(f)
+        with storage.errors(url, "input.path"), storage.open_parquet(url, cfg.storage) as pf:
             return pf.metadata, pf.schema_arrow
-    except (pa.ArrowInvalid, OSError) as e:
+    except pa.ArrowInvalid as e:
         raise InputError(
-            f"input file {storage.join_protocol(fs, info['name'])!r} is not a readable Parquet "
-            f"file ({e}); expected a complete Parquet file"
+            f"input file {url!r} is not a readable Parquet file ({e}); expected a complete Parquet file"
         ) from None
 
 

@@ -62,13 +62,16 @@ def preflight(cfg: Config) -> None:
 def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool) -> Plan:
     """The plan on record if this config may resume it, else a new one (recorded)."""
     infos = planning.list_inputs(cfg)
-    existing = store.read_plan()
-    if existing is not None and new_run:
-        log.warning("--new-run: removing the previous run at %s", store.url)
-        store.clear()
-        existing = None
+    with storage.errors(cfg.output.path, "output.path"):
+        existing = store.read_plan()
+        if existing is not None and new_run:
+            log.warning("--new-run: removing the previous run at %s", store.url)
+            store.clear()
+            existing = None
     if existing is None:
-        return store.write_plan(planning.make_plan(cfg, infos))
+        plan = planning.make_plan(cfg, infos)
+        with storage.errors(cfg.output.path, "output.path"):
+            return store.write_plan(plan)
     planning.verify_inputs(existing, infos)
     diffs = planning.diff_settings(existing.settings, planning.settings_of(cfg))
     if diffs:
@@ -87,9 +90,10 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
         install_signal_handlers: bool = True) -> RunReport:
     started = time.time()
     preflight(cfg)
-    store = RunStore(cfg.output.path)
+    store = RunStore(cfg.output.path, cfg.storage)
     plan = prepare_plan(cfg, store, new_run=new_run)
-    committed = store.committed()
+    with storage.errors(cfg.output.path, "output.path"):
+        committed = store.committed()
     pending = [s.index for s in plan.shards if s.index not in committed]
     if not pending:
         manifest = store.read_manifest()
@@ -105,7 +109,8 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
     stop = threading.Event()
     restore = _install_signal_handlers(stop) if install_signal_handlers else (lambda: None)
     heartbeat = _Heartbeat(store, plan, len(committed))
-    heartbeat.write("starting", force=True)
+    with storage.errors(cfg.output.path, "output.path"):
+        heartbeat.write("starting", force=True, strict=True)  # fail now if the output is read-only
     owns_ray = _connect_ray(cfg)
     # Imported here so `plan`, `status` and `validate` never import Ray.
     from batchinfer.scheduler import Scheduler
@@ -216,7 +221,7 @@ class _Heartbeat:
         self.done += 1
         self.write(self.state)
 
-    def write(self, state: str, force: bool = False) -> None:
+    def write(self, state: str, force: bool = False, strict: bool = False) -> None:
         self.state = state
         if not force and time.monotonic() - self.last < STATUS_EVERY_S:
             return
@@ -229,6 +234,8 @@ class _Heartbeat:
                 "fingerprint": self.plan.fingerprint,
             })
         except Exception as e:  # the status file is advisory; never fail a run over it
+            if strict:
+                raise
             log.warning("could not write status.json: %s", e)
 
 

@@ -7,6 +7,10 @@ run directory and the workers stay filesystem-agnostic.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import functools
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -14,9 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from batchinfer.config import StorageConfig
+
 GLOB_CHARS = "*?["
+S3_PROTOCOLS = ("s3", "s3a")
 
 
 class StorageError(RuntimeError):
@@ -38,12 +47,92 @@ class Location:
         return Location(self.fs, "/".join([self.path.rstrip("/"), *names]))
 
 
-def locate(url: str, storage_options: dict[str, Any] | None = None) -> Location:
+def locate(url: str, cfg: StorageConfig | None = None) -> Location:
     """Resolve a URL or local path; local paths become absolute so Ray workers see the same file."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    fs, path = fsspec.core.url_to_fs(url, **fsspec_options(protocol_of(url), cfg))
     if isinstance(fs, LocalFileSystem):
         path = os.path.abspath(path)
     return Location(fs, path.rstrip("/") or "/")
+
+
+def protocol_of(url: str) -> str:
+    return fsspec.core.split_protocol(url)[0] or "file"
+
+
+def fsspec_options(protocol: str, cfg: StorageConfig | None) -> dict[str, Any]:
+    """fsspec options for a protocol: `storage.options`, plus the S3 settings for s3:// URLs."""
+    if cfg is None:
+        return {}
+    opts = copy.deepcopy(cfg.options)
+    if protocol in S3_PROTOCOLS:
+        client = opts.setdefault("client_kwargs", {})
+        if cfg.endpoint_url:
+            client.setdefault("endpoint_url", cfg.endpoint_url)
+        if cfg.region:
+            client.setdefault("region_name", cfg.region)
+        if cfg.profile:
+            opts.setdefault("profile", cfg.profile)
+        if cfg.anon:
+            opts.setdefault("anon", True)
+        # botocore retries throttling (SlowDown) and 5xx with exponential backoff; s3fs's own
+        # loop (5 attempts) covers timeouts and dropped connections.
+        opts.setdefault("config_kwargs", {}).setdefault(
+            "retries", {"max_attempts": cfg.retries, "mode": "standard"})
+    return opts
+
+
+def open_parquet(url: str, cfg: StorageConfig | None = None) -> pq.ParquetFile:
+    """Open a Parquet file for footer and column reads through pyarrow's native I/O.
+
+    S3 goes through pyarrow's own S3 client (ranged GETs, pre-buffered row groups),
+    local files through the OS; anything else through its fsspec filesystem.
+    """
+    protocol = protocol_of(url)
+    if protocol in S3_PROTOCOLS:
+        path = fsspec.core.split_protocol(url)[1]
+        return pq.ParquetFile(path, filesystem=_arrow_s3(_freeze(cfg)), pre_buffer=True)
+    loc = locate(url, cfg)
+    if is_local(loc.fs):
+        return pq.ParquetFile(loc.path, pre_buffer=True)
+    return pq.ParquetFile(loc.fs.open(loc.path, "rb"), pre_buffer=True)
+
+
+def _freeze(cfg: StorageConfig | None) -> str:
+    return json.dumps(dataclasses.asdict(cfg) if cfg else {}, sort_keys=True, default=str)
+
+
+@functools.lru_cache(maxsize=8)
+def _arrow_s3(frozen: str) -> pafs.S3FileSystem:
+    """A pyarrow S3 client configured like the fsspec one (cached per process)."""
+    cfg = json.loads(frozen)
+    opts = cfg.get("options", {})
+    client = opts.get("client_kwargs", {})
+    endpoint = (cfg.get("endpoint_url") or client.get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    kwargs: dict[str, Any] = {
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.get("retries", 10)),
+    }
+    region = cfg.get("region") or client.get("region_name")
+    if region:
+        kwargs["region"] = region
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if cfg.get("anon") or opts.get("anon"):
+        kwargs["anonymous"] = True
+    elif opts.get("key") and opts.get("secret"):
+        kwargs.update(access_key=opts["key"], secret_key=opts["secret"])
+        if opts.get("token"):
+            kwargs["session_token"] = opts["token"]
+    elif cfg.get("profile") or opts.get("profile"):
+        import botocore.session
+
+        session = botocore.session.Session(profile=cfg.get("profile") or opts.get("profile"))
+        creds = session.get_credentials().get_frozen_credentials()
+        kwargs.update(access_key=creds.access_key, secret_key=creds.secret_key)
+        if creds.token:
+            kwargs["session_token"] = creds.token
+    return pafs.S3FileSystem(**kwargs)
 
 
 def join_protocol(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -67,14 +156,15 @@ def version_tag(info: dict[str, Any]) -> str:
     return f"size:{info.get('size')}:mtime:{mtime}"
 
 
-def list_parquet(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Location, list[dict[str, Any]]]:
+def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, list[dict[str, Any]]]:
     """Every Parquet file a URL names (a file, a folder/prefix or a glob), sorted, with its info.
 
     Returns the root the files are relative to (used in synthesized ids) and their info dicts.
     Names starting with "_" or "." are skipped, as Parquet dataset readers do.
     """
-    loc = locate(url, storage_options)
+    loc = locate(url, cfg)
     fs = loc.fs
+    fs.invalidate_cache()  # s3fs caches listings per process; inputs must be seen as they are now
     if any(ch in loc.path for ch in GLOB_CHARS):
         infos = fs.glob(loc.path, detail=True)
         root = _glob_root(loc.path)
@@ -85,6 +175,8 @@ def list_parquet(url: str, storage_options: dict[str, Any] | None = None) -> tup
     elif fs.exists(loc.path):
         infos = {loc.path: fs.info(loc.path)}
         root = loc.path.rsplit("/", 1)[0]
+    elif not is_local(fs) and not fs.exists(bucket := loc.path.split("/", 1)[0]):
+        raise StorageError(f"input.path {url!r}: " + MISSING_BUCKET.format(bucket=bucket))
     else:
         raise StorageError(f"input path {url!r} does not exist (expected a Parquet file, a folder, or a glob)")
     files = []
@@ -107,6 +199,63 @@ def _glob_root(pattern: str) -> str:
     return "/".join(head)
 
 
+# What a storage failure looks like (botocore codes, s3fs texts, pyarrow's AWS error names),
+# lower-cased, and what to tell the user. The first match wins.
+MISSING_BUCKET = ("bucket {bucket!r} does not exist; check the bucket name, storage.endpoint_url "
+                  "and storage.region")
+_DIAGNOSES = (
+    (("nosuchbucket", "no_such_bucket", "bucket does not exist"), MISSING_BUCKET),
+    (("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch",
+      "signature_does_not_match", "access key id you provided does not exist",
+      "signature we calculated does not match", "invalidtoken", "expiredtoken"),
+     "the storage credentials were refused; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+     "storage.profile or the instance role"),
+    (("nocredentialserror", "unable to locate credentials", "no credentials"),
+     "no storage credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+     "AWS_PROFILE (storage.profile), use an instance role, or storage.anon: true for a public bucket"),
+    (("accessdenied", "access_denied", "access denied", "forbidden", "permissionerror"),
+     "access denied: the credentials in use lack permission ({needs})"),
+    (("endpointconnectionerror", "could not connect", "connection refused", "connecttimeout",
+      "network_connection", "name or service not known"),
+     "cannot reach the storage endpoint; check storage.endpoint_url and the network"),
+    (("filenotfounderror", "nosuchkey", "no_such_key"),
+     "does not exist"),
+)
+_NEEDS = {"input.path": "s3:ListBucket and s3:GetObject on the inputs",
+          "output.path": "s3:ListBucket, s3:GetObject and s3:PutObject on the output"}
+
+
+def diagnose(error: BaseException, url: str, role: str) -> StorageError | None:
+    """A StorageError naming the URL and what to check, or None if `error` is not about storage."""
+    chain, e = [], error
+    while e is not None and len(chain) < 5:
+        chain.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    text = " | ".join(chain).lower()
+    for needles, advice in _DIAGNOSES:
+        if any(n in text for n in needles):
+            bucket = fsspec.core.split_protocol(url)[1].split("/", 1)[0]
+            message = advice.format(bucket=bucket, needs=_NEEDS.get(role, "read and write"))
+            return StorageError(f"{role} {url!r}: {message}")
+    return None
+
+
+@contextlib.contextmanager
+def errors(url: str, role: str) -> Iterator[None]:
+    """Translate storage failures inside the block into a StorageError naming `role` and `url`."""
+    try:
+        yield
+    except (StorageError, FileExistsError):
+        raise
+    except Exception as e:
+        if not (isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "aiobotocore"))):
+            raise
+        translated = diagnose(e, url, role)
+        if translated is None:
+            raise
+        raise translated from e
+
+
 def put_if_absent(loc: Location, data: bytes, staging: Location) -> bool:
     """Create `loc` holding `data` in one atomic step unless it exists; True if this call created it.
 
@@ -123,7 +272,7 @@ def put_if_absent(loc: Location, data: bytes, staging: Location) -> bool:
                 return True
             except FileExistsError:
                 return False
-    if "s3" in _protocols(fs):
+    if set(S3_PROTOCOLS) & set(_protocols(fs)):
         try:
             fs.pipe_file(loc.path, data, mode="create")
             return True

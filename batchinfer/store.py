@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from batchinfer import storage
+from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
 from batchinfer.results import SUMMARY_KEY
 
@@ -33,8 +34,8 @@ PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 
 
 class RunStore:
-    def __init__(self, url: str):
-        self.root = storage.locate(url)
+    def __init__(self, url: str, cfg: StorageConfig | None = None):
+        self.root = storage.locate(url, cfg)
         self.fs = self.root.fs
         self.meta = self.root.child(META_DIR)
 
@@ -111,9 +112,6 @@ class RunStore:
     def read_manifest(self) -> dict[str, Any] | None:
         return self._read_json(self.meta.child("manifest.json"))
 
-    def exists(self) -> bool:
-        return self.fs.exists(self.meta.child("plan.json").path)
-
     def clear(self) -> None:
         """Remove a previous run's parts and metadata (for an explicit new run)."""
         for name in self._ls(self.root):
@@ -129,7 +127,9 @@ class RunStore:
 
     def _ls(self, loc: storage.Location) -> list[str]:
         try:
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(loc.path, detail=False)]
+            # refresh: s3fs caches listings, and other attempts commit while we run
+            names = self.fs.ls(loc.path, detail=False, refresh=True)
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in names]
         except FileNotFoundError:
             return []
 

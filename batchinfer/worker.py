@@ -19,7 +19,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from batchinfer import storage
 from batchinfer.config import Config
@@ -37,7 +36,7 @@ class ShardWorker:
         self.cfg = config
         self.plan = plan
         self.worker_index = worker_index
-        self.store = RunStore(config.output.path)
+        self.store = RunStore(config.output.path, config.storage)
         self.input_schema = plan.schema()
         self.schema = output_schema(self.input_schema, config)
         started = time.perf_counter()
@@ -104,10 +103,8 @@ class ShardWorker:
 
     def _read(self, file: InputFile, shard: Shard) -> pa.Table:
         groups, skip = file.row_groups_for(shard.row_start, shard.num_rows)
-        loc = storage.locate(file.url)
-        columns = list(self.input_schema.names)
-        with loc.fs.open(loc.path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_groups(groups, columns=columns)
+        with storage.open_parquet(file.url, self.cfg.storage) as pf:
+            table = pf.read_row_groups(groups, columns=list(self.input_schema.names))
         table = table.slice(skip, shard.num_rows)
         if table.num_rows != shard.num_rows:
             raise RuntimeError(

@@ -18,19 +18,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import click  # noqa: E402
 
-from batchinfer.cli import SET_HELP, load_or_exit, run_job, setup_logging  # noqa: E402
+from batchinfer.cli import DATE_HELP, SET_HELP, load_or_exit, run_job, setup_logging  # noqa: E402
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="The job's YAML config.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--date", metavar="YYYY-MM-DD", help=DATE_HELP)
 @click.option("--new-run", is_flag=True, help="Discard a previous run at output.path and start over.")
-def main(config_path: str, sets: tuple[str, ...], new_run: bool) -> None:
+def main(config_path: str, sets: tuple[str, ...], date: str | None, new_run: bool) -> None:
     """Run a batchinfer job as a Ray job driver."""
     setup_logging(False)
     # A job's logs are files, not a terminal: progress comes as periodic lines.
-    sys.exit(run_job(load_or_exit(config_path, sets), new_run=new_run, progress=True))
+    sys.exit(run_job(load_or_exit(config_path, sets, date), new_run=new_run, progress=True))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ Tiers: pure unit tests use no fixture here; engine tests use `tokenizer`/`engine
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,13 @@ from batchinfer.config import Config, config_from_dict
 REPO = Path(__file__).resolve().parent.parent
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)}
+# Dummy credentials for the loopback S3 server, set before any Ray process starts so every
+# worker inherits them (the AWS credential chain's environment step). No instance metadata.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+for _k, _v in S3_ENV.items():
+    os.environ.setdefault(_k, _v)
+BUCKET = "batchinfer-test"
 
 
 @pytest.fixture(scope="session")
@@ -101,3 +111,182 @@ def driver(tmp_path, ray_cluster):
         if d.proc.poll() is None:
             d.kill_group()
             d.proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- S3 on loopback
+
+
+def atomic_moto_server_class():
+    """moto's threaded S3 server, with conditional writes made atomic as they are on S3.
+
+    moto checks `If-None-Match: *` and then stores the object in two steps without a lock
+    (moto/s3/responses.py, the put_object handler), so two racing conditional PUTs can both
+    succeed on it, where S3 guarantees exactly one winner. Serializing the requests that
+    carry a precondition gives the test double S3's semantics; all others stay concurrent.
+    """
+    import threading
+
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import make_server
+
+    class AtomicMotoServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = DomainDispatcherApplication(create_backend_app)
+            lock = threading.Lock()
+
+            def atomic_preconditions(environ, start_response):
+                if environ.get("HTTP_IF_NONE_MATCH") or environ.get("HTTP_IF_MATCH"):
+                    with lock:
+                        return app(environ, start_response)
+                return app(environ, start_response)
+
+            self._server = make_server(self._ip_address, self._port, atomic_preconditions, True,
+                                       request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return AtomicMotoServer
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto), for the whole session; reset per test."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = atomic_moto_server_class()(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+class S3:
+    """The loopback S3 server, reset to one empty bucket for each test."""
+
+    def __init__(self, endpoint: str):
+        import s3fs
+
+        self.endpoint = endpoint
+        self.bucket = BUCKET
+        self.fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+        self.options = {"client_kwargs": {"endpoint_url": endpoint}}
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def upload_dir(self, local: Path, key: str) -> str:
+        for f in sorted(local.iterdir()):
+            self.fs.put_file(str(f), f"{self.bucket}/{key.rstrip('/')}/{f.name}")
+        return self.url(key)
+
+    def read(self, key: str):
+        """The run's results as pandas reads them (a fresh listing, not a cached one)."""
+        import pandas as pd
+
+        self.fs.invalidate_cache()
+        return pd.read_parquet(f"{self.bucket}/{key}", filesystem=self.fs)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        self.fs.invalidate_cache()
+        return sorted(p.split("/", 1)[1] for p in self.fs.find(f"{self.bucket}/{prefix}"))
+
+
+@pytest.fixture
+def s3(s3_server):
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST"))
+    store = S3(s3_server)
+    store.fs.mkdir(BUCKET)
+    return store
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process_session(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """Stop a process started with start_new_session and everything it spawned, by session id."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in session_members(proc.pid):  # children that left the process group (Ray workers)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+
+
+def session_members(sid: int) -> list[int]:
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and int(entry) != os.getpid():  # field 6 of stat: session id
+            members.append(int(entry))
+    return members
+
+
+@pytest.fixture(scope="module")
+def s3_auth_server(tmp_path_factory):
+    """A separate moto server that enforces IAM auth: one admin key, one key with no rights.
+
+    Yields (endpoint, admin_key, admin_secret, nobody_key, nobody_secret). The first few
+    requests (the set-up below) run before auth is enforced.
+    """
+    import json
+
+    import boto3
+
+    port = free_port()
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "6"}
+    log = tmp_path_factory.mktemp("moto-auth") / "server.log"
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        kw = {"endpoint_url": endpoint, "region_name": "us-east-1"}
+        iam, s3c = boto3.client("iam", **kw), boto3.client("s3", **kw)
+        s3c.create_bucket(Bucket=BUCKET)
+        iam.create_user(UserName="admin")
+        iam.put_user_policy(UserName="admin", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        admin = iam.create_access_key(UserName="admin")["AccessKey"]
+        iam.create_user(UserName="nobody")
+        nobody = iam.create_access_key(UserName="nobody")["AccessKey"]
+        yield (endpoint, admin["AccessKeyId"], admin["SecretAccessKey"],
+               nobody["AccessKeyId"], nobody["SecretAccessKey"])
+    finally:
+        stop_process_session(proc)

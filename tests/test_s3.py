@@ -1,0 +1,228 @@
+"""Object storage for real: runs, commits and errors against an S3 HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import pytest
+
+from batchinfer import runner
+from batchinfer.config import StorageConfig
+from batchinfer.plan import make_plan
+from batchinfer.samples import write_sample_prompts
+from batchinfer.storage import StorageError
+from batchinfer.store import RunStore
+from tests.conftest import BUCKET, REPO, make_config, write_yaml
+from tests.flaky_proxy import FlakyProxy
+from tests.test_store import part_bytes
+
+
+def s3_config(tmp_path, s3, endpoint=None, **sections):
+    sections.setdefault("input", {})
+    sections["input"].setdefault("path", s3.url("prompts/"))
+    sections.setdefault("output", {"path": s3.url("out/run/")})
+    sections.setdefault("storage", {"endpoint_url": endpoint or s3.endpoint})
+    return make_config(tmp_path, **sections)
+
+
+def upload_prompts(tmp_path, s3, files=2, rows=10, key="prompts/", row_group_size=10):
+    write_sample_prompts(str(tmp_path / "local-prompts"), files=files, rows_per_file=rows,
+                         row_group_size=row_group_size)
+    return s3.upload_dir(tmp_path / "local-prompts", key)
+
+
+@pytest.fixture
+def no_engine(monkeypatch):
+    """Fail the test if the run gets as far as Ray (and so any engine)."""
+    def refuse(cfg):
+        raise AssertionError("the run reached Ray before failing")
+    monkeypatch.setattr(runner, "_connect_ray", refuse)
+
+
+def test_s3_prompts_to_s3_results(tmp_path, s3, ray_cluster):
+    upload_prompts(tmp_path, s3, files=2, rows=15)
+    cfg = s3_config(tmp_path, s3, input={"passthrough_columns": ["category"]})
+    report = runner.run(cfg, progress=False)
+    assert (report.status, report.exit_code) == ("complete", 0)
+
+    df = s3.read("out/run/")
+    assert sorted(df.id) == [f"q{i:06d}" for i in range(30)]
+    assert df.output.str.len().min() > 0
+    keys = s3.keys("out/run/")
+    assert "out/run/_SUCCESS" in keys and "out/run/_batchinfer/manifest.json" in keys
+    assert not [k for k in keys if "staging" in k]  # S3 commits need no staging area
+    manifest = json.loads(s3.fs.cat_file(f"{BUCKET}/out/run/_batchinfer/manifest.json"))
+    assert manifest["rows"]["ok"] == 30 and manifest["output"] == s3.url("out/run")
+    plan = json.loads(s3.fs.cat_file(f"{BUCKET}/out/run/_batchinfer/plan.json"))
+    assert all(f["version"].startswith("etag:") for f in plan["files"])
+
+    again = runner.run(cfg, progress=False)
+    assert not again.did_work and again.exit_code == 0
+
+
+def _commit_on_s3(args):
+    endpoint, url, tag, barrier = args
+    data, summary = part_bytes(3, tag)
+    store = RunStore(url, StorageConfig(endpoint_url=endpoint))
+    barrier.wait()
+    return tag, store.commit("part-000003", data, summary)
+
+
+def test_same_shard_committed_concurrently_on_s3_exactly_one_wins(s3):
+    url = s3.url("race/run")
+    n = 8
+    with multiprocessing.Manager() as manager:
+        barrier = manager.Barrier(n)
+        with multiprocessing.get_context("spawn").Pool(n) as pool:
+            outcomes = pool.map(_commit_on_s3, [(s3.endpoint, url, f"try-{i}", barrier) for i in range(n)])
+    winners = [tag for tag, won in outcomes if won]
+    assert len(winners) == 1
+    df = s3.read("race/run")
+    assert len(df) == 5 and set(df.output) == {winners[0]}
+    # No orphan: the only objects are the winner's part and its commit record.
+    assert s3.keys("race/") == ["race/run/_batchinfer/commits/part-000003.json",
+                                "race/run/part-000003.parquet"]
+    assert RunStore(url, StorageConfig(endpoint_url=s3.endpoint)).committed()[3]["tag"] == winners[0]
+
+
+def test_storage_throttling_and_server_errors_are_retried(tmp_path, s3, ray_cluster):
+    upload_prompts(tmp_path, s3, files=2, rows=6, row_group_size=3)
+    with FlakyProxy(s3.endpoint) as proxy:
+        cfg = s3_config(tmp_path, s3, endpoint=proxy.endpoint, run={"rows_per_shard": 3})
+        report = runner.run(cfg, progress=False)
+    assert report.exit_code == 0, report.manifest
+    assert proxy.injected[503] > 5 and proxy.injected[500] > 5, proxy.injected
+    df = s3.read("out/run/")
+    assert sorted(df.id) == [f"q{i:06d}" for i in range(12)]
+
+
+def test_planning_many_files_on_s3(tmp_path, s3):
+    local = tmp_path / "many"
+    write_sample_prompts(str(local), files=120, rows_per_file=3, row_group_size=3)
+    s3.upload_dir(local, "many/")
+    cfg = s3_config(tmp_path, s3, input={"path": s3.url("many/")}, run={"rows_per_shard": 3})
+    plan = make_plan(cfg)
+    assert len(plan.files) == 120 and len(plan.shards) == 120 and plan.total_rows == 360
+    assert plan.files[0].url == s3.url("many/prompts-000.parquet")
+
+
+# --------------------------------------------------------------------------- storage errors
+
+
+@pytest.mark.parametrize("input_path, message", [
+    ("s3://no-such-bucket/prompts/",
+     "input.path 's3://no-such-bucket/prompts/': bucket 'no-such-bucket' does not exist; "
+     "check the bucket name, storage.endpoint_url and storage.region"),
+    (f"s3://{BUCKET}/missing/", f"input path 's3://{BUCKET}/missing/' does not exist"),
+    (f"s3://{BUCKET}/prompts/*.csv", f"no Parquet files matched 's3://{BUCKET}/prompts/*.csv'"),
+    (f"s3://{BUCKET}/notes/", f"no Parquet files matched 's3://{BUCKET}/notes/'"),
+])
+def test_input_storage_errors(tmp_path, s3, no_engine, input_path, message):
+    upload_prompts(tmp_path, s3)
+    s3.fs.pipe_file(f"{BUCKET}/notes/readme.txt", b"not parquet")
+    with pytest.raises(StorageError) as e:
+        runner.run(s3_config(tmp_path, s3, input={"path": input_path}), progress=False)
+    assert message in str(e.value)
+
+
+def test_missing_output_bucket(tmp_path, s3, no_engine):
+    upload_prompts(tmp_path, s3)
+    cfg = s3_config(tmp_path, s3, output={"path": "s3://no-such-bucket/out/"})
+    with pytest.raises(StorageError, match="output.path 's3://no-such-bucket/out/': bucket "
+                                           "'no-such-bucket' does not exist"):
+        runner.run(cfg, progress=False)
+
+
+def test_unreachable_endpoint(tmp_path, s3, no_engine):
+    cfg = s3_config(tmp_path, s3, storage={"endpoint_url": "http://127.0.0.1:9", "retries": 1})
+    with pytest.raises(StorageError, match="input.path 's3://batchinfer-test/prompts/': cannot reach "
+                                           "the storage endpoint; check storage.endpoint_url"):
+        runner.run(cfg, progress=False)
+
+
+def auth_config(tmp_path, server, key, secret, output_key="out/run/"):
+    endpoint = server[0]
+    return make_config(
+        tmp_path, input={"path": f"s3://{BUCKET}/prompts/"},
+        output={"path": f"s3://{BUCKET}/{output_key}"},
+        storage={"endpoint_url": endpoint, "options": {"key": key, "secret": secret}})
+
+
+@pytest.fixture(scope="module")
+def auth_prompts(s3_auth_server, tmp_path_factory):
+    import s3fs
+
+    endpoint, key, secret = s3_auth_server[:3]
+    local = tmp_path_factory.mktemp("auth-prompts")
+    write_sample_prompts(str(local), files=1, rows_per_file=4)
+    fs = s3fs.S3FileSystem(key=key, secret=secret, client_kwargs={"endpoint_url": endpoint},
+                           skip_instance_cache=True)
+    fs.put_file(str(local / "prompts-000.parquet"), f"{BUCKET}/prompts/prompts-000.parquet")
+    return s3_auth_server
+
+
+def test_bad_credentials(tmp_path, auth_prompts, no_engine):
+    cfg = auth_config(tmp_path, auth_prompts, "AKIANOTAREALKEY00000", "wrong-secret")
+    with pytest.raises(StorageError) as e:
+        runner.run(cfg, progress=False)
+    assert str(e.value) == (
+        f"input.path 's3://{BUCKET}/prompts/': the storage credentials were refused; check "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, storage.profile or the instance role")
+    assert "wrong-secret" not in str(e.value)
+
+
+def test_wrong_secret_for_a_real_key(tmp_path, auth_prompts, no_engine):
+    cfg = auth_config(tmp_path, auth_prompts, auth_prompts[1], "not-the-secret")
+    with pytest.raises(StorageError, match="the storage credentials were refused"):
+        runner.run(cfg, progress=False)
+
+
+def test_access_denied(tmp_path, auth_prompts, no_engine):
+    _, _, _, nobody_key, nobody_secret = auth_prompts
+    cfg = auth_config(tmp_path, auth_prompts, nobody_key, nobody_secret)
+    with pytest.raises(StorageError) as e:
+        runner.run(cfg, progress=False)
+    assert str(e.value) == (
+        f"input.path 's3://{BUCKET}/prompts/': access denied: the credentials in use lack "
+        "permission (s3:ListBucket and s3:GetObject on the inputs)")
+
+
+def test_no_credentials_at_all(tmp_path, s3):
+    upload_prompts(tmp_path, s3)
+    config = write_yaml(tmp_path / "c.yaml", s3_config(tmp_path, s3))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, "-m", "batchinfer.cli", "run", str(config),
+                           "--set", "run.ray_address=127.0.0.1:1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "input.path 's3://batchinfer-test/prompts/': no storage credentials found" in proc.stderr
+
+
+def test_secrets_never_reach_logs_plan_or_manifest(tmp_path, auth_prompts, ray_cluster):
+    endpoint, key, secret = auth_prompts[:3]
+    cfg = auth_config(tmp_path, auth_prompts, key, secret, output_key="secret-run/")
+    config = write_yaml(tmp_path / "c.yaml", cfg)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    cli = [sys.executable, "-m", "batchinfer.cli"]
+    outputs = []
+    for args in (["validate", str(config)], ["plan", str(config)], ["run", str(config), "--no-progress"],
+                 ["status", f"s3://{BUCKET}/secret-run/", "--config", str(config)]):
+        proc = subprocess.run([*cli, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, (args, proc.stderr)
+        outputs.append(proc.stdout + proc.stderr)
+    assert "options: {key: '***', secret: '***'}" in outputs[0]
+    import s3fs
+
+    fs = s3fs.S3FileSystem(key=key, secret=secret, client_kwargs={"endpoint_url": endpoint},
+                           skip_instance_cache=True)
+    written = [fs.cat_file(p) for p in fs.find(f"{BUCKET}/secret-run/")]
+    assert len(written) >= 5
+    for blob in [o.encode() for o in outputs] + written:
+        assert secret.encode() not in blob and key.encode() not in blob
