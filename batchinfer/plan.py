@@ -38,6 +38,8 @@ class InputFile:
     """Path relative to the input root; synthesized ids are "<name>:<row>"."""
     version: str
     """ETag on object stores, size+mtime on local disks."""
+    size: int
+    """Bytes."""
     num_rows: int
     row_groups: tuple[int, ...]
     """Rows in each row group."""
@@ -186,7 +188,7 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
             raise InputError(_schema_mismatch(first, schema, url, this))
         files.append(InputFile(
             url=url, name=info["relative"], version=storage.version_tag(info),
-            num_rows=meta.num_rows,
+            size=info["size"], num_rows=meta.num_rows,
             row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
         ))
     if not any(f.num_rows for f in files):  # an empty file alone just contributes no shard

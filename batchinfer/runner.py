@@ -106,12 +106,13 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
     log.info("%d of %d shards to do (%d rows); %d already committed",
              len(pending), len(plan.shards), sum(plan.shards[i].num_rows for i in pending),
              len(committed))
-    stop = threading.Event()
-    restore = _install_signal_handlers(stop) if install_signal_handlers else (lambda: None)
     heartbeat = _Heartbeat(store, plan, len(committed))
     with storage.errors(cfg.output.path, "output.path"):
         heartbeat.write("starting", force=True, strict=True)  # fail now if the output is read-only
     owns_ray = _connect_ray(cfg)
+    # After ray.init: Ray's core installs a handler that dies on SIGTERM; ours replaces it.
+    stop = threading.Event()
+    restore = _install_signal_handlers(stop) if install_signal_handlers else (lambda: None)
     # Imported here so `plan`, `status` and `validate` never import Ray.
     from batchinfer.scheduler import Scheduler
 

@@ -45,6 +45,9 @@ class ShardWorker:
         self.prompts = PromptBuilder(load_tokenizer(config.engine), config.input)
         self.load_s = time.perf_counter() - started
         self._window: asyncio.Semaphore | None = None
+        self._turns: asyncio.Condition | None = None
+        self._tickets = self._serving = 0
+        self._finished_turns: set[int] = set()
         self.rows_done = 0
         self.tokens_out = 0
 
@@ -61,10 +64,20 @@ class ShardWorker:
         shard = self.plan.shards[shard_index]
         file = self.plan.files[shard.file]
         started = time.perf_counter()
-        table = await asyncio.to_thread(self._read, file, shard)
-        column = self.cfg.input.prompt_column or self.cfg.input.messages_column
-        encoded = await asyncio.to_thread(self.prompts.encode, table.column(column).to_pylist())
-        rows = await _all([self._generate(i, e) for i, e in enumerate(encoded)])
+        ticket = self._tickets
+        self._tickets += 1
+        try:
+            table = await asyncio.to_thread(self._read, file, shard)
+            column = self.cfg.input.prompt_column or self.cfg.input.messages_column
+            encoded = await asyncio.to_thread(self.prompts.encode, table.column(column).to_pylist())
+            # Shards queue their rows at the engine in the order they arrived, whichever was
+            # read first, so the current shard drains (and commits) before the next one.
+            async with self.turns:
+                await self.turns.wait_for(lambda: self._serving == ticket)
+            tasks = [asyncio.ensure_future(self._generate(i, e)) for i, e in enumerate(encoded)]
+        finally:
+            await self._end_turn(ticket)
+        rows = await _all(tasks)
         generate_s = time.perf_counter() - started
         summary = {
             "shard": shard.index, "part": f"{shard.name}.parquet", "attempt": attempt,
@@ -89,6 +102,21 @@ class ShardWorker:
         if self._window is None:  # made on first use so it belongs to the actor's event loop
             self._window = asyncio.Semaphore(self.engine.max_in_flight)
         return self._window
+
+    @property
+    def turns(self) -> asyncio.Condition:
+        if self._turns is None:
+            self._turns = asyncio.Condition()
+        return self._turns
+
+    async def _end_turn(self, ticket: int) -> None:
+        """Let the next shard queue its rows (also when this one failed before its turn)."""
+        async with self.turns:
+            self._finished_turns.add(ticket)
+            while self._serving in self._finished_turns:
+                self._finished_turns.discard(self._serving)
+                self._serving += 1
+            self.turns.notify_all()
 
     async def _generate(self, row: int, encoded: list[int] | RowError) -> RowOutcome:
         if isinstance(encoded, RowError):
@@ -119,9 +147,8 @@ class ShardWorker:
         return pa.array([f"{file.name}:{shard.row_start + i}" for i in range(shard.num_rows)])
 
 
-async def _all(coros: list) -> list:
+async def _all(tasks: list[asyncio.Future]) -> list:
     """Gather, but cancel the rest as soon as one fails (the engine broke; the shard is retried)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
     try:
         return await asyncio.gather(*tasks)
     except BaseException:

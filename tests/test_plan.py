@@ -22,8 +22,8 @@ from batchinfer.storage import StorageError, list_parquet
 
 
 def files_of(*groups):
-    return [InputFile(url=f"/in/{i}.parquet", name=f"{i}.parquet", version="v", num_rows=sum(g),
-                      row_groups=tuple(g)) for i, g in enumerate(groups)]
+    return [InputFile(url=f"/in/{i}.parquet", name=f"{i}.parquet", version="v", size=1,
+                      num_rows=sum(g), row_groups=tuple(g)) for i, g in enumerate(groups)]
 
 
 def rows_of(shards):

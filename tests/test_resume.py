@@ -1,4 +1,7 @@
-"""Crash and resume: `batchinfer run` SIGKILLed mid-run, rerun, every input row exactly once."""
+"""Crash and resume: `batchinfer run` SIGKILLed mid-run, rerun, every input row exactly once.
+
+The same test runs on a local run directory and on the loopback S3 server.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +14,74 @@ import pandas as pd
 import pytest
 
 from batchinfer.samples import write_sample_prompts
-from tests.conftest import make_config, write_yaml
+from tests.conftest import BUCKET, make_config, write_yaml
 
 pytestmark = pytest.mark.slow
 
 
-def committed_parts(out) -> dict[str, tuple[int, int, str]]:
-    """part name -> (inode, mtime_ns, sha256) of every visible part."""
-    found = {}
-    for name in sorted(os.listdir(out)) if out.exists() else []:
-        if name.startswith("part-"):
-            st = os.stat(out / name)
-            found[name] = (st.st_ino, st.st_mtime_ns, hashlib.sha256((out / name).read_bytes()).hexdigest())
-    return found
+class LocalRun:
+    def __init__(self, tmp_path):
+        self.out = tmp_path / "out"
+        self.input = str(tmp_path / "prompts")
+        self.output = str(self.out)
+        self.storage = {}
+
+    def prepare(self, tmp_path):
+        write_sample_prompts(self.input, files=3, rows_per_file=100, row_group_size=10)
+
+    def parts(self) -> dict[str, tuple]:
+        """part name -> (inode, mtime_ns, sha256) of every visible part."""
+        found = {}
+        for name in sorted(os.listdir(self.out)) if self.out.exists() else []:
+            if name.startswith("part-"):
+                st = os.stat(self.out / name)
+                found[name] = (st.st_ino, st.st_mtime_ns,
+                               hashlib.sha256((self.out / name).read_bytes()).hexdigest())
+        return found
+
+    def read(self) -> pd.DataFrame:
+        return pd.read_parquet(self.out)
+
+    def manifest(self) -> dict:
+        return json.loads((self.out / "_batchinfer" / "manifest.json").read_text())
+
+    def exists(self, name: str) -> bool:
+        return (self.out / name).exists()
+
+
+class S3Run:
+    def __init__(self, s3):
+        self.s3 = s3
+        self.input = s3.url("prompts/")
+        self.output = s3.url("out/run/")
+        self.storage = {"endpoint_url": s3.endpoint}
+
+    def prepare(self, tmp_path):
+        write_sample_prompts(str(tmp_path / "local"), files=3, rows_per_file=100, row_group_size=10)
+        self.s3.upload_dir(tmp_path / "local", "prompts/")
+
+    def parts(self) -> dict[str, tuple]:
+        """part name -> (ETag, LastModified) of every visible part."""
+        self.s3.fs.invalidate_cache()
+        infos = self.s3.fs.ls(f"{BUCKET}/out/run/", detail=True) if self.s3.keys("out/run/") else []
+        return {i["name"].rsplit("/", 1)[1]: (i["ETag"], i["LastModified"])
+                for i in infos if i["name"].rsplit("/", 1)[1].startswith("part-")}
+
+    def read(self) -> pd.DataFrame:
+        return self.s3.read("out/run/")
+
+    def manifest(self) -> dict:
+        return json.loads(self.s3.fs.cat_file(f"{BUCKET}/out/run/_batchinfer/manifest.json"))
+
+    def exists(self, name: str) -> bool:
+        return f"out/run/{name}" in self.s3.keys("out/run/")
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    if request.param == "local":
+        return LocalRun(tmp_path)
+    return S3Run(request.getfixturevalue("s3"))
 
 
 def wait_for(predicate, timeout: float, what: str, proc=None):
@@ -37,40 +95,38 @@ def wait_for(predicate, timeout: float, what: str, proc=None):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def test_sigkill_then_rerun_answers_every_row_exactly_once(tmp_path, driver):
-    write_sample_prompts(str(tmp_path / "prompts"), files=3, rows_per_file=100, row_group_size=10)
-    cfg = make_config(tmp_path, run={"num_workers": 2, "rows_per_shard": 10},
+def test_sigkill_then_rerun_answers_every_row_exactly_once(tmp_path, driver, where):
+    where.prepare(tmp_path)
+    cfg = make_config(tmp_path, input={"path": where.input}, output={"path": where.output},
+                      storage=where.storage, run={"num_workers": 2, "rows_per_shard": 10},
                       sampling={"max_tokens": 4})
     config = str(write_yaml(tmp_path / "job.yaml", cfg))
-    out = tmp_path / "out"
 
     first = driver("run", config)
-    wait_for(lambda: len(committed_parts(out)) >= 6, 300, "6 committed shards", first.proc)
+    wait_for(lambda: len(where.parts()) >= 6, 300, "6 committed shards", first.proc)
     first.kill_group()  # SIGKILL the whole process group: no handler, no cleanup
     first.wait(timeout=30)
-    survived = committed_parts(out)
+    survived = where.parts()
     assert 6 <= len(survived) < 30, f"{len(survived)} parts at kill time"
-    assert not (out / "_SUCCESS").exists()
+    assert not where.exists("_SUCCESS")
 
     second = driver("run", config, "--no-progress")
     assert second.wait(timeout=600) == 0, second.output()
     assert "batchinfer: complete" in second.output()
 
-    df = pd.read_parquet(out)
-    expected = sorted(f"q{i:06d}" for i in range(300))
-    assert sorted(df.id) == expected, "every input id exactly once"
+    df = where.read()
+    assert sorted(df.id) == sorted(f"q{i:06d}" for i in range(300)), "every input id exactly once"
     assert df.output.str.len().min() > 0
 
-    after = committed_parts(out)
+    after = where.parts()
     assert len(after) == 30
     for name, stat in survived.items():  # committed before the kill: never recomputed
         assert after[name] == stat, f"{name} was rewritten"
 
-    manifest = json.loads((out / "_batchinfer" / "manifest.json").read_text())
+    manifest = where.manifest()
     assert manifest["status"] == "complete"
     assert manifest["rows"] == {"total": 300, "ok": 300, "failed": 0, "missing": 0}
     assert manifest["shards"] == {"total": 30, "committed": 30, "failed": 0}
     assert manifest["tokens"]["completion"] == df.completion_tokens.sum()
     assert manifest["this_run"]["shards"] <= 30 - len(survived)
-    summaries = {s["part"]: s for s in manifest["shard_summaries"]}
-    assert sum(s["rows"] for s in summaries.values()) == 300
+    assert sum(s["rows"] for s in manifest["shard_summaries"]) == 300

@@ -1,0 +1,173 @@
+"""`ray job submit` / `ray job stop` against a real `ray start --head` cluster on 127.0.0.1,
+and the nightly config fired twice for one date."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pandas as pd
+import pytest
+
+from batchinfer.samples import write_sample_prompts
+from tests.conftest import (
+    REPO,
+    S3_ENV,
+    WORKER_ENV,
+    free_port,
+    make_config,
+    stop_process_session,
+    write_yaml,
+)
+
+pytestmark = pytest.mark.slow
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+# Ray 2.60: `ray start` and `ray job submit` must agree on token auth; tests run without it.
+JOB_ENV = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory, model_folder):
+    """`ray start --head --block` on 127.0.0.1, stopped by its own session id at teardown."""
+    port, dashboard = free_port(), free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    proc = subprocess.Popen(
+        [*RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true"],
+        env={**JOB_ENV, **WORKER_ENV}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"ray head did not start:\n{log.read_text()}") from None
+                time.sleep(0.5)
+        yield address
+    finally:
+        stop_process_session(proc)
+
+
+def ray_job(address: str, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*RAY, "job", command, "--address", address, *args], env=JOB_ENV,
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def submit(address: str, submission_id: str, config: str, runtime_env: str) -> None:
+    proc = ray_job(address, "submit", "--no-wait", "--submission-id", submission_id,
+                   "--runtime-env", runtime_env, "--working-dir", str(REPO), "--",
+                   sys.executable, "jobs/batch_job.py", "--config", config)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def job_status(address: str, submission_id: str) -> str:
+    with urllib.request.urlopen(f"{address}/api/jobs/{submission_id}", timeout=10) as r:
+        return json.load(r)["status"]
+
+
+def wait_status(address: str, submission_id: str, wanted: set[str], timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = job_status(address, submission_id)
+        if status in wanted:
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {submission_id} still {status} after {timeout}s:\n"
+                         + ray_job(address, "logs", submission_id).stdout[-5000:])
+
+
+def job_config(tmp_path, rows_per_file: int, **run) -> str:
+    write_sample_prompts(str(tmp_path / "prompts"), files=2, rows_per_file=rows_per_file,
+                         row_group_size=5)
+    cfg = make_config(tmp_path, run={"num_workers": 2, "rows_per_shard": 5, **run})
+    return str(write_yaml(tmp_path / "job.yaml", cfg))
+
+
+def runtime_env(tmp_path, stop_wait_s: int) -> str:
+    """The shipped configs/runtime_env.yaml, with the test's stop grace."""
+    import yaml
+
+    env = yaml.safe_load((REPO / "configs" / "runtime_env.yaml").read_text())
+    env.pop("working_dir")  # given on the command line
+    env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] = str(stop_wait_s)
+    path = tmp_path / "runtime_env.yaml"
+    path.write_text(yaml.safe_dump(env))
+    return str(path)
+
+
+def test_ray_job_submit_runs_the_job(tmp_path, ray_head):
+    config = job_config(tmp_path, rows_per_file=10)
+    submit(ray_head, "bi-submit", config, runtime_env(tmp_path, 60))
+    assert wait_status(ray_head, "bi-submit", {"SUCCEEDED", "FAILED", "STOPPED"}, 300) == "SUCCEEDED"
+    logs = ray_job(ray_head, "logs", "bi-submit").stdout
+    assert "4 of 4 shards to do" in logs and "batchinfer: complete" in logs
+    assert "rows     20 ok, 0 failed" in logs
+    df = pd.read_parquet(tmp_path / "out")
+    assert sorted(df.id) == [f"q{i:06d}" for i in range(20)]
+
+
+def test_ray_job_stop_is_clean_and_resubmit_finishes_exactly_once(tmp_path, ray_head):
+    config = job_config(tmp_path, rows_per_file=60, shards_per_worker=1)
+    submit(ray_head, "bi-stop-1", config, runtime_env(tmp_path, 60))
+    out = tmp_path / "out"
+
+    def parts():
+        return sorted(p for p in os.listdir(out) if p.startswith("part-")) if out.exists() else []
+
+    deadline = time.monotonic() + 300
+    while len(parts()) < 2:
+        assert time.monotonic() < deadline, ray_job(ray_head, "logs", "bi-stop-1").stdout
+        time.sleep(0.5)
+    stopped = ray_job(ray_head, "stop", "bi-stop-1", timeout=180)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert wait_status(ray_head, "bi-stop-1", {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
+    logs = ray_job(ray_head, "logs", "bi-stop-1").stdout
+    assert "SIGTERM received: finishing shards in flight" in logs
+    assert "batchinfer: interrupted" in logs  # a clean exit with a summary, not a SIGKILL
+    at_stop = parts()
+    assert 2 <= len(at_stop) < 24
+    status = json.loads((out / "_batchinfer" / "status.json").read_text())
+    assert status["state"] == "interrupted"
+
+    submit(ray_head, "bi-stop-2", config, runtime_env(tmp_path, 60))
+    assert wait_status(ray_head, "bi-stop-2", {"SUCCEEDED", "FAILED", "STOPPED"}, 400) == "SUCCEEDED"
+    logs = ray_job(ray_head, "logs", "bi-stop-2").stdout
+    assert f"{24 - len(at_stop)} of 24 shards to do" in logs
+    df = pd.read_parquet(out)
+    assert sorted(df.id) == [f"q{i:06d}" for i in range(120)], "every row exactly once"
+
+
+def test_nightly_config_fired_twice_for_one_date_does_inference_once(tmp_path, s3, driver):
+    write_sample_prompts(str(tmp_path / "night"), files=1, rows_per_file=8, row_group_size=4)
+    s3.fs.mkdir("example-batch-bucket")
+    for f in (tmp_path / "night").iterdir():
+        s3.fs.put_file(str(f), f"example-batch-bucket/prompts/2026-11-27/{f.name}")
+    args = ["run", "configs/nightly.yaml", "--date", "2026-11-27", "--no-progress",
+            "--set", f"storage.endpoint_url={s3.endpoint}", "--set", "sampling.max_tokens=4",
+            "--set", "run.rows_per_shard=4"]
+
+    first = driver(*args)
+    assert first.wait(timeout=300) == 0, first.output()
+    assert "batchinfer: complete" in first.output()
+    s3.fs.invalidate_cache()
+    results = "example-batch-bucket/results/2026-11-27"
+    before = {i["name"]: i["ETag"] for i in s3.fs.ls(results, detail=True) if i["type"] == "file"}
+    assert len([n for n in before if n.endswith(".parquet")]) == 2
+
+    second = driver(*args)
+    assert second.wait(timeout=120) == 0, second.output()
+    assert "already complete: nothing to do" in second.output()
+    assert "workers ready" not in second.output()  # no engine was started
+    s3.fs.invalidate_cache()
+    assert {i["name"]: i["ETag"] for i in s3.fs.ls(results, detail=True) if i["type"] == "file"} == before
+    df = pd.read_parquet(results, filesystem=s3.fs)
+    assert sorted(df.id) == [f"q{i:06d}" for i in range(8)]
