@@ -169,6 +169,8 @@ class RunConfig:
     """Most seconds to wait for every worker to load its engine before failing the run."""
     stop_grace_s: Annotated[float, Bound(ge=0)] = 60
     """On SIGTERM/SIGINT, seconds to let shards in flight commit before exiting."""
+    progress_interval_s: Annotated[float, Bound(gt=0)] = 30
+    """Seconds between progress lines when stderr is not a terminal (job logs, cron)."""
     ray_address: str | None = None
     """Ray cluster to join; default $RAY_ADDRESS, else a fresh local cluster."""
 

@@ -8,12 +8,10 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-LOG_INTERVAL_S = 30.0
-
 
 class Progress:
     def __init__(self, *, total_shards: int, total_rows: int, done_shards: int, done_rows: int,
-                 stream: TextIO | None = None, enabled: bool = True):
+                 stream: TextIO | None = None, enabled: bool = True, interval_s: float = 30.0):
         self.stream = stream or sys.stderr
         self.total_shards, self.total_rows = total_shards, total_rows
         self.done_shards, self.done_rows = done_shards, done_rows
@@ -24,7 +22,8 @@ class Progress:
         if self.tty:
             self.bar = tqdm(total=total_rows, initial=done_rows, unit="row", file=self.stream,
                             dynamic_ncols=True, smoothing=0.1)
-        self.next_line = self.started + LOG_INTERVAL_S
+        self.interval_s = interval_s
+        self.next_line = self.started + interval_s
         self.rows = done_rows
         self.tokens = 0
         self.shards = done_shards
@@ -43,7 +42,7 @@ class Progress:
             self.bar.set_postfix_str(self._postfix(), refresh=False)
             self.bar.refresh()
         elif self.enabled and time.monotonic() >= self.next_line:
-            self.next_line = time.monotonic() + LOG_INTERVAL_S
+            self.next_line = time.monotonic() + self.interval_s
             print(self.line(), file=self.stream, flush=True)
 
     def tokens_per_s(self) -> float:

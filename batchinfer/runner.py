@@ -126,7 +126,8 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
         generate_started = time.time()
         bar = Progress(total_shards=len(plan.shards), total_rows=plan.total_rows,
                        done_shards=len(committed),
-                       done_rows=sum(s["rows"] for s in committed.values()), enabled=progress)
+                       done_rows=sum(s["rows"] for s in committed.values()), enabled=progress,
+                       interval_s=cfg.run.progress_interval_s)
         outcome = scheduler.run(pending, bar)
         bar.close()
     except KeyboardInterrupt:

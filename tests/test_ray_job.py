@@ -88,7 +88,8 @@ def wait_status(address: str, submission_id: str, wanted: set[str], timeout: flo
 def job_config(tmp_path, rows_per_file: int, **run) -> str:
     write_sample_prompts(str(tmp_path / "prompts"), files=2, rows_per_file=rows_per_file,
                          row_group_size=5)
-    cfg = make_config(tmp_path, run={"num_workers": 2, "rows_per_shard": 5, **run})
+    cfg = make_config(tmp_path, run={"num_workers": 2, "rows_per_shard": 5,
+                                     "progress_interval_s": 2, **run})
     return str(write_yaml(tmp_path / "job.yaml", cfg))
 
 
@@ -110,6 +111,7 @@ def test_ray_job_submit_runs_the_job(tmp_path, ray_head):
     assert wait_status(ray_head, "bi-submit", {"SUCCEEDED", "FAILED", "STOPPED"}, 300) == "SUCCEEDED"
     logs = ray_job(ray_head, "logs", "bi-submit").stdout
     assert "4 of 4 shards to do" in logs and "batchinfer: complete" in logs
+    assert "progress: " in logs and " rows (" in logs  # periodic progress lines in the job log
     assert "rows     20 ok, 0 failed" in logs
     df = pd.read_parquet(tmp_path / "out")
     assert sorted(df.id) == [f"q{i:06d}" for i in range(20)]
