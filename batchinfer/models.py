@@ -8,17 +8,14 @@ on a node writes a plain transformers folder into a local cache and every later 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from batchinfer import cache
 
 log = logging.getLogger(__name__)
 
@@ -107,54 +104,29 @@ def folder_identity(path: Path) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
-def cache_root(cache_dir: str | None) -> Path:
-    root = cache_dir or os.environ.get("BATCHINFER_CACHE_DIR") or "~/.cache/batchinfer"
-    return Path(root).expanduser()
-
-
 def materialize(ref: ModelRef, cache_dir: str | None) -> str:
-    """A plain transformers folder for `ref`: the folder itself, or a cached conversion of a GGUF.
-
-    Workers on one node share the cache: the first converts under a file lock while the
-    others wait for it, and the folder appears by an atomic rename once complete.
-    """
+    """A plain transformers folder for `ref`: the folder itself, or a cached conversion of a GGUF."""
     if ref.gguf_file is None:
         return ref.path
     key = hashlib.sha256(ref.identity.encode()).hexdigest()[:16]
-    target = cache_root(cache_dir) / "models" / f"{ref.name}-{key}"
-    if (target / "done.json").is_file():
-        return str(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "done.json").is_file():
-            _convert_gguf(ref, target)
-    return str(target)
+    target = cache.root(cache_dir) / "models" / f"{ref.name}-{key}"
+    return str(cache.ensure(target, lambda tmp: _convert_gguf(ref, tmp)))
 
 
-def _convert_gguf(ref: ModelRef, target: Path) -> None:
+def _convert_gguf(ref: ModelRef, out: Path) -> dict[str, str]:
     if importlib.util.find_spec("gguf") is None:
         raise ModelError(f"model {ref.name!r} is a GGUF file; converting it needs the gguf "
                          "package: pip install 'batchinfer[cpu]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s once into the model cache %s (about 30 s on two CPU cores)",
-             ref.name, target)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir(parents=True)
-    try:
-        tok = AutoTokenizer.from_pretrained(ref.path, gguf_file=ref.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(ref.path, gguf_file=ref.gguf_file)
-        # The weights are dequantized in memory; transformers still marks the model as
-        # GGUF-quantized and refuses to save it, so drop that mark before saving.
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
-        tok.save_pretrained(tmp)
-        model.save_pretrained(tmp)
-        (tmp / "done.json").write_text(json.dumps({"source": ref.identity}))
-        if target.exists():  # a conversion cut short before its rename left no done.json
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+             ref.name, out.parent)
+    tok = AutoTokenizer.from_pretrained(ref.path, gguf_file=ref.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, gguf_file=ref.gguf_file)
+    # The weights are dequantized in memory; transformers still marks the model as
+    # GGUF-quantized and refuses to save it, so drop that mark before saving.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    tok.save_pretrained(out)
+    model.save_pretrained(out)
+    return {"source": ref.identity}
