@@ -228,6 +228,31 @@ def _age(heartbeat: dict[str, Any]) -> str:
     return f" (driver {heartbeat.get('host')}:{heartbeat.get('pid')}, last heartbeat {age:.0f} s ago)"
 
 
+@main.command("build-engine")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def build_engine(config_path: str, sets: tuple[str, ...]) -> None:
+    """Build the TensorRT-LLM engine CONFIG needs and publish it to trtllm.engine_cache.
+
+    Runs once, as a Ray task on a GPU worker of the configured type (run.accelerator_type),
+    so the engine fits the GPUs the workers will run on. Does nothing if the cache already
+    has it. Later runs download it once per node.
+    """
+    cfg = load_or_exit(config_path, sets)
+    try:
+        info = runner.build_engine(cfg)
+    except runner.USAGE_ERRORS as e:
+        _fail(EXIT_USAGE, str(e))
+    except Exception as e:
+        traceback.print_exc()
+        _fail(EXIT_FAILED, f"engine build failed: {type(e).__name__}: {e}")
+    click.echo(f"engine   {info['key']}")
+    click.echo(f"status   {info['how']} on {info['gpu']}")
+    where = f"{cfg.trtllm.engine_cache.rstrip('/')}/{info['key']}" if cfg.trtllm.engine_cache else \
+        f"{info['folder']} (node-local only: set trtllm.engine_cache to share it)"
+    click.echo(f"stored   {where}")
+
+
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)

@@ -136,6 +136,40 @@ class EngineConfig:
 
 
 @dataclass
+class TrtllmConfig:
+    mode: Literal["engine", "pytorch"] = "engine"
+    """engine: a TensorRT engine (prebuilt, cached or built, FP8); pytorch: TensorRT-LLM's PyTorch runtime on a pre-quantized checkpoint."""
+    engine_dir: str | None = None
+    """A prebuilt engine folder (config.json, rank0.engine) to load as is (engine mode)."""
+    engine_cache: str | None = None
+    """Where built engines are kept and shared (any fsspec URL, e.g. s3://bucket/engines); default: this node's cache only."""
+    node_cache_dir: str | None = None
+    """Node-local folder for engine copies (fast local disk); default <engine.cache_dir>/engines."""
+    build_on_miss: bool = False
+    """Build the engine when none is cached for this GPU, TensorRT-LLM version and settings (else: run `batchinfer build-engine`)."""
+    quantization: Literal["fp8", "none"] = "fp8"
+    """Weights and KV cache in FP8 (Ada/L40S, Hopper) or unquantized in engine.dtype."""
+    calib_dataset: str | None = None
+    """Local path of the calibration dataset for an FP8 engine build (no hub is reached)."""
+    calib_batches: Annotated[int, Bound(ge=1)] = 512
+    """Calibration batches for an FP8 build."""
+    calib_max_seq_length: Annotated[int, Bound(ge=1)] = 512
+    """Longest calibration sample, in tokens."""
+    max_num_tokens: Annotated[int, Bound(ge=1)] = 8192
+    """Most tokens of all requests together in one engine step."""
+    max_input_len: Annotated[int, Bound(ge=1)] = 7168
+    """Longest prompt the engine accepts, in tokens (at most engine.max_model_len - 1)."""
+    kv_cache_free_gpu_memory_fraction: Annotated[float, Bound(gt=0, le=1)] = 0.9
+    """Share of the GPU memory left after loading the weights that the KV cache takes."""
+    enable_block_reuse: bool = True
+    """Reuse KV-cache blocks across requests that share a prefix (system prompts, few-shot)."""
+    enable_chunked_prefill: bool = True
+    """Split long prompts across engine steps so they share steps with generation."""
+    scheduler_policy: Literal["guaranteed_no_evict", "max_utilization", "static_batch"] = "guaranteed_no_evict"
+    """In-flight batching policy; max_utilization packs more requests but may pause some."""
+
+
+@dataclass
 class SamplingConfig:
     max_tokens: Annotated[int, Bound(ge=1)] = 64
     """Most tokens generated per row."""
@@ -173,6 +207,8 @@ class RunConfig:
     """Seconds between progress lines when stderr is not a terminal (job logs, cron)."""
     ray_address: str | None = None
     """Ray cluster to join; default $RAY_ADDRESS, else a fresh local cluster."""
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    """Ray runtime_env for the workers (env_vars, pip, ...); its env_vars add to batchinfer's own."""
 
 
 RESULT_COLUMNS = (
@@ -190,6 +226,8 @@ class Config:
     """How to reach object storage (applies to input and output URLs)."""
     engine: EngineConfig = field(default_factory=EngineConfig)
     """Which model runs and how."""
+    trtllm: TrtllmConfig = field(default_factory=TrtllmConfig)
+    """TensorRT-LLM settings, used when engine.backend is trtllm."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     """How tokens are generated."""
     run: RunConfig = field(default_factory=RunConfig)

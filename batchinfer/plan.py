@@ -145,7 +145,7 @@ def fingerprint(files: list[InputFile], settings: dict[str, Any]) -> str:
 def settings_of(cfg: Config) -> dict[str, Any]:
     """What shapes results besides the input files: columns, prompt, model, engine, sampling."""
     engine = cfg.engine
-    return {
+    settings = {
         "input": {k: v for k, v in asdict(cfg.input).items() if k != "path"},
         "engine": {
             "backend": engine.backend,
@@ -156,6 +156,10 @@ def settings_of(cfg: Config) -> dict[str, Any]:
         },
         "sampling": asdict(cfg.sampling),
     }
+    if engine.backend == "trtllm":  # FP8 weights and KV cache change the numbers
+        settings["engine"]["trtllm"] = {"mode": cfg.trtllm.mode, "quantization": cfg.trtllm.quantization,
+                                        "engine_dir": cfg.trtllm.engine_dir}
+    return settings
 
 
 def needed_columns(cfg: Config) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from batchinfer import engines, models, plan as planning, storage
 from batchinfer.config import Config, ConfigError
+from batchinfer.engines.artifacts import EngineArtifactError
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
 from batchinfer.store import RunStore
@@ -35,7 +36,7 @@ class RunRefused(RuntimeError):
 
 # Errors that mean "fix the config, the inputs or the install", raised before any work.
 USAGE_ERRORS = (ConfigError, RunRefused, planning.InputError, storage.StorageError,
-                models.ModelError, engines.EngineUnavailable)
+                models.ModelError, engines.EngineUnavailable, EngineArtifactError)
 
 
 @dataclass
@@ -52,7 +53,12 @@ def now_iso() -> str:
 
 
 def preflight(cfg: Config) -> None:
-    """Cheap checks that need no inputs: engine packages installed, model found."""
+    """Cheap checks that need no inputs: backend settings, engine packages installed, model found."""
+    problems = engines.engine_class(cfg.engine.backend).check_config(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) == 1 else
+                          f"{len(problems)} problems for engine.backend {cfg.engine.backend!r}:\n"
+                          + "\n".join(f"  - {p}" for p in problems))
     engines.check_available(cfg.engine.backend)
     models.resolve(cfg.engine.model)
     if cfg.engine.tokenizer:
@@ -119,6 +125,7 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
     scheduler = Scheduler(cfg=cfg, plan=plan, stop=stop, on_commit=heartbeat.commit)
     bar = None
     try:
+        _prepare_engine(cfg)
         workers = scheduler.start_workers(cfg.run.worker_start_timeout_s)
         log.info("%d workers ready (engine load %s s)", len(workers),
                  ", ".join(str(w["load_s"]) for w in workers))
@@ -155,6 +162,46 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
     store.write_manifest(manifest, success=len(committed) == len(plan.shards))
     heartbeat.write(manifest["status"], force=True)
     return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, True)
+
+
+def _prepare_engine(cfg: Config) -> None:
+    """The backend's once-per-run step on the cluster (e.g. find or build the TensorRT engine)."""
+    _unwrap(lambda: engines.engine_class(cfg.engine.backend).prepare(cfg))
+
+
+def build_engine(cfg: Config) -> dict[str, str]:
+    """`batchinfer build-engine`: build (or find) the TensorRT engine `cfg` needs, on a GPU
+    node of the workers' type, and publish it to trtllm.engine_cache."""
+    if cfg.engine.backend != "trtllm" or cfg.trtllm.mode != "engine" or cfg.trtllm.engine_dir:
+        raise ConfigError("build-engine needs engine.backend: trtllm with trtllm.mode: engine and no "
+                          f"trtllm.engine_dir (got backend {cfg.engine.backend!r}, mode "
+                          f"{cfg.trtllm.mode!r}, engine_dir {cfg.trtllm.engine_dir!r})")
+    cfg.trtllm.build_on_miss = True
+    preflight(cfg)
+    import ray
+
+    from batchinfer.engines.trtllm import ensure_engine
+    from batchinfer.scheduler import gpu_task_options
+
+    owns_ray = _connect_ray(cfg)
+    try:
+        task = ray.remote(ensure_engine).options(**gpu_task_options(cfg))
+        return _unwrap(lambda: ray.get(task.remote(cfg)))
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def _unwrap(call: Callable[[], Any]) -> Any:
+    """Run a Ray call, re-raising an engine artifact error from the task as itself."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        return call()
+    except RayTaskError as e:
+        if isinstance(e.cause, EngineArtifactError):
+            raise EngineArtifactError(str(e.cause)) from None
+        raise
 
 
 def exit_code_for(status: str) -> int:

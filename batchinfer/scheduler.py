@@ -68,12 +68,7 @@ class Scheduler:
     # ------------------------------------------------------------------ workers
 
     def _new_actor(self, index: int):
-        run = self.cfg.run
-        opts: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "num_gpus": run.gpus_per_worker,
-                                "max_restarts": 0, "max_task_retries": 0,
-                                "runtime_env": {"env_vars": WORKER_ENV}}
-        if run.accelerator_type:
-            opts["accelerator_type"] = run.accelerator_type
+        opts = {**worker_options(self.cfg), "max_restarts": 0, "max_task_retries": 0}
         return ray.remote(ShardWorker).options(**opts).remote(
             config=self.cfg, plan=self.plan_ref, worker_index=index)
 
@@ -197,6 +192,23 @@ class Scheduler:
         except Exception:
             pass
         slot.actor = self._new_actor(slot.index)
+
+
+def worker_options(cfg: Config) -> dict[str, Any]:
+    """Ray options of an engine worker: its resources, accelerator type and runtime_env."""
+    run = cfg.run
+    env = dict(run.runtime_env)
+    env["env_vars"] = {**WORKER_ENV, **env.get("env_vars", {})}
+    opts: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "num_gpus": run.gpus_per_worker,
+                            "runtime_env": env}
+    if run.accelerator_type:
+        opts["accelerator_type"] = run.accelerator_type
+    return opts
+
+
+def gpu_task_options(cfg: Config) -> dict[str, Any]:
+    """Options of a one-off task that must run where a worker would (e.g. an engine build)."""
+    return {**worker_options(cfg), "num_gpus": max(1, cfg.run.gpus_per_worker), "max_retries": 0}
 
 
 def _get_or_none(ref) -> Any:

@@ -41,7 +41,7 @@ class ShardWorker:
         self.schema = output_schema(self.input_schema, config)
         started = time.perf_counter()
         engine_cls = get_engine_class(config.engine.backend)
-        self.engine = engine_cls(config=config.engine, sampling=config.sampling)
+        self.engine = engine_cls(config=config)
         self.prompts = PromptBuilder(load_tokenizer(config.engine), config.input)
         self.load_s = time.perf_counter() - started
         self._window: asyncio.Semaphore | None = None
@@ -54,7 +54,8 @@ class ShardWorker:
     async def ready(self) -> dict[str, Any]:
         """Called once by the driver: the engine is loaded when this returns."""
         return {"worker": self.worker_index, "pid": os.getpid(), "host": socket.gethostname(),
-                "load_s": round(self.load_s, 2), "max_model_len": self.engine.max_model_len}
+                "load_s": round(self.load_s, 2), "max_model_len": self.engine.max_model_len,
+                "engine_source": getattr(self.engine, "engine_source", None)}
 
     async def progress(self) -> dict[str, int]:
         return {"rows": self.rows_done, "completion_tokens": self.tokens_out}

@@ -22,6 +22,10 @@ from batchinfer import models
 from batchinfer.config import Config, config_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
+FAKES = REPO / "tests" / "fakes"
+TEST_DOUBLE_GPU = "NVIDIA L40S (TensorRT-LLM test double)/sm_89"
+# Ray workers see the TensorRT-LLM test double as `tensorrt_llm`, and the GPU it stands for.
+TRTLLM_DOUBLE_ENV = {"env_vars": {"PYTHONPATH": f"{FAKES}:{REPO}", "BATCHINFER_GPU_IDENTITY": TEST_DOUBLE_GPU}}
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)}
 # Dummy credentials for the loopback S3 server, set before any Ray process starts so every
@@ -41,10 +45,14 @@ def model_folder() -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(model_folder):
-    """A local Ray cluster for the whole session; yields its address for subprocess drivers."""
+    """A local Ray cluster for the whole session; yields its address for subprocess drivers.
+
+    It advertises 2 logical GPUs (there is no real one) so GPU-shaped workers of the
+    TensorRT-LLM test double can be scheduled; nothing here runs on a GPU.
+    """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False,
              runtime_env={"env_vars": WORKER_ENV}, log_to_driver=True)
     try:
         yield ray.get_runtime_context().gcs_address
@@ -290,3 +298,23 @@ def s3_auth_server(tmp_path_factory):
                nobody["AccessKeyId"], nobody["SecretAccessKey"])
     finally:
         stop_process_session(proc)
+
+
+# --------------------------------------------------------------------------- TensorRT-LLM test double
+
+
+@pytest.fixture
+def trtllm_double(monkeypatch):
+    """Make the TensorRT-LLM test double importable as `tensorrt_llm`, here and in Ray workers.
+
+    Yields the runtime_env that puts it on the workers' path (with the GPU identity the
+    double stands for, since there is no GPU to detect).
+    """
+    import importlib
+
+    monkeypatch.syspath_prepend(str(FAKES))
+    monkeypatch.setenv("BATCHINFER_GPU_IDENTITY", TEST_DOUBLE_GPU)
+    importlib.invalidate_caches()
+    yield TRTLLM_DOUBLE_ENV
+    for name in [m for m in sys.modules if m == "tensorrt_llm" or m.startswith("tensorrt_llm.")]:
+        del sys.modules[name]

@@ -1,8 +1,9 @@
 """Behaviour every engine backend must show, written once and reused per backend.
 
-A backend's test module subclasses `EngineConformance` and provides the fixture
-`make_engine(**overrides) -> Engine`, where overrides are EngineConfig/SamplingConfig
-fields (max_tokens, stop, max_model_len, ...), and the fixture `encode(text) -> ids`.
+A backend's test module subclasses `EngineConformance` and provides two fixtures:
+`make_engine(**overrides)`, returning a `LocalEngine` or `RayEngine` around the backend
+built with those config fields (max_tokens, stop, max_model_len, ...), and
+`encode(text) -> ids`.
 """
 
 from __future__ import annotations
@@ -15,17 +16,70 @@ FRANCE = "What is the capital of France? Answer in one short sentence."
 STORY = "Write a very long story about a dragon who learns to bake bread."
 
 
-def run_all(engine: Engine, prompts: list[list[int]]) -> list[Result]:
-    async def go():
-        return await asyncio.gather(*(engine.generate(Request(i, p)) for i, p in enumerate(prompts)))
-    return asyncio.run(go())
+async def generate_all(engine: Engine, prompts: list[list[int]]) -> list[Result]:
+    """Submit every prompt at once (more than a batch), as a worker does."""
+    return list(await asyncio.gather(*(engine.generate(Request(i, p)) for i, p in enumerate(prompts))))
+
+
+class LocalEngine:
+    """An engine in this process."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
+        self.max_prompt_len = engine.max_prompt_len
+
+    def run(self, prompts: list[list[int]]) -> list[Result]:
+        return asyncio.run(generate_all(self.engine, prompts))
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class EngineHost:
+    """A Ray actor that owns one engine, as a worker does (async actor, one event loop)."""
+
+    def __init__(self, backend: str, config):
+        from batchinfer.engines import get_engine_class
+
+        self.engine = get_engine_class(backend)(config=config)
+
+    async def limits(self) -> tuple[int, int]:
+        return self.engine.max_model_len, self.engine.max_prompt_len
+
+    async def run(self, prompts: list[list[int]]) -> list[Result]:
+        return await generate_all(self.engine, prompts)
+
+    async def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+class RayEngine:
+    """An engine inside a real Ray actor process."""
+
+    def __init__(self, backend: str, config, **actor_options):
+        import ray
+
+        self.actor = ray.remote(EngineHost).options(**actor_options).remote(backend, config)
+        self.max_model_len, self.max_prompt_len = ray.get(self.actor.limits.remote())
+
+    def run(self, prompts: list[list[int]]) -> list[Result]:
+        import ray
+
+        return ray.get(self.actor.run.remote(prompts))
+
+    def shutdown(self) -> None:
+        import ray
+
+        ray.get(self.actor.shutdown.remote())
+        ray.kill(self.actor)
 
 
 class EngineConformance:
     def test_each_result_belongs_to_its_request(self, make_engine, encode):
         engine = make_engine(max_tokens=4)
         prompts = [encode(FRANCE + " " + "Please. " * k) for k in range(12)]  # > one batch
-        results = run_all(engine, prompts)
+        results = engine.run(prompts)
         assert [r.prompt_tokens for r in results] == [len(p) for p in prompts]
         for r in results:
             assert r.error is None and isinstance(r.text, str)
@@ -33,29 +87,36 @@ class EngineConformance:
             assert 1 <= r.completion_tokens <= 4
 
     def test_length_finish_uses_exactly_max_tokens(self, make_engine, encode):
-        [r] = run_all(make_engine(max_tokens=3), [encode(STORY)])
+        [r] = make_engine(max_tokens=3).run([encode(STORY)])
         assert (r.finish_reason, r.completion_tokens, r.error) == ("length", 3, None)
         assert r.text
 
     def test_stop_finish_on_end_of_sequence(self, make_engine, encode):
-        [r] = run_all(make_engine(max_tokens=48), [encode(FRANCE)])
+        [r] = make_engine(max_tokens=48).run([encode(FRANCE)])
         assert r.finish_reason == "stop" and r.completion_tokens < 48
         assert "Paris" in r.text
 
     def test_stop_strings_end_the_output_and_are_not_included(self, make_engine, encode):
-        [r] = run_all(make_engine(max_tokens=48, stop=["Paris"]), [encode(FRANCE)])
+        [r] = make_engine(max_tokens=48, stop=["Paris"]).run([encode(FRANCE)])
         assert r.finish_reason == "stop"
         assert "Paris" not in r.text
 
     def test_greedy_is_deterministic_within_a_batch(self, make_engine, encode):
-        a, b = run_all(make_engine(max_tokens=8), [encode(STORY), encode(STORY)])
+        a, b = make_engine(max_tokens=8).run([encode(STORY), encode(STORY)])
         assert a.text == b.text and a.completion_tokens == b.completion_tokens
 
     def test_too_long_prompt_is_a_row_error_not_a_crash(self, make_engine, encode):
         engine = make_engine(max_tokens=4, max_model_len=64)
         long_prompt = encode("Summarize this: " + "the quick brown fox jumps over the lazy dog " * 20)
-        ok, bad = run_all(engine, [encode(FRANCE), long_prompt])
+        ok, bad = engine.run([encode(FRANCE), long_prompt])
         assert bad.finish_reason == "error" and bad.text is None
-        assert bad.error == f"prompt_too_long: {len(long_prompt)} tokens >= 64"
+        assert bad.error == f"prompt_too_long: {len(long_prompt)} tokens > {engine.max_prompt_len}"
         assert bad.prompt_tokens == len(long_prompt)
         assert ok.error is None and ok.text
+
+    def test_completion_is_cut_to_fit_the_model_length(self, make_engine, encode):
+        engine = make_engine(max_tokens=48, max_model_len=64)
+        prompt = encode(STORY)  # about 40 tokens: less room than max_tokens
+        [r] = engine.run([prompt])
+        assert r.error is None
+        assert r.completion_tokens <= 64 - len(prompt)

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from batchinfer.config import EngineConfig, InputConfig, SamplingConfig
+from batchinfer.config import EngineConfig, InputConfig, config_from_dict
 from batchinfer.engines import get_engine_class
 from batchinfer.prompts import PromptBuilder, load_tokenizer
-from tests.engine_conformance import EngineConformance
+from tests.engine_conformance import EngineConformance, LocalEngine
 
 ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 
@@ -33,9 +33,9 @@ def make_engine(model_folder):
     def make(**overrides):
         key = tuple(sorted((k, str(v)) for k, v in overrides.items()))
         if key not in made:
-            engine_cfg = EngineConfig(max_batch_size=8, **{k: v for k, v in overrides.items() if k in ENGINE_FIELDS})
-            sampling = SamplingConfig(**{k: v for k, v in overrides.items() if k not in ENGINE_FIELDS})
-            made[key] = cls(config=engine_cfg, sampling=sampling)
+            engine = {"max_batch_size": 8, **{k: v for k, v in overrides.items() if k in ENGINE_FIELDS}}
+            sampling = {k: v for k, v in overrides.items() if k not in ENGINE_FIELDS}
+            made[key] = LocalEngine(cls(config=config_from_dict({"engine": engine, "sampling": sampling})))
         return made[key]
 
     yield make
@@ -47,3 +47,4 @@ class TestTransformersEngine(EngineConformance):
     def test_model_length_comes_from_the_model_and_can_be_capped(self, make_engine):
         assert make_engine().max_model_len == 8192
         assert make_engine(max_model_len=64).max_model_len == 64
+        assert make_engine(max_model_len=64).max_prompt_len == 63

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from batchinfer.engines.base import BatchEngine, Engine, Request, Result
 
 __all__ = ["BatchEngine", "Engine", "EngineUnavailable", "Request", "Result",
-           "check_available", "get_engine_class", "names", "register"]
+           "check_available", "engine_class", "get_engine_class", "names", "register"]
 
 
 class EngineUnavailable(RuntimeError):
@@ -56,8 +56,14 @@ def check_available(name: str) -> None:
 
 
 def get_engine_class(name: str) -> type[Engine]:
-    spec = _spec(name)
+    """The backend's class, after checking that its packages are installed."""
     check_available(name)
+    return engine_class(name)
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The backend's class without importing its engine library (for driver-side checks)."""
+    spec = _spec(name)
     module, _, attr = spec.target.partition(":")
     try:
         cls = getattr(importlib.import_module(module), attr)
@@ -84,4 +90,11 @@ register(
     "batchinfer.engines.transformers:TransformersEngine",
     requires=("torch", "transformers", "accelerate"),
     install="pip install 'batchinfer[cpu]'",
+)
+register(
+    "trtllm",
+    "batchinfer.engines.trtllm:TrtLlmEngine",
+    requires=("tensorrt_llm",),
+    install=("pip install tensorrt-llm==1.2.1 --extra-index-url https://pypi.nvidia.com on a Linux "
+             "GPU node with the CUDA and torch versions it pins (README: 'Running on L40S')"),
 )

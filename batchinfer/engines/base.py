@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from batchinfer.config import EngineConfig, SamplingConfig
+from batchinfer.config import Config
 
 
 @dataclass
@@ -48,18 +48,39 @@ class Result:
 
 
 class Engine(ABC):
-    """One model replica owned by one worker. Constructed inside the worker process."""
+    """One model replica owned by one worker. Constructed inside the worker process.
+
+    The constructor takes the whole run config (`config.engine`, `config.sampling`, and a
+    backend's own section); the class methods run on the driver, before any worker starts,
+    and must not import the engine library.
+    """
 
     name: ClassVar[str]
 
-    def __init__(self, *, config: EngineConfig, sampling: SamplingConfig):
-        self.config = config
-        self.sampling = sampling
+    def __init__(self, *, config: Config):
+        self.cfg = config
+        self.config = config.engine
+        self.sampling = config.sampling
+
+    @classmethod
+    def check_config(cls, config: Config) -> list[str]:
+        """Problems with `config` for this backend, found without a GPU or the engine library."""
+        return []
+
+    @classmethod
+    def prepare(cls, config: Config) -> None:  # noqa: B027 - optional hook, not abstract
+        """Driver-side work before workers start (e.g. build an engine once); default none."""
+        return None
 
     @property
     @abstractmethod
     def max_model_len(self) -> int:
         """Most prompt + completion tokens one request may use."""
+
+    @property
+    def max_prompt_len(self) -> int:
+        """Longest prompt accepted, in tokens."""
+        return self.max_model_len - 1
 
     @property
     def max_in_flight(self) -> int:
@@ -71,11 +92,15 @@ class Engine(ABC):
         """Run one request to completion."""
 
     def check_length(self, request: Request) -> Result | None:
-        """The prompt_too_long error for a prompt that leaves no room to generate, else None."""
+        """The prompt_too_long error for a prompt the engine cannot take, else None."""
         n = len(request.prompt_token_ids)
-        if n >= self.max_model_len:
-            return Result.failed("prompt_too_long", f"{n} tokens >= {self.max_model_len}", n)
+        if n > self.max_prompt_len:
+            return Result.failed("prompt_too_long", f"{n} tokens > {self.max_prompt_len}", n)
         return None
+
+    def max_new_tokens(self, prompt_tokens: int) -> int:
+        """sampling.max_tokens, cut so prompt + completion stays within max_model_len."""
+        return min(self.sampling.max_tokens, self.max_model_len - prompt_tokens)
 
     def shutdown(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release the model; the default has nothing to release."""
@@ -88,8 +113,8 @@ class BatchEngine(Engine):
     pending (up to `max_batch_size`) as soon as the previous batch is done.
     """
 
-    def __init__(self, *, config: EngineConfig, sampling: SamplingConfig):
-        super().__init__(config=config, sampling=sampling)
+    def __init__(self, *, config: Config):
+        super().__init__(config=config)
         self._pending: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from batchinfer import models
-from batchinfer.config import EngineConfig, SamplingConfig
+from batchinfer.config import Config
 from batchinfer.engines.base import BatchEngine, Request, Result
 from batchinfer.prompts import load_tokenizer
 
@@ -24,8 +24,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class TransformersEngine(BatchEngine):
     name = "transformers"
 
-    def __init__(self, *, config: EngineConfig, sampling: SamplingConfig):
-        super().__init__(config=config, sampling=sampling)
+    def __init__(self, *, config: Config):
+        super().__init__(config=config)
+        sampling, config = config.sampling, config.engine
         ref = models.resolve(config.model)
         folder = models.materialize(ref, config.cache_dir)
         self.device = self._device(config.device)
@@ -62,7 +63,7 @@ class TransformersEngine(BatchEngine):
         lengths = [len(r.prompt_token_ids) for r in requests]
         width = max(lengths)
         # Each row may generate up to max_tokens but never past the model length.
-        limits = [min(self.sampling.max_tokens, self.max_model_len - n) for n in lengths]
+        limits = [self.max_new_tokens(n) for n in lengths]
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(requests), width), dtype=torch.long)
         for i, r in enumerate(requests):  # left padding: every row ends where generation starts

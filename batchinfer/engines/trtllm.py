@@ -1,0 +1,314 @@
+"""The TensorRT-LLM backend: one FP8 engine per GPU worker, fed through `generate_async`.
+
+This is the only module that imports `tensorrt_llm`, and only inside the worker (or a
+build task), after setting the environment it reads at import. Written against the
+TensorRT-LLM 1.2.x Python API; every symbol used, and the source file it was checked
+in, is listed in docs/trtllm-api.md.
+
+Two modes:
+- engine:  `tensorrt_llm._tensorrt_engine.LLM` loads a TensorRT engine folder: a prebuilt
+           one (`trtllm.engine_dir`) or the cached one for this GPU, version and settings,
+           downloaded once per node or built with FP8 weights and FP8 KV cache.
+- pytorch: `tensorrt_llm.LLM` (the PyTorch runtime) on a pre-quantized FP8 checkpoint
+           (ModelOpt `hf_quant_config.json`), FP8 KV cache via `KvCacheConfig(dtype="fp8")`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+from batchinfer import models
+from batchinfer.config import Config
+from batchinfer.engines import artifacts
+from batchinfer.engines.base import Engine, Request, Result
+
+log = logging.getLogger(__name__)
+
+# Read by tensorrt_llm when it starts its executor (llmapi/utils.py, cached on first
+# read): run the executor worker in this process instead of spawning an MPI worker, the
+# right shape when one Ray actor owns one GPU.
+TRTLLM_ENV = {"TLLM_WORKER_USE_SINGLE_PROCESS": "1"}
+INSTALL = ("pip install tensorrt-llm==1.2.1 --extra-index-url https://pypi.nvidia.com "
+           "(Linux x86_64/aarch64 with CUDA; see README 'Running on L40S')")
+
+
+def import_api() -> types.SimpleNamespace:
+    """The slice of tensorrt_llm this backend uses, imported after setting its environment."""
+    os.environ.update(TRTLLM_ENV)
+    import tensorrt_llm
+    from tensorrt_llm import _tensorrt_engine
+    from tensorrt_llm.llmapi import (
+        LLM,
+        BuildConfig,
+        CalibConfig,
+        CapacitySchedulerPolicy,
+        KvCacheConfig,
+        QuantAlgo,
+        QuantConfig,
+        RequestError,
+        SamplingParams,
+        SchedulerConfig,
+    )
+
+    return types.SimpleNamespace(
+        version=tensorrt_llm.__version__, TorchLLM=LLM, EngineLLM=_tensorrt_engine.LLM,
+        BuildConfig=BuildConfig, CalibConfig=CalibConfig, KvCacheConfig=KvCacheConfig,
+        SchedulerConfig=SchedulerConfig, CapacitySchedulerPolicy=CapacitySchedulerPolicy,
+        QuantAlgo=QuantAlgo, QuantConfig=QuantConfig, RequestError=RequestError,
+        SamplingParams=SamplingParams)
+
+
+# --------------------------------------------------------------------------- config -> arguments
+
+
+def check_config(cfg: Config) -> list[str]:
+    """Impossible combinations, found before any GPU is touched."""
+    t, e, problems = cfg.trtllm, cfg.engine, []
+    if cfg.run.gpus_per_worker < 1:
+        problems.append(f"run.gpus_per_worker: got {cfg.run.gpus_per_worker:g}; the trtllm backend "
+                        "needs one GPU per worker (set 1)")
+    if e.max_model_len is not None:
+        if t.max_input_len >= e.max_model_len:
+            problems.append(f"trtllm.max_input_len ({t.max_input_len}) must be below engine.max_model_len "
+                            f"({e.max_model_len}): the longest prompt needs room for at least one token")
+        if cfg.sampling.max_tokens >= e.max_model_len:
+            problems.append(f"sampling.max_tokens ({cfg.sampling.max_tokens}) must be below "
+                            f"engine.max_model_len ({e.max_model_len})")
+    if not t.enable_chunked_prefill and t.max_num_tokens < t.max_input_len:
+        problems.append(f"trtllm.max_num_tokens ({t.max_num_tokens}) < trtllm.max_input_len "
+                        f"({t.max_input_len}) without chunked prefill: the longest prompt could never "
+                        "be scheduled; raise max_num_tokens or set enable_chunked_prefill: true")
+    if e.dtype == "float32" and t.quantization == "fp8":
+        problems.append("engine.dtype float32 with trtllm.quantization fp8: use auto, bfloat16 or float16")
+    if t.mode == "pytorch":
+        problems += _check_pytorch(cfg)
+    else:
+        problems += _check_engine(cfg)
+    return problems
+
+
+def _check_pytorch(cfg: Config) -> list[str]:
+    t, problems = cfg.trtllm, []
+    if t.engine_dir or t.engine_cache or t.build_on_miss:
+        problems.append("trtllm.engine_dir, engine_cache and build_on_miss are for mode: engine; "
+                        "mode: pytorch runs the checkpoint in engine.model directly")
+    if t.quantization == "fp8":
+        folder = Path(cfg.engine.model)
+        if folder.is_dir() and not (folder / "hf_quant_config.json").is_file():
+            problems.append(
+                f"trtllm.mode pytorch with quantization fp8 runs a pre-quantized FP8 checkpoint, but "
+                f"{folder} has no hf_quant_config.json (ModelOpt's marker); quantize it with NVIDIA "
+                "ModelOpt, or use mode: engine to build an FP8 engine from this checkpoint")
+    return problems
+
+
+def _check_engine(cfg: Config) -> list[str]:
+    t, problems = cfg.trtllm, []
+    if t.engine_dir:
+        if not cfg.engine.tokenizer:
+            problems.append("trtllm.engine_dir is set but engine.tokenizer is not: an engine folder has "
+                            "no tokenizer; point engine.tokenizer at the model's Hugging Face folder")
+        if t.build_on_miss:
+            problems.append("trtllm.engine_dir loads a prebuilt engine as is; build_on_miss does not apply")
+    elif t.build_on_miss and t.quantization == "fp8" and not t.calib_dataset:
+        problems.append("building an FP8 engine (trtllm.build_on_miss) needs calibration data: set "
+                        "trtllm.calib_dataset to a local dataset path (no hub is reached)")
+    elif t.calib_dataset and not Path(t.calib_dataset).exists():
+        problems.append(f"trtllm.calib_dataset: {t.calib_dataset!r} does not exist")
+    return problems
+
+
+def runtime_args(cfg: Config, api: Any) -> dict[str, Any]:
+    """LLM constructor arguments shared by both modes (runtime knobs, no build settings)."""
+    t = cfg.trtllm
+    kv: dict[str, Any] = {"free_gpu_memory_fraction": t.kv_cache_free_gpu_memory_fraction,
+                          "enable_block_reuse": t.enable_block_reuse}
+    if t.mode == "pytorch" and t.quantization == "fp8":
+        kv["dtype"] = "fp8"  # the TensorRT backend asserts dtype "auto": its FP8 KV is built in
+    policy = api.CapacitySchedulerPolicy[t.scheduler_policy.upper()]
+    args = {
+        "tokenizer": _tokenizer_dir(cfg),
+        "dtype": cfg.engine.dtype,
+        "trust_remote_code": cfg.engine.trust_remote_code,
+        "max_batch_size": cfg.engine.max_batch_size,
+        "max_num_tokens": t.max_num_tokens,
+        "enable_chunked_prefill": t.enable_chunked_prefill,
+        "kv_cache_config": api.KvCacheConfig(**kv),
+        "scheduler_config": api.SchedulerConfig(capacity_scheduler_policy=policy),
+    }
+    if t.mode == "pytorch":
+        args.update(max_input_len=t.max_input_len, max_seq_len=cfg.engine.max_model_len)
+    return args
+
+
+def build_args(cfg: Config, api: Any) -> dict[str, Any]:
+    """Extra arguments of the TensorRT backend's LLM when it builds an engine from a checkpoint."""
+    t = cfg.trtllm
+    args: dict[str, Any] = {"build_config": api.BuildConfig(
+        max_batch_size=cfg.engine.max_batch_size, max_num_tokens=t.max_num_tokens,
+        max_input_len=t.max_input_len, max_seq_len=cfg.engine.max_model_len)}
+    if t.quantization == "fp8":
+        args["quant_config"] = api.QuantConfig(quant_algo=api.QuantAlgo.FP8,
+                                               kv_cache_quant_algo=api.QuantAlgo.FP8)
+        args["calib_config"] = api.CalibConfig(calib_dataset=t.calib_dataset,
+                                               calib_batches=t.calib_batches,
+                                               calib_max_seq_length=t.calib_max_seq_length)
+    return args
+
+
+def sampling_params(cfg: Config, api: Any, max_tokens: int) -> Any:
+    s = cfg.sampling
+    # max_tokens is always set: TensorRT-LLM's default is 32.
+    return api.SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
+                              seed=s.seed, stop=list(s.stop) or None)
+
+
+def _tokenizer_dir(cfg: Config) -> str:
+    return models.materialize(models.resolve(cfg.engine.tokenizer or cfg.engine.model),
+                              cfg.engine.cache_dir)
+
+
+# --------------------------------------------------------------------------- outputs -> rows
+
+
+def to_result(output: Any) -> Result:
+    """One finished `RequestOutput` as a row result (finish_reason timeout/cancelled are errors)."""
+    completion = output.outputs[0]
+    prompt_tokens = len(output.prompt_token_ids)
+    tokens = len(completion.token_ids)
+    if completion.finish_reason in ("stop", "length"):
+        return Result(text=completion.text, finish_reason=completion.finish_reason,
+                      prompt_tokens=prompt_tokens, completion_tokens=tokens)
+    reason = completion.finish_reason or "unfinished"
+    return Result(None, "error", prompt_tokens, tokens,
+                  f"{reason}: the engine ended the request ({reason}) after {tokens} tokens")
+
+
+def rejected(error: Exception, prompt_tokens: int) -> Result:
+    """A request refused by generate_async (ValueError; RequestError in later releases)."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    code = "prompt_too_long" if "should not exceed" in message else "rejected"
+    return Result.failed(code, message, prompt_tokens)
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+class TrtLlmEngine(Engine):
+    name = "trtllm"
+
+    @classmethod
+    def check_config(cls, config: Config) -> list[str]:
+        return check_config(config)
+
+    @classmethod
+    def prepare(cls, config: Config) -> None:
+        """Engine mode: once, on a GPU node of the workers' type, find (or build) the engine,
+        so a missing or mismatched engine stops the run before any worker starts."""
+        if config.trtllm.mode != "engine":
+            return
+        import ray
+
+        from batchinfer.scheduler import gpu_task_options
+
+        info = ray.get(ray.remote(ensure_engine).options(**gpu_task_options(config)).remote(config))
+        log.info("engine %s: %s (%s)", info["key"], info["how"], info["gpu"])
+
+    def __init__(self, *, config: Config):
+        super().__init__(config=config)
+        api = import_api()
+        self.api = api
+        t = config.trtllm
+        if t.mode == "pytorch":
+            model = models.resolve(config.engine.model).path
+            self.llm = api.TorchLLM(model=model, **runtime_args(config, api))
+            self.engine_source = "checkpoint"
+            build_config: dict[str, Any] = {}
+        else:
+            engine_dir, self.engine_source = locate_engine(config, api)
+            build_config = artifacts.check_compat(engine_dir, artifacts.detect_gpu(), api.version)["build_config"]
+            self.llm = api.EngineLLM(model=str(engine_dir), **runtime_args(config, api))
+        self._max_model_len = (build_config.get("max_seq_len") or config.engine.max_model_len
+                               or _context_length(config))
+        self._max_input_len = build_config.get("max_input_len") or t.max_input_len
+        # One SamplingParams per max_tokens value, made fresh: generate_async completes an
+        # instance in place the first time (end_id, stop word ids), so never copy one.
+        self._params: dict[int, Any] = {}
+        log.info("trtllm engine (%s, %s): max_model_len=%d, max_prompt_len=%d",
+                 t.mode, self.engine_source, self._max_model_len, self.max_prompt_len)
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_model_len
+
+    @property
+    def max_prompt_len(self) -> int:
+        limit = min(self._max_input_len, self._max_model_len - 1)
+        t = self.cfg.trtllm
+        if t.mode == "pytorch" and not t.enable_chunked_prefill:
+            limit = min(limit, t.max_num_tokens)  # generate_async refuses longer prompts
+        return limit
+
+    async def generate(self, request: Request) -> Result:
+        refused = self.check_length(request)
+        if refused is not None:
+            return refused
+        n = len(request.prompt_token_ids)
+        max_tokens = self.max_new_tokens(n)  # prompt + completion stays within the engine
+        params = self._params.get(max_tokens)
+        if params is None:
+            params = self._params[max_tokens] = sampling_params(self.cfg, self.api, max_tokens)
+        try:
+            pending = self.llm.generate_async(request.prompt_token_ids, sampling_params=params)
+        except (ValueError, self.api.RequestError) as e:
+            return rejected(e, n)
+        try:
+            output = await pending
+        except self.api.RequestError as e:  # this request failed; the engine goes on
+            return Result.failed("request_failed", str(e).splitlines()[0], n)
+        return to_result(output)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()
+
+
+def _context_length(cfg: Config) -> int:
+    config = Path(models.resolve(cfg.engine.model).path) / "config.json"
+    return json.loads(config.read_text()).get("max_position_embeddings", 8192)
+
+
+def locate_engine(cfg: Config, api: Any) -> tuple[Path, str]:
+    """The engine folder to load on this worker, and how it got here."""
+    if cfg.trtllm.engine_dir:
+        return Path(cfg.trtllm.engine_dir), "engine_dir"
+    folder, _, how = artifacts.resolve(cfg, artifacts.detect_gpu(), api.version,
+                                       build=lambda out: build_engine(cfg, api, out))
+    return folder, how
+
+
+def build_engine(cfg: Config, api: Any, out: Path) -> None:
+    """Build an engine from the Hugging Face checkpoint in engine.model and save it to `out`."""
+    checkpoint = models.materialize(models.resolve(cfg.engine.model), cfg.engine.cache_dir)
+    llm = api.EngineLLM(model=checkpoint, **runtime_args(cfg, api), **build_args(cfg, api))
+    try:
+        llm.save(str(out))
+    finally:
+        llm.shutdown()
+
+
+def ensure_engine(cfg: Config) -> dict[str, str]:
+    """A GPU task: make sure this node (and the shared cache) has the engine; say how."""
+    api = import_api()
+    gpu = artifacts.detect_gpu()
+    if cfg.trtllm.engine_dir:
+        artifacts.check_compat(Path(cfg.trtllm.engine_dir), gpu, api.version)
+        return {"key": cfg.trtllm.engine_dir, "how": "engine_dir", "gpu": gpu.describe()}
+    folder, key, how = artifacts.resolve(cfg, gpu, api.version,
+                                         build=lambda out: build_engine(cfg, api, out))
+    artifacts.check_compat(folder, gpu, api.version)
+    return {"key": key, "how": how, "gpu": gpu.describe(), "folder": str(folder)}

@@ -1,0 +1,192 @@
+"""TEST DOUBLE of tensorrt_llm/llmapi/llm.py: BaseLLM, _TorchLLM (= LLM), _TrtLLM, RequestOutput.
+
+Mirrors what batchinfer relies on: the constructor's kwarg checks (unknown argument,
+TensorRT-only argument on the PyTorch backend), the TensorRT backend's build from a
+checkpoint or load of an engine folder (config.json with version, pretrained_config,
+build_config; rank0.engine), `save`, `generate_async` with its synchronous length check
+(`_check_arguments`), results awaited in the caller's event loop, `shutdown`, and the
+refusal to be pickled. Generation itself runs on the CPU with transformers (see
+_runtime.py); the "engine" file records which checkpoint it stands for.
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+from tensorrt_llm.builder import BuildConfig
+from tensorrt_llm.executor.result import GenerationResult
+from tensorrt_llm.llmapi import _runtime
+from tensorrt_llm.llmapi.llm_args import (
+    TORCH_ONLY_FIELDS, TRT_ONLY_FIELDS, KvCacheConfig, SchedulerConfig, TorchLlmArgs_fields,
+    TrtLlmArgs_fields,
+)
+from tensorrt_llm.sampling_params import SamplingParams
+from tensorrt_llm.version import __version__
+
+
+class RequestOutput(GenerationResult):
+    """The awaitable result of generate_async (request_id, prompt_token_ids, outputs, finished)."""
+
+    prompt: Optional[str] = None
+
+
+class BaseLLM:
+    _valid_fields: set = set()
+
+    def __init__(self, model: Union[str, Path], tokenizer=None, tokenizer_mode="auto",
+                 skip_tokenizer_init: bool = False, trust_remote_code: bool = False,
+                 tensor_parallel_size: int = 1, dtype: str = "auto", revision=None,
+                 tokenizer_revision=None, **kwargs: Any) -> None:
+        valid = set(self._valid_fields) | {"_mpi_session", "backend"}
+        for key in kwargs:
+            if key not in valid:
+                raise ValueError(f"{self.__class__.__name__} got invalid argument: {key}")
+        self.args = {"model": str(model), "tokenizer": tokenizer, "dtype": dtype,
+                     "trust_remote_code": trust_remote_code, **kwargs}
+        self.kv_cache_config = kwargs.get("kv_cache_config") or KvCacheConfig()
+        self.scheduler_config = kwargs.get("scheduler_config") or SchedulerConfig()
+        self.enable_chunked_prefill = kwargs.get("enable_chunked_prefill", False)
+        self.max_batch_size = kwargs.get("max_batch_size") or 2048
+        self.max_num_tokens = kwargs.get("max_num_tokens") or 8192
+        self._next_id = 0
+        self._runtime: Optional[_runtime.CpuRuntime] = None
+
+    def _start(self, checkpoint: str, tokenizer: Optional[str]) -> None:
+        self._runtime = _runtime.CpuRuntime(checkpoint, tokenizer or checkpoint, self.max_batch_size)
+
+    @property
+    def tokenizer(self):
+        return self._runtime.tokenizer if self._runtime else None
+
+    def generate_async(self, inputs: Union[str, List[int]], sampling_params: Optional[SamplingParams] = None,
+                       lora_request=None, prompt_adapter_request=None, streaming: bool = False,
+                       kv_cache_retention_config=None, disaggregated_params=None,
+                       _postproc_params=None, scheduling_params=None, cache_salt=None) -> RequestOutput:
+        if self._runtime is None:
+            raise RuntimeError("LLM is shutting down")
+        if isinstance(inputs, str):
+            prompt_token_ids = self.tokenizer.encode(inputs)
+        elif isinstance(inputs, list) and all(isinstance(t, int) for t in inputs):
+            prompt_token_ids = inputs
+        else:
+            raise TypeError(f"The inputs must be type str or list of int, but got {type(inputs)}")
+        sampling_params = sampling_params or SamplingParams()
+        if sampling_params.end_id is None:
+            sampling_params._setup(self.tokenizer, None, None)
+        sampling_params._get_stop_words()  # as the executor request does: refuses a params copy never set up
+        self._check_arguments(len(prompt_token_ids), 0, sampling_params, is_gen_only=False)
+        result = RequestOutput(self._next_id, prompt_token_ids, sampling_params)
+        self._next_id += 1
+        self._runtime.submit(result, sampling_params, self._max_input_len())
+        return result
+
+    def _check_arguments(self, prompt_len, query_len, sampling_params, is_gen_only) -> None:
+        raise NotImplementedError
+
+    def _max_input_len(self) -> Optional[int]:
+        return None
+
+    def shutdown(self) -> None:
+        if self._runtime is not None:
+            self._runtime.shutdown()
+            self._runtime = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_value, traceback) -> bool:
+        self.shutdown()
+        return False
+
+    def __getstate__(self):
+        raise RuntimeError("LLM object can not be pickled.")
+
+
+class _TorchLLM(BaseLLM):
+    _valid_fields = TorchLlmArgs_fields
+
+    def __init__(self, model, tokenizer=None, **kwargs):
+        trt_args = [k for k in kwargs if k in TRT_ONLY_FIELDS and k not in TORCH_ONLY_FIELDS]
+        if trt_args:
+            raise ValueError(
+                f"The following arguments are specific to TensorRT backend and cannot be used with "
+                f"PyTorch backend: {trt_args}.\nPlease use 'from tensorrt_llm._tensorrt_engine import "
+                "LLM' instead to use the TensorRT backend.")
+        kwargs.pop("backend", None)
+        super().__init__(model, tokenizer, **kwargs)
+        self._start(str(model), tokenizer)
+
+    def _check_arguments(self, prompt_len, query_len, sampling_params, is_gen_only) -> None:
+        if not self.enable_chunked_prefill and self.max_num_tokens and prompt_len + query_len > self.max_num_tokens:
+            raise ValueError(f"The sum of prompt length ({prompt_len}), query length ({query_len}) should "
+                             f"not exceed max_num_tokens ({self.max_num_tokens})")
+
+
+class LLM(_TorchLLM):
+    pass
+
+
+class _TrtLLM(BaseLLM):
+    _valid_fields = TrtLlmArgs_fields
+
+    def __init__(self, model, tokenizer=None, **kwargs):
+        super().__init__(model, tokenizer, **kwargs)
+        assert self.kv_cache_config.dtype == "auto", \
+            "KvCacheConfig.dtype is not supported by the TensorRT backend."
+        config_file = Path(model) / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if "pretrained_config" in config and "build_config" in config:  # an engine folder
+            self._engine_dir = Path(model)
+        else:  # a checkpoint: "build" an engine into a workspace
+            self._engine_dir = Path(tempfile.mkdtemp(prefix="trtllm-test-double-"))
+            self._build(Path(model), kwargs)
+            config = json.loads((self._engine_dir / "config.json").read_text())
+        self.build_config = config["build_config"]
+        self.max_batch_size = min(self.max_batch_size, self.build_config["max_batch_size"])
+        engine = json.loads((self._engine_dir / "rank0.engine").read_text())
+        self._start(engine["checkpoint"], tokenizer)
+
+    def _build(self, checkpoint: Path, kwargs: dict) -> None:
+        build = kwargs.get("build_config") or BuildConfig(
+            max_batch_size=kwargs.get("max_batch_size") or 2048,
+            max_num_tokens=kwargs.get("max_num_tokens") or 8192,
+            max_input_len=kwargs.get("max_input_len") or 1024, max_seq_len=kwargs.get("max_seq_len"))
+        hf = json.loads((checkpoint / "config.json").read_text())
+        if build.max_seq_len is None:
+            build.max_seq_len = hf.get("max_position_embeddings", 2048)
+        quant = kwargs.get("quant_config")
+        if quant is not None and quant.quant_algo is not None:
+            calib = kwargs.get("calib_config")
+            dataset = calib.calib_dataset if calib else "cnn_dailymail"
+            if not Path(dataset).exists():  # the real build would download it from the hub
+                raise OSError(f"calibration dataset {dataset!r} not found locally and hub access is off")
+        quantization = {"quant_algo": quant.quant_algo if quant else None,
+                        "kv_cache_quant_algo": quant.kv_cache_quant_algo if quant else None}
+        config = {"version": __version__,
+                  "pretrained_config": {"architecture": hf.get("architectures", ["?"])[0],
+                                        "dtype": self.args["dtype"], "quantization": quantization,
+                                        "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1}},
+                  "build_config": build.to_dict()}
+        (self._engine_dir / "config.json").write_text(json.dumps(config, indent=4))
+        (self._engine_dir / "rank0.engine").write_text(json.dumps(
+            {"test_double": "not a TensorRT plan; generation runs the checkpoint on the CPU",
+             "checkpoint": str(checkpoint)}))
+
+    def save(self, engine_dir: str) -> None:
+        """Save the built engine to the given path."""
+        if self._engine_dir is None:
+            raise RuntimeError("The engine is not built yet.")
+        if Path(engine_dir).resolve() != self._engine_dir.resolve():
+            shutil.copytree(self._engine_dir, engine_dir, dirs_exist_ok=True)
+
+    def _check_arguments(self, prompt_len, query_len, sampling_params, is_gen_only) -> None:
+        max_seq_len = self.build_config["max_seq_len"]
+        if not self.enable_chunked_prefill and prompt_len + query_len + (sampling_params.max_tokens or 0) > max_seq_len:
+            raise ValueError(
+                f"The sum of prompt length ({prompt_len}) and query length ({query_len}) max_tokens "
+                f"({sampling_params.max_tokens}) should not exceed max_seq_len ({max_seq_len})")
+
+    def _max_input_len(self) -> Optional[int]:
+        return self.build_config["max_input_len"]

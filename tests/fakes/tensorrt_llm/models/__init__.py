@@ -1,0 +1,1 @@
+"""TEST DOUBLE package (see tensorrt_llm/__init__.py)."""
