@@ -251,6 +251,8 @@ def build_engine(config_path: str, sets: tuple[str, ...]) -> None:
     where = f"{cfg.trtllm.engine_cache.rstrip('/')}/{info['key']}" if cfg.trtllm.engine_cache else \
         f"{info['folder']} (node-local only: set trtllm.engine_cache to share it)"
     click.echo(f"stored   {where}")
+    if info.get("folder"):
+        click.echo(f"local    {info['folder']}")
 
 
 @main.command()
