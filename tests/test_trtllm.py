@@ -379,29 +379,35 @@ def test_in_flight_window_spans_shards(tmp_path, model_folder, trtllm_double):
     assert sorted(pd.read_parquet(tmp_path / "out").id) == [f"q{i:06d}" for i in range(10)]
 
 
+@pytest.fixture(scope="class")
+def ray_trtllm_engines(tmp_path_factory, model_folder, ray_cluster):
+    """trtllm engines in Ray workers, by settings; one alive at a time (the cluster has two GPUs)."""
+    tmp_path = tmp_path_factory.mktemp("trtllm-conformance")
+    made = {}
+
+    def make(**overrides):
+        key = json.dumps(overrides, sort_keys=True)
+        if key not in made:
+            for old in made.values():
+                old.shutdown()
+            made.clear()
+            engine = {k: overrides.pop(k) for k in ("max_model_len",) if k in overrides}
+            trtllm = {"max_input_len": engine["max_model_len"] - 1} if engine else {}
+            cfg = trt(tmp_path, model_folder, engine=engine, trtllm=trtllm, sampling=overrides)
+            made[key] = RayEngine("trtllm", cfg, num_gpus=1, runtime_env=TRTLLM_DOUBLE_ENV)
+        return made[key]
+
+    yield make
+    for e in made.values():
+        e.shutdown()
+
+
 class TestTrtLlmEngineInRay(EngineConformance):
     """The shared conformance suite, with the backend inside a real Ray worker process."""
 
-    @pytest.fixture(scope="class")
-    def make_engine(self, tmp_path_factory, model_folder, ray_cluster):
-        tmp_path = tmp_path_factory.mktemp("trtllm-conformance")
-        made = {}
-
-        def make(**overrides):
-            key = json.dumps(overrides, sort_keys=True)
-            if key not in made:
-                for old in made.values():  # one GPU worker at a time: the cluster has two
-                    old.shutdown()
-                made.clear()
-                engine = {k: overrides.pop(k) for k in ("max_model_len",) if k in overrides}
-                trtllm = {"max_input_len": engine["max_model_len"] - 1} if engine else {}
-                cfg = trt(tmp_path, model_folder, engine=engine, trtllm=trtllm, sampling=overrides)
-                made[key] = RayEngine("trtllm", cfg, num_gpus=1, runtime_env=TRTLLM_DOUBLE_ENV)
-            return made[key]
-
-        yield make
-        for e in made.values():
-            e.shutdown()
+    @pytest.fixture
+    def make_engine(self, ray_trtllm_engines):
+        return ray_trtllm_engines
 
 
 # --------------------------------------------------------------------------- whole jobs
