@@ -242,6 +242,19 @@ def stop_process_session(proc: subprocess.Popen, grace: float = 15.0) -> None:
     proc.wait(timeout=30)
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Wait until a server we started answers at `url`; fail with its log if it exits or stalls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server for {url} did not start:\n{log.read_text()}") from None
+            time.sleep(0.3)
+
+
 def session_members(sid: int) -> list[int]:
     members = []
     for entry in os.listdir("/proc"):
@@ -276,15 +289,7 @@ def s3_auth_server(tmp_path_factory):
                             start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        wait_for_http(f"{endpoint}/moto-api/", proc, log, timeout=60)
         kw = {"endpoint_url": endpoint, "region_name": "us-east-1"}
         iam, s3c = boto3.client("iam", **kw), boto3.client("s3", **kw)
         s3c.create_bucket(Bucket=BUCKET)

@@ -21,6 +21,7 @@ from tests.conftest import (
     free_port,
     make_config,
     stop_process_session,
+    wait_for_http,
     write_yaml,
 )
 
@@ -43,15 +44,7 @@ def ray_head(tmp_path_factory, model_folder):
         start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"ray head did not start:\n{log.read_text()}") from None
-                time.sleep(0.5)
+        wait_for_http(f"{address}/api/version", proc, log, timeout=120)
         yield address
     finally:
         stop_process_session(proc)
