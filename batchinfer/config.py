@@ -66,6 +66,8 @@ class InputConfig:
     """Optional system message prepended to every conversation."""
     passthrough_columns: list[str] = field(default_factory=list)
     """Input columns copied unchanged into the output rows."""
+    allow_duplicate_ids: bool = False
+    """Accept inputs whose id_column repeats a value (refused by default: ids should be unique)."""
 
     def check(self) -> list[str]:
         problems = []
@@ -198,7 +200,17 @@ class RunConfig:
     shards_per_worker: Annotated[int, Bound(ge=1)] = 2
     """Shards a worker holds at once, so the next is read while the current generates."""
     max_attempts: Annotated[int, Bound(ge=1)] = 3
-    """Attempts per shard before it is recorded as failed."""
+    """Attempts per shard before it is recorded as failed (the run then ends partial)."""
+    hang_timeout_s: Annotated[float, Bound(gt=0)] = 600
+    """A worker holding shards whose engine makes no progress this long is replaced."""
+    request_timeout_s: Annotated[float, Bound(gt=0)] | None = None
+    """Deadline for one request; one past it becomes a timeout row error, or restarts a stuck engine."""
+    engine_restarts: Annotated[int, Bound(ge=0)] = 2
+    """Times a worker restarts a failed engine in place, per shard attempt, before giving the shard back."""
+    speculative: bool = True
+    """When no shard is left to hand out, idle workers re-run stragglers; the first commit wins."""
+    speculate_after_s: Annotated[float, Bound(gt=0)] = 120
+    """A shard is a straggler after this long and twice the median shard time."""
     worker_start_timeout_s: Annotated[float, Bound(gt=0)] = 1800
     """Most seconds to wait for every worker to load its engine before failing the run."""
     stop_grace_s: Annotated[float, Bound(ge=0)] = 60

@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from batchinfer import models, storage
@@ -195,6 +196,8 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
             size=info["size"], num_rows=meta.num_rows,
             row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
         ))
+    if cfg.input.id_column and not cfg.input.allow_duplicate_ids:
+        check_unique_ids(cfg, [f for f in files if f.num_rows])
     if not any(f.num_rows for f in files):  # an empty file alone just contributes no shard
         raise InputError(f"every input file under {cfg.input.path!r} is empty (0 rows); nothing to do")
     return Plan(
@@ -204,6 +207,35 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
         input_schema=base64.b64encode(schema.serialize().to_pybytes()).decode(),
         rows_per_shard=cfg.run.rows_per_shard,
     )
+
+
+def check_unique_ids(cfg: Config, files: list[InputFile]) -> None:
+    """Refuse inputs whose id column repeats a value (reads that one column of every file)."""
+    column = cfg.input.id_column
+
+    def ids(f: InputFile) -> pa.ChunkedArray:
+        with storage.errors(f.url, "input.path"), storage.open_parquet(f.url, cfg.storage) as pf:
+            return pf.read(columns=[column]).column(0)
+
+    with ThreadPoolExecutor(min(FOOTER_READ_THREADS, max(len(files), 1))) as pool:
+        per_file = list(pool.map(ids, files))
+    if not per_file:
+        return
+    everything = pa.chunked_array([c for arr in per_file for c in arr.chunks], type=per_file[0].type)
+    if pc.count_distinct(everything, mode="all").as_py() == len(everything):
+        return
+    counts = pc.value_counts(everything)
+    repeated = [v for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(),
+                                  strict=True) if n > 1]
+    examples = []
+    for value in repeated[:3]:
+        where = [f.name for f, arr in zip(files, per_file, strict=True)
+                 if pc.any(pc.equal(arr, pa.scalar(value, type=arr.type))).as_py()]
+        examples.append(f"{value!r} (in {', '.join(where)})")
+    raise InputError(
+        f"input.id_column {column!r} repeats {len(repeated)} value(s), e.g. {'; '.join(examples)}; "
+        "each row needs its own id for exactly-once results. Fix the inputs, or set "
+        "input.allow_duplicate_ids: true to accept them")
 
 
 def _read_footer(url: str, cfg: Config) -> tuple[pq.FileMetaData, pa.Schema]:

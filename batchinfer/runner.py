@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from batchinfer import engines, models, plan as planning, storage
+from batchinfer import engines, faults, models, plan as planning, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.engines.artifacts import EngineArtifactError
 from batchinfer.plan import Plan
@@ -76,6 +76,7 @@ def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool) -> Plan:
             existing = None
     if existing is None:
         plan = planning.make_plan(cfg, infos)
+        faults.point("planning")
         with storage.errors(cfg.output.path, "output.path"):
             return store.write_plan(plan)
     planning.verify_inputs(existing, infos)
@@ -129,6 +130,7 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
         workers = scheduler.start_workers(cfg.run.worker_start_timeout_s)
         log.info("%d workers ready (engine load %s s)", len(workers),
                  ", ".join(str(w["load_s"]) for w in workers))
+        heartbeat.workers = [{k: w[k] for k in ("worker", "host", "pid")} for w in workers]
         heartbeat.write("running", force=True)
         generate_started = time.time()
         bar = Progress(total_shards=len(plan.shards), total_rows=plan.total_rows,
@@ -156,6 +158,7 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
     status = "interrupted" if outcome.interrupted else None
     manifest = build_manifest(plan, store, committed, outcome.committed, outcome.failed,
                               started, generate_started, len(workers), status)
+    faults.point("manifest")
     if outcome.interrupted:
         heartbeat.write("interrupted", force=True)
         return RunReport("interrupted", EXIT_FAILED, manifest, True)
@@ -265,6 +268,7 @@ class _Heartbeat:
         self.started_at = now_iso()
         self.last = 0.0
         self.state = "starting"
+        self.workers: list[dict[str, Any]] = []
 
     def commit(self, summary: dict[str, Any]) -> None:
         self.done += 1
@@ -280,7 +284,7 @@ class _Heartbeat:
                 "state": state, "started_at": self.started_at, "updated_at": now_iso(),
                 "host": socket.gethostname(), "pid": os.getpid(),
                 "shards_done": self.done, "shards_total": len(self.plan.shards),
-                "fingerprint": self.plan.fingerprint,
+                "fingerprint": self.plan.fingerprint, "workers": self.workers,
             })
         except Exception as e:  # the status file is advisory; never fail a run over it
             if strict:

@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from batchinfer import faults
 from batchinfer.config import Config
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
@@ -49,13 +50,39 @@ class Outcome:
 
 @dataclass
 class _Slot:
+    """One worker position; its actor is replaced when it dies or hangs."""
+
     index: int
     actor: Any
-    inflight: set = field(default_factory=set)
+    leases: set = field(default_factory=set)
+    """Refs of the shards this worker holds."""
+    ready: bool = True
+    ready_ref: Any = None
+    created: float = field(default_factory=time.monotonic)
     replacements: int = 0
+    progress_ref: Any = None
+    next_poll: float = 0.0
+    heartbeat: Any = None
+    last_progress: float = field(default_factory=time.monotonic)
+    """When the engine last moved (or got work while idle); the hang watchdog reads this."""
+
+
+@dataclass
+class _Lease:
+    slot: _Slot
+    actor: Any
+    index: int
+    attempt: int
+    started: float = field(default_factory=time.monotonic)
+    speculative: bool = False
 
 
 class Scheduler:
+    """Leases shards to workers. A lease ends when the shard commits, when its worker dies,
+    or when its worker's engine stops making progress for run.hang_timeout_s (the worker
+    is then replaced). A shard whose lease ended without a commit goes back to the queue
+    for another attempt, up to run.max_attempts; then it is recorded as failed."""
+
     def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event,
                  on_commit: Callable[[dict[str, Any]], None] = lambda s: None):
         self.cfg = cfg
@@ -96,6 +123,8 @@ class Scheduler:
                 log.warning("waiting for workers: %d/%d ready (each asks for %s)",
                             len(infos), len(self.slots), self._resources())
                 next_note = now + 30
+        for slot in self.slots:
+            slot.last_progress = time.monotonic()
         return sorted(infos, key=lambda i: i["worker"])
 
     def _resources(self) -> str:
@@ -113,85 +142,180 @@ class Scheduler:
                 pass
         self.slots = []
 
-    # ------------------------------------------------------------------ the loop
-
-    def run(self, pending: list[int], progress: Progress) -> Outcome:
-        queue = deque(pending)
-        attempts: dict[int, int] = {}
-        inflight: dict[Any, tuple[_Slot, int, Any]] = {}
-        outcome = Outcome()
-        live: dict[int, dict[str, int]] = {}
-        progress_refs: dict[Any, int] = {}
-        next_poll = 0.0
-        stop_deadline = None
-        while queue or inflight:
-            if self.stop.is_set():
-                if stop_deadline is None:
-                    stop_deadline = time.monotonic() + self.cfg.run.stop_grace_s
-                    log.warning("stop requested: no new shards; waiting up to %ss for %d in flight",
-                                self.cfg.run.stop_grace_s, len(inflight))
-                if not inflight or time.monotonic() > stop_deadline:
-                    outcome.interrupted = True
-                    break
-            else:
-                self._fill(queue, attempts, inflight)
-            done, _ = ray.wait(list(inflight) + list(progress_refs), num_returns=1, timeout=POLL_S)
-            for ref in done:
-                if ref in progress_refs:
-                    live[progress_refs.pop(ref)] = _get_or_none(ref) or {}
-                    continue
-                slot, index, actor = inflight.pop(ref)
-                slot.inflight.discard(ref)
-                self._settle(ref, slot, actor, index, queue, attempts, outcome)
-            if time.monotonic() >= next_poll and not progress_refs:
-                progress_refs = {s.actor.progress.remote(): s.index for s in self.slots}
-                next_poll = time.monotonic() + PROGRESS_POLL_S
-            progress.update(outcome.committed, live, len(outcome.failed))
-        return outcome
-
-    def _fill(self, queue: deque, attempts: dict[int, int], inflight: dict) -> None:
-        for slot in self.slots:
-            while queue and len(slot.inflight) < self.cfg.run.shards_per_worker:
-                index = queue.popleft()
-                attempts[index] = attempts.get(index, 0) + 1
-                ref = slot.actor.process.remote(index, attempts[index])
-                slot.inflight.add(ref)
-                inflight[ref] = (slot, index, slot.actor)
-
-    def _settle(self, ref, slot: _Slot, actor: Any, index: int, queue: deque,
-                attempts: dict[int, int], outcome: Outcome) -> None:
-        try:
-            summary = ray.get(ref)
-        except RayActorError as e:
-            reason = f"worker {slot.index} died: {_reason(e)}"
-            if slot.actor is actor:  # the first of its shards to report; replace it once
-                self._replace(slot, reason)
-        except RayTaskError as e:
-            reason = _reason(e)
-        else:
-            outcome.committed[index] = summary
-            self.on_commit(summary)
-            return
-        shard = self.plan.shards[index].name
-        if attempts[index] >= self.cfg.run.max_attempts:
-            log.error("shard %s failed after %d attempts: %s", shard, attempts[index], reason)
-            outcome.failed[index] = reason
-        else:
-            log.warning("shard %s attempt %d failed, retrying: %s", shard, attempts[index], reason)
-            queue.appendleft(index)
-
     def _replace(self, slot: _Slot, reason: str) -> None:
-        """Swap a dead worker for a fresh one; its other shards come back as failed attempts too."""
+        """Swap a dead or hung worker for a fresh one; the shards it held come back as failed attempts."""
         if slot.replacements >= self.cfg.run.max_attempts * 2:
-            raise WorkerStartError(f"worker {slot.index} died {slot.replacements + 1} times; last: {reason}")
+            raise WorkerStartError(f"worker {slot.index} was replaced {slot.replacements} times; "
+                                   f"last: {reason}")
         slot.replacements += 1
-        log.warning("worker %d died, starting a replacement (%d so far): %s",
-                    slot.index, slot.replacements, reason)
+        log.warning("worker %d: %s; starting a replacement (%d so far)", slot.index, reason,
+                    slot.replacements)
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:
             pass
         slot.actor = self._new_actor(slot.index)
+        slot.ready, slot.ready_ref, slot.created = False, slot.actor.ready.remote(), time.monotonic()
+        slot.progress_ref, slot.heartbeat = None, None
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, pending: list[int], progress: Progress) -> Outcome:
+        self.queue: deque[int] = deque(pending)
+        self.attempts: dict[int, int] = {}
+        self.leases: dict[Any, _Lease] = {}
+        self.outcome = Outcome()
+        self.live: dict[int, dict[str, int]] = {}
+        stop_deadline = None
+        while self.queue or self.leases:
+            if self.stop.is_set():
+                if stop_deadline is None:
+                    stop_deadline = time.monotonic() + self.cfg.run.stop_grace_s
+                    log.warning("stop requested: no new shards; waiting up to %ss for %d in flight",
+                                self.cfg.run.stop_grace_s, len(self.leases))
+                if not self.leases or time.monotonic() > stop_deadline:
+                    self.outcome.interrupted = True
+                    break
+            else:
+                self._fill()
+                self._speculate()
+            self._wait_and_dispatch()
+            self._poll_progress()
+            self._watchdog()
+            progress.update(self.outcome.committed, self.live, len(self.outcome.failed))
+        return self.outcome
+
+    def _wait_and_dispatch(self) -> None:
+        waiting = {**{ref: "lease" for ref in self.leases},
+                   **{s.progress_ref: ("progress", s) for s in self.slots if s.progress_ref is not None},
+                   **{s.ready_ref: ("ready", s) for s in self.slots if s.ready_ref is not None}}
+        if not waiting:
+            time.sleep(POLL_S)
+            return
+        done, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL_S)
+        for ref in done:
+            kind = waiting[ref]
+            if kind == "lease":
+                self._settle(ref)
+            elif kind[0] == "progress":
+                self._record_progress(kind[1], ref)
+            else:
+                self._record_ready(kind[1], ref)
+
+    def _fill(self) -> None:
+        for slot in self.slots:
+            while self.queue and len(slot.leases) < self.cfg.run.shards_per_worker:
+                index = self.queue.popleft()
+                self.attempts[index] = self.attempts.get(index, 0) + 1
+                self._lease(slot, index, self.attempts[index], speculative=False)
+                if len(self.leases) == 1 and not self.outcome.committed:
+                    faults.point("first-shard")
+
+    def _lease(self, slot: _Slot, index: int, attempt: int, speculative: bool) -> None:
+        if not slot.leases:  # an idle worker's clock starts with its new work
+            slot.last_progress = time.monotonic()
+        ref = slot.actor.process.remote(index, attempt)
+        slot.leases.add(ref)
+        self.leases[ref] = _Lease(slot, slot.actor, index, attempt, speculative=speculative)
+
+    def _speculate(self) -> None:
+        """With nothing left to hand out, let idle workers race the stragglers."""
+        if not self.cfg.run.speculative or self.queue:
+            return
+        idle = [s for s in self.slots if s.ready and not s.leases]
+        if not idle:
+            return
+        durations = sorted(s["generate_s"] for s in self.outcome.committed.values())
+        median = durations[len(durations) // 2] if durations else 0.0
+        threshold = max(self.cfg.run.speculate_after_s, 2 * median)
+        now = time.monotonic()
+        copies = {lease.index for lease in self.leases.values() if lease.speculative}
+        stragglers = sorted((lease for lease in self.leases.values()
+                             if lease.index not in copies and now - lease.started > threshold),
+                            key=lambda lease: lease.started)
+        for slot, lease in zip(idle, stragglers, strict=False):
+            log.warning("shard %s has run %.0fs (median %.0fs): racing a copy on worker %d; "
+                        "the first commit wins", self.plan.shards[lease.index].name,
+                        now - lease.started, median, slot.index)
+            self._lease(slot, lease.index, lease.attempt, speculative=True)
+
+    def _settle(self, ref) -> None:
+        lease = self.leases.pop(ref)
+        lease.slot.leases.discard(ref)
+        index = lease.index
+        try:
+            summary = ray.get(ref)
+        except RayActorError as e:
+            reason = f"worker {lease.slot.index} died: {_reason(e)}"
+            if lease.slot.actor is lease.actor:  # the first of its shards to report; replace it once
+                self._replace(lease.slot, "died")
+        except RayTaskError as e:
+            reason = _reason(e)
+        else:
+            self._committed(index, summary)
+            return
+        if index in self.outcome.committed or any(other.index == index for other in self.leases.values()):
+            return  # another copy of this shard committed or is still running
+        shard = self.plan.shards[index].name
+        if self.attempts[index] >= self.cfg.run.max_attempts:
+            log.error("shard %s failed after %d attempts: %s", shard, self.attempts[index], reason)
+            self.outcome.failed[index] = reason
+        else:
+            log.warning("shard %s attempt %d failed, retrying: %s", shard, self.attempts[index], reason)
+            self.queue.appendleft(index)
+
+    def _committed(self, index: int, summary: dict[str, Any]) -> None:
+        if index in self.outcome.committed:
+            return
+        self.outcome.committed[index] = summary
+        self.on_commit(summary)
+        faults.point("committed")
+        for ref, other in list(self.leases.items()):  # a raced copy lost: stop it
+            if other.index == index:
+                ray.cancel(ref)
+                del self.leases[ref]
+                other.slot.leases.discard(ref)
+
+    # ------------------------------------------------------------------ liveness
+
+    def _poll_progress(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.ready and slot.progress_ref is None and now >= slot.next_poll:
+                slot.progress_ref = slot.actor.progress.remote()
+                slot.next_poll = now + PROGRESS_POLL_S
+
+    def _record_progress(self, slot: _Slot, ref) -> None:
+        slot.progress_ref = None
+        info = _get_or_none(ref)
+        if info is None:
+            return
+        self.live[slot.index] = info
+        if info["heartbeat"] != slot.heartbeat:
+            slot.heartbeat = info["heartbeat"]
+            slot.last_progress = time.monotonic()
+
+    def _record_ready(self, slot: _Slot, ref) -> None:
+        slot.ready_ref = None
+        try:
+            ray.get(ref)
+        except (RayActorError, RayTaskError) as e:
+            self._replace(slot, f"the replacement failed to start: {_reason(e)}")
+            return
+        slot.ready, slot.last_progress = True, time.monotonic()
+
+    def _watchdog(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if not slot.ready:
+                if now - slot.created > self.cfg.run.worker_start_timeout_s:
+                    raise WorkerStartError(f"worker {slot.index}'s replacement was not ready after "
+                                           f"{self.cfg.run.worker_start_timeout_s:.0f}s")
+                continue
+            stalled = now - slot.last_progress
+            if slot.leases and stalled > self.cfg.run.hang_timeout_s:
+                self._replace(slot, f"its engine made no progress for {stalled:.0f}s with "
+                                    f"{len(slot.leases)} shard(s) in hand (run.hang_timeout_s)")
 
 
 def worker_options(cfg: Config) -> dict[str, Any]:

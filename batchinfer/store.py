@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from batchinfer import storage
+from batchinfer import faults, storage
 from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
 from batchinfer.results import SUMMARY_KEY
@@ -64,6 +64,7 @@ class RunStore:
         """Make a shard's part visible unless another attempt did first; True if this one won."""
         won = storage.put_if_absent(self.part(shard_name), data, self._staging())
         if won:
+            faults.point("part-committed")
             self._write_json(self._record(shard_name), summary)
         return won
 

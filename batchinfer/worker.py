@@ -22,13 +22,17 @@ import pyarrow as pa
 
 from batchinfer import storage
 from batchinfer.config import Config
-from batchinfer.engines import Request, Result, get_engine_class
+from batchinfer.engines import Engine, Request, Result, get_engine_class
 from batchinfer.plan import InputFile, Plan, Shard
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 from batchinfer.results import RowOutcome, build_table, output_schema, summarize, to_parquet
 from batchinfer.store import RunStore
 
 log = logging.getLogger(__name__)
+
+
+class EngineFailed(RuntimeError):
+    """The engine kept failing after restarts in place; the shard attempt is given back."""
 
 
 class ShardWorker:
@@ -40,16 +44,20 @@ class ShardWorker:
         self.input_schema = plan.schema()
         self.schema = output_schema(self.input_schema, config)
         started = time.perf_counter()
-        engine_cls = get_engine_class(config.engine.backend)
-        self.engine = engine_cls(config=config)
+        self.engine_cls = get_engine_class(config.engine.backend)
+        self.engine = self.engine_cls(config=config)
         self.prompts = PromptBuilder(load_tokenizer(config.engine), config.input)
         self.load_s = time.perf_counter() - started
         self._window: asyncio.Semaphore | None = None
         self._turns: asyncio.Condition | None = None
+        self._restart_lock: asyncio.Lock | None = None
         self._tickets = self._serving = 0
         self._finished_turns: set[int] = set()
+        self._canary: list[int] | None = None  # a prompt this worker's engine answered
         self.rows_done = 0
         self.tokens_out = 0
+        self.engine_restarts = 0
+        self._beats_before = 0  # heartbeats of engines replaced by restarts
 
     async def ready(self) -> dict[str, Any]:
         """Called once by the driver: the engine is loaded when this returns."""
@@ -58,13 +66,16 @@ class ShardWorker:
                 "engine_source": getattr(self.engine, "engine_source", None)}
 
     async def progress(self) -> dict[str, int]:
-        return {"rows": self.rows_done, "completion_tokens": self.tokens_out}
+        return {"rows": self.rows_done, "completion_tokens": self.tokens_out,
+                "heartbeat": self._beats_before + self.engine.heartbeat,
+                "engine_restarts": self.engine_restarts}
 
     async def process(self, shard_index: int, attempt: int) -> dict[str, Any]:
         """Read, generate, write and commit one shard; return its summary."""
         shard = self.plan.shards[shard_index]
         file = self.plan.files[shard.file]
         started = time.perf_counter()
+        restarts_before = self.engine_restarts
         ticket = self._tickets
         self._tickets += 1
         try:
@@ -75,14 +86,15 @@ class ShardWorker:
             # read first, so the current shard drains (and commits) before the next one.
             async with self.turns:
                 await self.turns.wait_for(lambda: self._serving == ticket)
-            tasks = [asyncio.ensure_future(self._generate(i, e)) for i, e in enumerate(encoded)]
+            first = self._submit(encoded, [i for i, e in enumerate(encoded) if not isinstance(e, RowError)])
         finally:
             await self._end_turn(ticket)
-        rows = await _all(tasks)
+        rows = await self._finish(encoded, first)
         generate_s = time.perf_counter() - started
         summary = {
             "shard": shard.index, "part": f"{shard.name}.parquet", "attempt": attempt,
             "worker": self.worker_index, **summarize(rows), "generate_s": round(generate_s, 3),
+            "engine_restarts": self.engine_restarts - restarts_before,
             "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         out = build_table(self.schema, self._ids(table, file, shard),
@@ -95,6 +107,84 @@ class ShardWorker:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+    # ------------------------------------------------------------------ rows through the engine
+
+    def _submit(self, encoded: list, rows: list[int]) -> dict[int, asyncio.Task]:
+        return {i: asyncio.ensure_future(self._generate(i, encoded[i])) for i in rows}
+
+    async def _finish(self, encoded: list, tasks: dict[int, asyncio.Task]) -> list[RowOutcome]:
+        """Every row's outcome. Rows that make the engine raise are retried or isolated:
+
+        - some rows of a round succeed and others raise: the engine works, so the ones
+          that raise are rows it cannot take (poison rows) and become row errors;
+        - nothing succeeds: the engine itself may be broken. It is restarted in place and
+          checked with a prompt it answered before; rows that still fail on an engine
+          that passes that check are poison rows; an engine that keeps failing after
+          `run.engine_restarts` restarts gives the shard attempt back (EngineFailed).
+        """
+        outcomes: dict[int, RowOutcome] = {
+            i: RowOutcome(Result.failed(e.code, e.message), None)
+            for i, e in enumerate(encoded) if isinstance(e, RowError)}
+        restarts, verified = 0, False
+        try:
+            while tasks:
+                done = await asyncio.gather(*tasks.values(), return_exceptions=True)
+                failed = {}
+                for i, result in zip(tasks, done, strict=True):
+                    if isinstance(result, BaseException):
+                        failed[i] = result
+                    else:
+                        outcomes[i] = result
+                if not failed:
+                    break
+                if len(failed) < len(tasks) or verified:
+                    outcomes.update({i: _row_failure(e, len(encoded[i])) for i, e in failed.items()})
+                    break
+                first_error = _describe(next(iter(failed.values())))
+                if restarts >= self.cfg.run.engine_restarts:
+                    raise EngineFailed(f"the engine failed on every request after {restarts} "
+                                       f"restarts in place: {first_error}")
+                restarts += 1
+                verified = await self._restart_engine(self.engine, first_error)
+                tasks = self._submit(encoded, list(failed))
+        except BaseException:
+            for t in tasks.values():
+                t.cancel()
+            raise
+        return [outcomes[i] for i in range(len(encoded))]
+
+    async def _generate(self, row: int, ids: list[int]) -> RowOutcome:
+        async with self.window:
+            started = time.perf_counter()
+            result = await asyncio.wait_for(self.engine.generate(Request(row, ids)),
+                                            self.cfg.run.request_timeout_s)
+            latency = time.perf_counter() - started
+        if result.error is None:
+            self._canary = ids
+            self.rows_done += 1
+            self.tokens_out += result.completion_tokens or 0
+        return RowOutcome(result, round(latency, 4))
+
+    async def _restart_engine(self, failed: Engine, reason: str) -> bool:
+        """Replace a failed engine with a fresh one (once, however many shards saw it fail),
+        then check it on a prompt the old one answered; True if that check passed."""
+        async with self.restart_lock:
+            if self.engine is failed:
+                log.warning("worker %d: restarting its engine in place after: %s", self.worker_index, reason)
+                self.engine_restarts += 1
+                self._beats_before += failed.heartbeat
+                await asyncio.to_thread(_shutdown_quietly, failed)
+                self.engine = await asyncio.to_thread(self.engine_cls, config=self.cfg)
+        if self._canary is None:
+            return False
+        try:
+            check = await asyncio.wait_for(self.engine.generate(Request(-1, self._canary)),
+                                           self.cfg.run.request_timeout_s)
+            return check.error is None
+        except Exception as e:
+            log.warning("worker %d: the restarted engine failed its check: %s", self.worker_index, _describe(e))
+            return False
 
     # ------------------------------------------------------------------ internals
 
@@ -110,6 +200,12 @@ class ShardWorker:
             self._turns = asyncio.Condition()
         return self._turns
 
+    @property
+    def restart_lock(self) -> asyncio.Lock:
+        if self._restart_lock is None:
+            self._restart_lock = asyncio.Lock()
+        return self._restart_lock
+
     async def _end_turn(self, ticket: int) -> None:
         """Let the next shard queue its rows (also when this one failed before its turn)."""
         async with self.turns:
@@ -118,17 +214,6 @@ class ShardWorker:
                 self._finished_turns.discard(self._serving)
                 self._serving += 1
             self.turns.notify_all()
-
-    async def _generate(self, row: int, encoded: list[int] | RowError) -> RowOutcome:
-        if isinstance(encoded, RowError):
-            return RowOutcome(Result.failed(encoded.code, encoded.message), None)
-        async with self.window:
-            started = time.perf_counter()
-            result = await self.engine.generate(Request(row, encoded))
-            latency = time.perf_counter() - started
-        self.rows_done += 1
-        self.tokens_out += result.completion_tokens or 0
-        return RowOutcome(result, round(latency, 4))
 
     def _read(self, file: InputFile, shard: Shard) -> pa.Table:
         groups, skip = file.row_groups_for(shard.row_start, shard.num_rows)
@@ -148,11 +233,20 @@ class ShardWorker:
         return pa.array([f"{file.name}:{shard.row_start + i}" for i in range(shard.num_rows)])
 
 
-async def _all(tasks: list[asyncio.Future]) -> list:
-    """Gather, but cancel the rest as soon as one fails (the engine broke; the shard is retried)."""
+def _describe(error: BaseException) -> str:
+    if isinstance(error, asyncio.TimeoutError):
+        return "no result within run.request_timeout_s"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def _row_failure(error: BaseException, prompt_tokens: int) -> RowOutcome:
+    code = "timeout" if isinstance(error, asyncio.TimeoutError) else "engine_error"
+    return RowOutcome(Result.failed(code, _describe(error), prompt_tokens), None)
+
+
+def _shutdown_quietly(engine: Engine) -> None:
     try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        raise
+        engine.shutdown()
+    except Exception as e:  # a broken engine may not even shut down cleanly
+        log.warning("shutting down the failed engine raised %s", _describe(e))

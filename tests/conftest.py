@@ -107,10 +107,10 @@ class Driver:
 def driver(tmp_path, ray_cluster):
     """Start `batchinfer` subprocesses that join the session cluster; kill leftovers at teardown."""
     started: list[Driver] = []
-    env = {**os.environ, **WORKER_ENV, "RAY_ADDRESS": ray_cluster}
+    base_env = {**os.environ, **WORKER_ENV, "RAY_ADDRESS": ray_cluster}
 
-    def start(*args: str) -> Driver:
-        d = Driver(list(args), env, tmp_path / f"driver-{len(started)}.log")
+    def start(*args: str, env: dict[str, str] | None = None) -> Driver:
+        d = Driver(list(args), {**base_env, **(env or {})}, tmp_path / f"driver-{len(started)}.log")
         started.append(d)
         return d
 

@@ -61,6 +61,7 @@ class Engine(ABC):
         self.cfg = config
         self.config = config.engine
         self.sampling = config.sampling
+        self._heartbeat = 0
 
     @classmethod
     def check_config(cls, config: Config) -> list[str]:
@@ -102,6 +103,15 @@ class Engine(ABC):
         """sampling.max_tokens, cut so prompt + completion stays within max_model_len."""
         return min(self.sampling.max_tokens, self.max_model_len - prompt_tokens)
 
+    @property
+    def heartbeat(self) -> int:
+        """A counter that moves while the engine makes progress (steps, batches or requests);
+        the driver replaces a worker whose engine holds work and stops moving."""
+        return self._heartbeat
+
+    def beat(self) -> None:
+        self._heartbeat += 1
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release the model; the default has nothing to release."""
 
@@ -110,7 +120,9 @@ class BatchEngine(Engine):
     """An engine that runs static batches; subclasses implement only `generate_batch`.
 
     Requests queue up from any number of shards; a single thread takes whatever is
-    pending (up to `max_batch_size`) as soon as the previous batch is done.
+    pending (up to `max_batch_size`) as soon as the previous batch is done. A batch that
+    raises is split in halves until the requests that fail on their own are found, so one
+    row that breaks the engine does not take its batch with it.
     """
 
     def __init__(self, *, config: Config):
@@ -149,16 +161,24 @@ class BatchEngine(Engine):
                     self._pending.put(None)
                     break
                 batch.append(item)
-            try:
-                results = self.generate_batch([req for req, _, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{self.name}.generate_batch returned {len(results)} "
-                                       f"results for {len(batch)} requests")
-                outcome = [(fut, loop, r, None) for (_, fut, loop), r in zip(batch, results, strict=True)]
-            except Exception as e:  # the engine failed: every waiting request learns why
-                outcome = [(fut, loop, None, e) for _, fut, loop in batch]
-            for fut, loop, result, error in outcome:
-                loop.call_soon_threadsafe(_settle, fut, result, error)
+            results = self._isolating([req for req, _, _ in batch])
+            self.beat()
+            for (_, fut, loop), result in zip(batch, results, strict=True):
+                loop.call_soon_threadsafe(_settle, fut, result)
+
+    def _isolating(self, requests: list[Request]) -> list[Result | Exception]:
+        """generate_batch, bisecting a batch that raises down to the requests that fail alone."""
+        try:
+            results = self.generate_batch(requests)
+            if len(results) != len(requests):
+                raise RuntimeError(f"{self.name}.generate_batch returned {len(results)} results "
+                                   f"for {len(requests)} requests")
+            return results
+        except Exception as e:
+            if len(requests) == 1:
+                return [e]
+            half = len(requests) // 2
+            return self._isolating(requests[:half]) + self._isolating(requests[half:])
 
     def shutdown(self) -> None:
         if self._thread is not None:
@@ -167,10 +187,10 @@ class BatchEngine(Engine):
             self._thread = None
 
 
-def _settle(future: asyncio.Future, result: Result | None, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, result: Result | Exception) -> None:
     if future.done():
         return
-    if error is not None:
-        future.set_exception(error)
+    if isinstance(result, Exception):
+        future.set_exception(result)
     else:
         future.set_result(result)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from batchinfer import models
 from batchinfer.config import Config
@@ -84,6 +84,7 @@ class TransformersEngine(BatchEngine):
                 max_new_tokens=max(limits),
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids),
+                stopping_criteria=StoppingCriteriaList([_StepBeat(self)]),
                 **kwargs,
             )
         new = out[:, width:].tolist()
@@ -103,3 +104,14 @@ class TransformersEngine(BatchEngine):
                 text, finish = text[:cut], "stop"
         return Result(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
                       completion_tokens=len(tokens))
+
+
+class _StepBeat(StoppingCriteria):
+    """Moves the engine's heartbeat at every decoding step; never stops generation."""
+
+    def __init__(self, engine: TransformersEngine):
+        self.engine = engine
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.engine.beat()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -15,6 +15,7 @@ Two modes:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -271,6 +272,10 @@ class TrtLlmEngine(Engine):
             output = await pending
         except self.api.RequestError as e:  # this request failed; the engine goes on
             return Result.failed("request_failed", str(e).splitlines()[0], n)
+        except asyncio.CancelledError:  # past its deadline, or its shard was given up
+            pending.abort()
+            raise
+        self.beat()
         return to_result(output)
 
     def shutdown(self) -> None:
