@@ -45,9 +45,31 @@ def ray_head(tmp_path_factory, model_folder):
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_http(f"{address}/api/version", proc, log, timeout=120)
+        wait_for_job_agent(address, proc, log, timeout=180)
         yield address
     finally:
         stop_process_session(proc)
+
+
+def wait_for_job_agent(address: str, proc: subprocess.Popen, log, timeout: float) -> None:
+    """The dashboard answers before the head's job agent registers, and the head gives a
+    submission only 10 s to find it: submit a no-op job until it is taken and has run."""
+    deadline = time.monotonic() + timeout
+    body = json.dumps({"entrypoint": "true", "submission_id": "bi-agent-ready"}).encode()
+    while True:
+        request = urllib.request.Request(f"{address}/api/jobs/", data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=30)
+            break
+        except OSError as e:  # HTTPError 500 "No available agent to submit job" while it starts
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"job agent at {address} not ready ({e}):\n{log.read_text()}") \
+                    from None
+            time.sleep(1)
+    status = wait_status(address, "bi-agent-ready", {"SUCCEEDED", "FAILED", "STOPPED"},
+                         max(deadline - time.monotonic(), 60))
+    assert status == "SUCCEEDED", ray_job(address, "logs", "bi-agent-ready").stdout
 
 
 def ray_job(address: str, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
