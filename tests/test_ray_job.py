@@ -35,11 +35,17 @@ JOB_ENV = {**os.environ, **S3_ENV, "RAY_AUTH_MODE": "disabled"}
 def ray_head(tmp_path_factory, model_folder):
     """`ray start --head --block` on 127.0.0.1, stopped by its own session id at teardown."""
     port, dashboard = free_port(), free_port()
+    # Every port of its own: the session's ray.init() cluster already holds Ray's defaults
+    # (the dashboard agent's 52365 among them), and a head whose agent cannot bind it
+    # never takes a job.
+    agent_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port")]
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
     proc = subprocess.Popen(
         [*RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true"],
+         "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true", *agent_ports],
         env={**JOB_ENV, **WORKER_ENV}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
         start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
