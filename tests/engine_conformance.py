@@ -42,7 +42,15 @@ class EngineHost:
     def __init__(self, backend: str, config):
         from batchinfer.engines import get_engine_class
 
-        self.engine = get_engine_class(backend)(config=config)
+        self.engine_class = get_engine_class(backend)
+        self.engine = self.engine_class(config=config)
+
+    async def rebuild(self, config) -> tuple[int, int]:
+        """Shut the engine down and build it again with other settings, in this process
+        (as a worker restarts its engine in place)."""
+        self.engine.shutdown()
+        self.engine = self.engine_class(config=config)
+        return await self.limits()
 
     async def limits(self) -> tuple[int, int]:
         return self.engine.max_model_len, self.engine.max_prompt_len
@@ -62,6 +70,12 @@ class RayEngine:
 
         self.actor = ray.remote(EngineHost).options(**actor_options).remote(backend, config)
         self.max_model_len, self.max_prompt_len = ray.get(self.actor.limits.remote())
+
+    def rebuild(self, config) -> RayEngine:
+        import ray
+
+        self.max_model_len, self.max_prompt_len = ray.get(self.actor.rebuild.remote(config))
+        return self
 
     def run(self, prompts: list[list[int]]) -> list[Result]:
         import ray

@@ -381,25 +381,26 @@ def test_in_flight_window_spans_shards(tmp_path, model_folder, trtllm_double):
 
 @pytest.fixture(scope="class")
 def ray_trtllm_engines(tmp_path_factory, model_folder, ray_cluster):
-    """trtllm engines in Ray workers, by settings; one alive at a time (the cluster has two GPUs)."""
+    """A trtllm engine in one Ray worker, rebuilt in place when a test asks for other settings."""
     tmp_path = tmp_path_factory.mktemp("trtllm-conformance")
-    made = {}
+    host: dict[str, RayEngine] = {}
+    current: list[str] = []
 
     def make(**overrides):
         key = json.dumps(overrides, sort_keys=True)
-        if key not in made:
-            for old in made.values():
-                old.shutdown()
-            made.clear()
-            engine = {k: overrides.pop(k) for k in ("max_model_len",) if k in overrides}
-            trtllm = {"max_input_len": engine["max_model_len"] - 1} if engine else {}
-            cfg = trt(tmp_path, model_folder, engine=engine, trtllm=trtllm, sampling=overrides)
-            made[key] = RayEngine("trtllm", cfg, num_gpus=1, runtime_env=TRTLLM_DOUBLE_ENV)
-        return made[key]
+        engine = {k: overrides.pop(k) for k in ("max_model_len",) if k in overrides}
+        trtllm = {"max_input_len": engine["max_model_len"] - 1} if engine else {}
+        cfg = trt(tmp_path, model_folder, engine=engine, trtllm=trtllm, sampling=overrides)
+        if "engine" not in host:
+            host["engine"] = RayEngine("trtllm", cfg, num_gpus=1, runtime_env=TRTLLM_DOUBLE_ENV)
+        elif current != [key]:
+            host["engine"].rebuild(cfg)
+        current[:] = [key]
+        return host["engine"]
 
     yield make
-    for e in made.values():
-        e.shutdown()
+    if "engine" in host:
+        host["engine"].shutdown()
 
 
 class TestTrtLlmEngineInRay(EngineConformance):
