@@ -191,7 +191,7 @@ def test_driver_sigkilled_at_any_point_then_rerun_is_exactly_once(tmp_path, driv
     write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=20, row_group_size=5)
     worker_env = {"PYTHONPATH": str(REPO)}
     if point == "part-committed":  # hold a worker between its part and its commit record
-        worker_env["BATCHINFER_FAULT"] = "part-committed#2:pause=12"
+        worker_env["BATCHINFER_FAULT"] = "part-committed#2:pause=8"
     cfg = make_config(tmp_path, run={"num_workers": 1, "rows_per_shard": 5,
                                      "runtime_env": {"env_vars": worker_env}},
                       sampling={"max_tokens": 2})

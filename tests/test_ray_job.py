@@ -54,7 +54,7 @@ def ray_head(tmp_path_factory, model_folder):
         wait_for_job_agent(address, proc, log, timeout=180)
         yield address
     finally:
-        stop_process_session(proc)
+        stop_process_session(proc, grace=3)  # a test cluster: nothing to drain
 
 
 def wait_for_job_agent(address: str, proc: subprocess.Popen, log, timeout: float) -> None:
@@ -139,7 +139,7 @@ def test_ray_job_submit_runs_the_job(tmp_path, ray_head):
 
 
 def test_ray_job_stop_is_clean_and_resubmit_finishes_exactly_once(tmp_path, ray_head):
-    config = job_config(tmp_path, rows_per_file=60, shards_per_worker=1)
+    config = job_config(tmp_path, rows_per_file=40, shards_per_worker=1)  # 16 shards of 5
     submit(ray_head, "bi-stop-1", config, runtime_env(tmp_path, 60))
     out = tmp_path / "out"
 
@@ -157,16 +157,16 @@ def test_ray_job_stop_is_clean_and_resubmit_finishes_exactly_once(tmp_path, ray_
     assert "SIGTERM received: finishing shards in flight" in logs
     assert "batchinfer: interrupted" in logs  # a clean exit with a summary, not a SIGKILL
     at_stop = parts()
-    assert 2 <= len(at_stop) < 24
+    assert 2 <= len(at_stop) < 16
     status = json.loads((out / "_batchinfer" / "status.json").read_text())
     assert status["state"] == "interrupted"
 
     submit(ray_head, "bi-stop-2", config, runtime_env(tmp_path, 60))
     assert wait_status(ray_head, "bi-stop-2", {"SUCCEEDED", "FAILED", "STOPPED"}, 400) == "SUCCEEDED"
     logs = ray_job(ray_head, "logs", "bi-stop-2").stdout
-    assert f"{24 - len(at_stop)} of 24 shards to do" in logs
+    assert f"{16 - len(at_stop)} of 16 shards to do" in logs
     df = pd.read_parquet(out)
-    assert sorted(df.id) == [f"q{i:06d}" for i in range(120)], "every row exactly once"
+    assert sorted(df.id) == [f"q{i:06d}" for i in range(80)], "every row exactly once"
 
 
 def test_nightly_config_fired_twice_for_one_date_does_inference_once(tmp_path, s3, driver):
