@@ -1,15 +1,13 @@
 """The transformers backend: static batches with `model.generate`, on the CPU or CUDA.
 
 It is the embedded default (the SmolLM2 alias runs on two CPU cores) and a reference
-implementation of `BatchEngine`.
+implementation of `BatchEngine`. torch and transformers are imported when an engine is
+built, not with this module: the driver imports it for the class's hooks and needs neither.
 """
 
 from __future__ import annotations
 
 import logging
-
-import torch
-from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from batchinfer import models
 from batchinfer.config import Config
@@ -18,19 +16,23 @@ from batchinfer.prompts import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes engine.dtype may give
 
 
 class TransformersEngine(BatchEngine):
     name = "transformers"
 
     def __init__(self, *, config: Config):
+        import torch
+        from transformers import AutoModelForCausalLM
+
         super().__init__(config=config)
         sampling, config = config.sampling, config.engine
         ref = models.resolve(config.model)
         folder = models.materialize(ref, config.cache_dir)
         self.device = self._device(config.device)
-        dtype = DTYPES.get(config.dtype) or (torch.bfloat16 if self.device == "cuda" else torch.float32)
+        dtype = (getattr(torch, config.dtype) if config.dtype in DTYPES
+                 else torch.bfloat16 if self.device == "cuda" else torch.float32)
         self.tokenizer = load_tokenizer(config)
         self.model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, trust_remote_code=config.trust_remote_code
@@ -49,6 +51,8 @@ class TransformersEngine(BatchEngine):
 
     @staticmethod
     def _device(choice: str) -> str:
+        import torch
+
         if choice == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("engine.device is 'cuda' but torch sees no CUDA GPU here")
         if choice == "auto":
@@ -60,6 +64,9 @@ class TransformersEngine(BatchEngine):
         return self._max_model_len
 
     def generate_batch(self, requests: list[Request]) -> list[Result]:
+        import torch
+        from transformers import StoppingCriteriaList
+
         lengths = [len(r.prompt_token_ids) for r in requests]
         width = max(lengths)
         # Each row may generate up to max_tokens but never past the model length.
@@ -106,12 +113,18 @@ class TransformersEngine(BatchEngine):
                       completion_tokens=len(tokens))
 
 
-class _StepBeat(StoppingCriteria):
-    """Moves the engine's heartbeat at every decoding step; never stops generation."""
+class _StepBeat:
+    """Moves the engine's heartbeat at every decoding step; never stops generation.
+
+    A stopping criterion to `generate` (called as `criterion(input_ids, scores)`), without
+    transformers' `StoppingCriteria` base class so that this module imports neither library.
+    """
 
     def __init__(self, engine: TransformersEngine):
         self.engine = engine
 
     def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
         self.engine.beat()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
