@@ -183,13 +183,11 @@ def build_engine(cfg: Config) -> dict[str, str]:
     preflight(cfg)
     import ray
 
-    from batchinfer.engines.trtllm import ensure_engine
-    from batchinfer.scheduler import gpu_task_options
+    from batchinfer.engines.trtllm import ensure_engine_on_cluster
 
     owns_ray = _connect_ray(cfg)
     try:
-        task = ray.remote(ensure_engine).options(**gpu_task_options(cfg))
-        return _unwrap(lambda: ray.get(task.remote(cfg)))
+        return _unwrap(lambda: ensure_engine_on_cluster(cfg))
     finally:
         if owns_ray:
             ray.shutdown()

@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 # read): run the executor worker in this process instead of spawning an MPI worker, the
 # right shape when one Ray actor owns one GPU.
 TRTLLM_ENV = {"TLLM_WORKER_USE_SINGLE_PROCESS": "1"}
-INSTALL = ("pip install tensorrt-llm==1.2.1 --extra-index-url https://pypi.nvidia.com "
-           "(Linux x86_64/aarch64 with CUDA; see README 'Running on L40S')")
 
 
 def import_api() -> types.SimpleNamespace:
@@ -213,11 +211,7 @@ class TrtLlmEngine(Engine):
         so a missing or mismatched engine stops the run before any worker starts."""
         if config.trtllm.mode != "engine":
             return
-        import ray
-
-        from batchinfer.scheduler import gpu_task_options
-
-        info = ray.get(ray.remote(ensure_engine).options(**gpu_task_options(config)).remote(config))
+        info = ensure_engine_on_cluster(config)
         log.info("engine %s: %s (%s)", info["key"], info["how"], info["gpu"])
 
     def __init__(self, *, config: Config):
@@ -231,8 +225,9 @@ class TrtLlmEngine(Engine):
             self.engine_source = "checkpoint"
             build_config: dict[str, Any] = {}
         else:
-            engine_dir, self.engine_source = locate_engine(config, api)
-            build_config = artifacts.check_compat(engine_dir, artifacts.detect_gpu(), api.version)["build_config"]
+            engine_dir, _, self.engine_source, engine_config = find_engine(
+                config, api, artifacts.detect_gpu())
+            build_config = engine_config["build_config"]
             self.llm = api.EngineLLM(model=str(engine_dir), **runtime_args(config, api))
         self._max_model_len = (build_config.get("max_seq_len") or config.engine.max_model_len
                                or _context_length(config))
@@ -287,13 +282,16 @@ def _context_length(cfg: Config) -> int:
     return json.loads(config.read_text()).get("max_position_embeddings", 8192)
 
 
-def locate_engine(cfg: Config, api: Any) -> tuple[Path, str]:
-    """The engine folder to load on this worker, and how it got here."""
+def find_engine(cfg: Config, api: Any, gpu: artifacts.GpuIdentity) -> tuple[Path, str, str, dict]:
+    """The engine folder for this node (trtllm.engine_dir, or the cached engine fetched or
+    built on a miss), its key, how it got here, and its config.json, checked against this
+    GPU and TensorRT-LLM version."""
     if cfg.trtllm.engine_dir:
-        return Path(cfg.trtllm.engine_dir), "engine_dir"
-    folder, _, how = artifacts.resolve(cfg, artifacts.detect_gpu(), api.version,
-                                       build=lambda out: build_engine(cfg, api, out))
-    return folder, how
+        folder, key, how = Path(cfg.trtllm.engine_dir), cfg.trtllm.engine_dir, "engine_dir"
+    else:
+        folder, key, how = artifacts.resolve(cfg, gpu, api.version,
+                                             build=lambda out: build_engine(cfg, api, out))
+    return folder, key, how, artifacts.check_compat(folder, gpu, api.version)
 
 
 def build_engine(cfg: Config, api: Any, out: Path) -> None:
@@ -310,10 +308,17 @@ def ensure_engine(cfg: Config) -> dict[str, str]:
     """A GPU task: make sure this node (and the shared cache) has the engine; say how."""
     api = import_api()
     gpu = artifacts.detect_gpu()
-    if cfg.trtllm.engine_dir:
-        artifacts.check_compat(Path(cfg.trtllm.engine_dir), gpu, api.version)
-        return {"key": cfg.trtllm.engine_dir, "how": "engine_dir", "gpu": gpu.describe()}
-    folder, key, how = artifacts.resolve(cfg, gpu, api.version,
-                                         build=lambda out: build_engine(cfg, api, out))
-    artifacts.check_compat(folder, gpu, api.version)
-    return {"key": key, "how": how, "gpu": gpu.describe(), "folder": str(folder)}
+    folder, key, how, _ = find_engine(cfg, api, gpu)
+    info = {"key": key, "how": how, "gpu": gpu.describe()}
+    if not cfg.trtllm.engine_dir:
+        info["folder"] = str(folder)
+    return info
+
+
+def ensure_engine_on_cluster(cfg: Config) -> dict[str, str]:
+    """Run `ensure_engine` as a Ray task on a GPU of the workers' type and return its answer."""
+    import ray
+
+    from batchinfer.scheduler import gpu_task_options
+
+    return ray.get(ray.remote(ensure_engine).options(**gpu_task_options(cfg)).remote(cfg))
