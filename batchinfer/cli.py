@@ -122,7 +122,8 @@ def format_summary(m: dict[str, Any], *, did_work: bool = True) -> str:
 def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     """Show the files, rows and shards CONFIG would run, and one rendered prompt.
 
-    Reads only Parquet footers and the first row; starts no engine and writes nothing.
+    Reads Parquet footers, the first row, and with input.id_column the ids (to check they
+    are unique); starts no engine and writes nothing.
     """
     from batchinfer import plan as planning
     from batchinfer.store import RunStore

@@ -56,8 +56,8 @@ class _Slot:
     actor: Any
     leases: set = field(default_factory=set)
     """Refs of the shards this worker holds."""
-    ready: bool = True
     ready_ref: Any = None
+    """The pending ready() call of a replacement actor; None once the actor is ready."""
     created: float = field(default_factory=time.monotonic)
     replacements: int = 0
     progress_ref: Any = None
@@ -65,6 +65,10 @@ class _Slot:
     heartbeat: Any = None
     last_progress: float = field(default_factory=time.monotonic)
     """When the engine last moved (or got work while idle); the hang watchdog reads this."""
+
+    @property
+    def ready(self) -> bool:
+        return self.ready_ref is None
 
 
 @dataclass
@@ -123,8 +127,6 @@ class Scheduler:
                 log.warning("waiting for workers: %d/%d ready (each asks for %s)",
                             len(infos), len(self.slots), self._resources())
                 next_note = now + 30
-        for slot in self.slots:
-            slot.last_progress = time.monotonic()
         return sorted(infos, key=lambda i: i["worker"])
 
     def _resources(self) -> str:
@@ -155,7 +157,7 @@ class Scheduler:
         except Exception:
             pass
         slot.actor = self._new_actor(slot.index)
-        slot.ready, slot.ready_ref, slot.created = False, slot.actor.ready.remote(), time.monotonic()
+        slot.ready_ref, slot.created = slot.actor.ready.remote(), time.monotonic()
         slot.progress_ref, slot.heartbeat = None, None
 
     # ------------------------------------------------------------------ the loop
@@ -302,7 +304,7 @@ class Scheduler:
         except (RayActorError, RayTaskError) as e:
             self._replace(slot, f"the replacement failed to start: {_reason(e)}")
             return
-        slot.ready, slot.last_progress = True, time.monotonic()
+        slot.last_progress = time.monotonic()
 
     def _watchdog(self) -> None:
         now = time.monotonic()
