@@ -1,6 +1,6 @@
 """Shared fixtures: one local Ray cluster per session, the real small model, config helpers.
 
-Tiers: pure unit tests use no fixture here; engine tests use `tokenizer`/`engine_factory`
+Tiers: pure unit tests use no fixture here; engine tests use `tokenizer`/`encode`
 (the real SmolLM2 model on the CPU); integration tests use `ray_cluster`; tests marked
 `slow` run `batchinfer` as real subprocesses.
 """
@@ -44,6 +44,24 @@ def model_folder() -> str:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(model_folder):
+    from batchinfer.config import EngineConfig
+    from batchinfer.prompts import load_tokenizer
+
+    return load_tokenizer(EngineConfig())
+
+
+@pytest.fixture(scope="session")
+def encode(tokenizer):
+    """text -> the token ids of the default chat prompt for it."""
+    from batchinfer.config import InputConfig
+    from batchinfer.prompts import PromptBuilder
+
+    builder = PromptBuilder(tokenizer, InputConfig())
+    return lambda text: builder.encode([text])[0]
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(model_folder):
     """A local Ray cluster for the whole session; yields its address for subprocess drivers.
 
@@ -72,6 +90,41 @@ def make_config(tmp_path: Path, **sections) -> Config:
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
     return config_from_dict(raw)
+
+
+def ids_of(n: int) -> list[str]:
+    """The ids `write_sample_prompts` gives n rows."""
+    return [f"q{i:06d}" for i in range(n)]
+
+
+def assert_exactly_once(out, n: int):
+    """The results (a DataFrame, or a local output folder to read) hold each of n ids once."""
+    import pandas as pd
+
+    df = out if isinstance(out, pd.DataFrame) else pd.read_parquet(out)
+    assert sorted(df.id) == ids_of(n), "every input row exactly once"
+    return df
+
+
+def part_stats(out: Path) -> dict[str, tuple[int, int]]:
+    """part name -> (inode, mtime) of every result part in a local output folder."""
+    if not out.exists():
+        return {}
+    return {p: (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns)
+            for p in sorted(os.listdir(out)) if p.startswith("part-")}
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None,
+             details=lambda: "") -> None:
+    """Poll until predicate() holds; fail at the deadline, or at once if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} while waiting for {what}\n"
+                                 + details())
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n" + details())
+        time.sleep(0.2)
 
 
 def write_yaml(path: Path, cfg: Config) -> Path:
@@ -183,7 +236,6 @@ class S3:
         self.endpoint = endpoint
         self.bucket = BUCKET
         self.fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-        self.options = {"client_kwargs": {"endpoint_url": endpoint}}
 
     def url(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"

@@ -25,7 +25,6 @@ class FlakyProxy:
         self.upstream = urlsplit(upstream)
         self.seen: set[tuple[str, str]] = set()
         self.injected: dict[int, int] = {503: 0, 500: 0}
-        self.forwarded = 0
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -62,8 +61,6 @@ class FlakyProxy:
                     if first:
                         status, code, message = ERRORS[sum(proxy.injected.values()) % len(ERRORS)]
                         proxy.injected[status] += 1
-                    else:
-                        proxy.forwarded += 1
                 if first:
                     payload = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
                                f"<Message>{message}</Message></Error>").encode()

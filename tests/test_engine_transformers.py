@@ -6,23 +6,11 @@ import dataclasses
 
 import pytest
 
-from batchinfer.config import EngineConfig, InputConfig, config_from_dict
+from batchinfer.config import EngineConfig, config_from_dict
 from batchinfer.engines import get_engine_class
-from batchinfer.prompts import PromptBuilder, load_tokenizer
 from tests.engine_conformance import EngineConformance, LocalEngine
 
 ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_folder):
-    return load_tokenizer(EngineConfig())
-
-
-@pytest.fixture(scope="module")
-def encode(tokenizer):
-    builder = PromptBuilder(tokenizer, InputConfig())
-    return lambda text: builder.encode([text])[0]
 
 
 @pytest.fixture(scope="module")

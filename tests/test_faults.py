@@ -15,42 +15,24 @@ import signal
 import threading
 import time
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batchinfer import runner
 from batchinfer.samples import write_sample_prompts
-from tests.conftest import REPO, make_config, write_yaml
+from tests.conftest import (
+    REPO,
+    assert_exactly_once,
+    ids_of,
+    make_config,
+    part_stats,
+    wait_for,
+    write_yaml,
+)
 from tests.fault_engines import MARKER_ENV
 
 pytestmark = pytest.mark.slow
-
-
-def ids_of(n: int) -> list[str]:
-    return [f"q{i:06d}" for i in range(n)]
-
-
-def assert_exactly_once(out, n: int) -> pd.DataFrame:
-    df = pd.read_parquet(out)
-    assert sorted(df.id) == ids_of(n), "every input row exactly once"
-    return df
-
-
-def parts(out) -> dict[str, tuple[int, int]]:
-    if not out.exists():
-        return {}
-    return {p: (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns)
-            for p in os.listdir(out) if p.startswith("part-")}
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def engine_config(tmp_path, backend: str, marker=None, **sections):
@@ -82,9 +64,9 @@ def test_worker_sigkilled_mid_shard(tmp_path, ray_cluster):
     thread = threading.Thread(target=lambda: result.append(runner.run(cfg, progress=False)))
     thread.start()
     status = tmp_path / "out" / "_batchinfer" / "status.json"
-    wait_until(lambda: status.exists() and json.loads(status.read_text())["workers"], 300, "workers")
+    wait_for(lambda: status.exists() and json.loads(status.read_text())["workers"], 300, "workers")
     workers = json.loads(status.read_text())["workers"]  # pids the driver recorded, this run's own
-    wait_until(lambda: len(parts(tmp_path / "out")) >= 1, 300, "a first commit")
+    wait_for(lambda: len(part_stats(tmp_path / "out")) >= 1, 300, "a first commit")
     os.kill(workers[0]["pid"], signal.SIGKILL)
     thread.join(timeout=600)
     report = result[0]
@@ -171,14 +153,14 @@ def test_shard_that_always_fails_ends_partial_and_a_rerun_retries_only_it(tmp_pa
     assert "died" in report.manifest["failed_shards"][0]["reason"]
     assert report.manifest["rows"]["missing"] == 5
     assert not (tmp_path / "out" / "_SUCCESS").exists()
-    before = parts(tmp_path / "out")
+    before = part_stats(tmp_path / "out")
     assert len(before) == 3
 
     marker.unlink()  # the cause is fixed
     rerun = runner.run(cfg, progress=False)
     assert (rerun.status, rerun.exit_code) == ("complete", 0)
     assert rerun.manifest["this_run"]["shards"] == 1
-    after = parts(tmp_path / "out")
+    after = part_stats(tmp_path / "out")
     assert {k: after[k] for k in before} == before
     assert_exactly_once(tmp_path / "out", 20)
 
@@ -203,12 +185,12 @@ def test_driver_sigkilled_at_any_point_then_rerun_is_exactly_once(tmp_path, driv
     if point == "part-committed":
         def held():
             done = {r.name.removesuffix(".json") for r in records.iterdir()} if records.exists() else set()
-            return any(p.removesuffix(".parquet") not in done for p in parts(out))
-        wait_until(held, 300, "a part without its commit record")
+            return any(p.removesuffix(".parquet") not in done for p in part_stats(out))
+        wait_for(held, 300, "a part without its commit record", first.proc, first.output)
         first.kill_group()
     code = first.wait(timeout=300)
     assert code == -signal.SIGKILL, first.output()
-    survived = parts(out)
+    survived = part_stats(out)
     if point == "planning":
         assert not (out / "_batchinfer" / "plan.json").exists() and not survived
     if point == "manifest":
@@ -217,7 +199,7 @@ def test_driver_sigkilled_at_any_point_then_rerun_is_exactly_once(tmp_path, driv
     second = driver("run", config, "--no-progress")
     assert second.wait(timeout=300) == 0, second.output()
     assert_exactly_once(out, 20)
-    after = parts(out)
+    after = part_stats(out)
     assert {k: after[k] for k in survived} == survived  # committed before the kill: untouched
     manifest = json.loads((out / "_batchinfer" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["rows"]["ok"] == 20
@@ -231,14 +213,14 @@ def test_sigterm_stops_cleanly_and_the_run_resumes(tmp_path, driver):
     config = str(write_yaml(tmp_path / "job.yaml", cfg))
     out = tmp_path / "out"
     first = driver("run", config, "--no-progress")
-    wait_until(lambda: len(parts(out)) >= 1, 300, "a first commit")
+    wait_for(lambda: len(part_stats(out)) >= 1, 300, "a first commit", first.proc, first.output)
     first.proc.send_signal(signal.SIGTERM)
     assert first.wait(timeout=120) == 1, first.output()
     assert "SIGTERM received: finishing shards in flight" in first.output()
     assert "batchinfer: interrupted" in first.output()
     status = json.loads((out / "_batchinfer" / "status.json").read_text())
     assert status["state"] == "interrupted"
-    assert 1 <= len(parts(out)) < 8
+    assert 1 <= len(part_stats(out)) < 8
 
     second = driver("run", config, "--no-progress")
     assert second.wait(timeout=300) == 0, second.output()

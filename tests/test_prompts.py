@@ -2,13 +2,8 @@
 
 import pytest
 
-from batchinfer.config import EngineConfig, InputConfig
-from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizer(model_folder):
-    return load_tokenizer(EngineConfig())
+from batchinfer.config import InputConfig
+from batchinfer.prompts import PromptBuilder, RowError
 
 
 def test_prompt_goes_through_the_chat_template(tokenizer):

@@ -18,9 +18,12 @@ from tests.conftest import (
     REPO,
     S3_ENV,
     WORKER_ENV,
+    assert_exactly_once,
     free_port,
     make_config,
+    part_stats,
     stop_process_session,
+    wait_for,
     wait_for_http,
     write_yaml,
 )
@@ -134,29 +137,22 @@ def test_ray_job_submit_runs_the_job(tmp_path, ray_head):
     assert "4 of 4 shards to do" in logs and "batchinfer: complete" in logs
     assert "progress: " in logs and " rows (" in logs  # periodic progress lines in the job log
     assert "rows     20 ok, 0 failed" in logs
-    df = pd.read_parquet(tmp_path / "out")
-    assert sorted(df.id) == [f"q{i:06d}" for i in range(20)]
+    assert_exactly_once(tmp_path / "out", 20)
 
 
 def test_ray_job_stop_is_clean_and_resubmit_finishes_exactly_once(tmp_path, ray_head):
     config = job_config(tmp_path, rows_per_file=40, shards_per_worker=1)  # 16 shards of 5
     submit(ray_head, "bi-stop-1", config, runtime_env(tmp_path, 60))
     out = tmp_path / "out"
-
-    def parts():
-        return sorted(p for p in os.listdir(out) if p.startswith("part-")) if out.exists() else []
-
-    deadline = time.monotonic() + 300
-    while len(parts()) < 2:
-        assert time.monotonic() < deadline, ray_job(ray_head, "logs", "bi-stop-1").stdout
-        time.sleep(0.5)
+    wait_for(lambda: len(part_stats(out)) >= 2, 300, "2 committed shards",
+             details=lambda: ray_job(ray_head, "logs", "bi-stop-1").stdout)
     stopped = ray_job(ray_head, "stop", "bi-stop-1", timeout=180)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert wait_status(ray_head, "bi-stop-1", {"STOPPED", "FAILED", "SUCCEEDED"}, 120) == "STOPPED"
     logs = ray_job(ray_head, "logs", "bi-stop-1").stdout
     assert "SIGTERM received: finishing shards in flight" in logs
     assert "batchinfer: interrupted" in logs  # a clean exit with a summary, not a SIGKILL
-    at_stop = parts()
+    at_stop = part_stats(out)
     assert 2 <= len(at_stop) < 16
     status = json.loads((out / "_batchinfer" / "status.json").read_text())
     assert status["state"] == "interrupted"
@@ -165,8 +161,7 @@ def test_ray_job_stop_is_clean_and_resubmit_finishes_exactly_once(tmp_path, ray_
     assert wait_status(ray_head, "bi-stop-2", {"SUCCEEDED", "FAILED", "STOPPED"}, 400) == "SUCCEEDED"
     logs = ray_job(ray_head, "logs", "bi-stop-2").stdout
     assert f"{16 - len(at_stop)} of 16 shards to do" in logs
-    df = pd.read_parquet(out)
-    assert sorted(df.id) == [f"q{i:06d}" for i in range(80)], "every row exactly once"
+    assert_exactly_once(out, 80)
 
 
 def test_nightly_config_fired_twice_for_one_date_does_inference_once(tmp_path, s3, driver):
@@ -192,5 +187,4 @@ def test_nightly_config_fired_twice_for_one_date_does_inference_once(tmp_path, s
     assert "workers ready" not in second.output()  # no engine was started
     s3.fs.invalidate_cache()
     assert {i["name"]: i["ETag"] for i in s3.fs.ls(results, detail=True) if i["type"] == "file"} == before
-    df = pd.read_parquet(results, filesystem=s3.fs)
-    assert sorted(df.id) == [f"q{i:06d}" for i in range(8)]
+    assert_exactly_once(pd.read_parquet(results, filesystem=s3.fs), 8)

@@ -17,14 +17,9 @@ from batchinfer.plan import InputError
 from batchinfer.runner import RunRefused
 from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
-from tests.conftest import REPO, make_config, write_yaml
+from tests.conftest import REPO, ids_of, make_config, part_stats, write_yaml
 
 RESULT_COLUMNS = ["output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s", "error"]
-
-
-def part_stats(out):
-    return {p: (os.stat(out / p).st_ino, os.stat(out / p).st_mtime_ns)
-            for p in sorted(os.listdir(out)) if p.startswith("part-")}
 
 
 def test_run_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
@@ -137,7 +132,7 @@ def test_two_workers_commit_the_same_shard_concurrently_one_wins(tmp_path, ray_c
     winner = next(s for s in summaries if s["won"])
     assert all(s["worker"] == winner["worker"] for s in summaries)  # the loser reports the winner's part
     df = pd.read_parquet(tmp_path / "out")
-    assert sorted(df.id) == [f"q{i:06d}" for i in range(6)]
+    assert sorted(df.id) == ids_of(6)
     assert os.listdir(tmp_path / "out" / "_batchinfer" / "staging") == []
 
 

@@ -16,7 +16,7 @@ from batchinfer.plan import make_plan
 from batchinfer.samples import write_sample_prompts
 from batchinfer.storage import StorageError
 from batchinfer.store import RunStore
-from tests.conftest import BUCKET, REPO, make_config, write_yaml
+from tests.conftest import BUCKET, REPO, ids_of, make_config, write_yaml
 from tests.flaky_proxy import FlakyProxy
 from tests.test_store import part_bytes
 
@@ -50,7 +50,7 @@ def test_s3_prompts_to_s3_results(tmp_path, s3, ray_cluster):
     assert (report.status, report.exit_code) == ("complete", 0)
 
     df = s3.read("out/run/")
-    assert sorted(df.id) == [f"q{i:06d}" for i in range(30)]
+    assert sorted(df.id) == ids_of(30)
     assert df.output.str.len().min() > 0
     keys = s3.keys("out/run/")
     assert "out/run/_SUCCESS" in keys and "out/run/_batchinfer/manifest.json" in keys
@@ -97,7 +97,7 @@ def test_storage_throttling_and_server_errors_are_retried(tmp_path, s3, ray_clus
     assert report.exit_code == 0, report.manifest
     assert proxy.injected[503] > 5 and proxy.injected[500] > 5, proxy.injected
     df = s3.read("out/run/")
-    assert sorted(df.id) == [f"q{i:06d}" for i in range(12)]
+    assert sorted(df.id) == ids_of(12)
 
 
 def test_planning_many_files_on_s3(tmp_path, s3):

@@ -24,7 +24,7 @@ import pytest
 
 from batchinfer import runner
 from batchinfer.config import config_from_dict
-from batchinfer.engines import EngineUnavailable, Request, artifacts
+from batchinfer.engines import EngineUnavailable, artifacts
 from batchinfer.engines.artifacts import EngineArtifactError, GpuIdentity
 from batchinfer.engines.trtllm import (
     build_args,
@@ -34,10 +34,9 @@ from batchinfer.engines.trtllm import (
     sampling_params,
     to_result,
 )
-from batchinfer.prompts import PromptBuilder, load_tokenizer
 from batchinfer.samples import prompt, write_sample_prompts
-from tests.conftest import REPO, TRTLLM_DOUBLE_ENV, write_yaml
-from tests.engine_conformance import EngineConformance, RayEngine
+from tests.conftest import REPO, TRTLLM_DOUBLE_ENV, ids_of, write_yaml
+from tests.engine_conformance import EngineConformance, RayEngine, generate_all
 
 L40S = GpuIdentity("NVIDIA L40S", "sm_89")
 H100 = GpuIdentity("NVIDIA H100 80GB HBM3", "sm_90")
@@ -219,7 +218,6 @@ def test_engine_folders_that_do_not_fit_are_explained(tmp_path, model_folder):
     engine.mkdir()
     fake_build(engine)
     artifacts.write_sidecar(engine, cfg, H100, "1.2.0", "k")
-    json.loads((engine / "config.json").read_text())
     cfgfile = json.loads((engine / "config.json").read_text())
     cfgfile["version"] = "1.2.0"
     (engine / "config.json").write_text(json.dumps(cfgfile))
@@ -299,12 +297,6 @@ def test_a_corrupted_download_is_refused_and_leaves_nothing(tmp_path, model_fold
 # --------------------------------------------------------------------------- the engine in a worker
 
 
-@pytest.fixture
-def encode(model_folder):
-    builder = PromptBuilder(load_tokenizer(config_from_dict({}).engine), config_from_dict({}).input)
-    return lambda text: builder.encode([text])[0]
-
-
 def test_rejections_and_request_failures_are_row_errors(tmp_path, model_folder, trtllm_double, encode):
     from tensorrt_llm.executor import RequestError
 
@@ -318,7 +310,7 @@ def test_rejections_and_request_failures_are_row_errors(tmp_path, model_folder, 
             raise ValueError("The sum of prompt length (9) and query length (0) max_tokens (4) should "
                              "not exceed max_seq_len (8)")
         engine.llm.generate_async = refuse
-        [r] = asyncio.run(_gather(engine, [prompt]))
+        [r] = asyncio.run(generate_all(engine, [prompt]))
         assert r.error.startswith("prompt_too_long: The sum of prompt length (9)")
 
         class Failing:
@@ -327,14 +319,10 @@ def test_rejections_and_request_failures_are_row_errors(tmp_path, model_folder, 
                     raise RequestError("Encountered an error in forwardAsync")
                 return fail().__await__()
         engine.llm.generate_async = lambda inputs, sampling_params: Failing()
-        [r] = asyncio.run(_gather(engine, [prompt]))
+        [r] = asyncio.run(generate_all(engine, [prompt]))
         assert r.error == "request_failed: Encountered an error in forwardAsync"
     finally:
         engine.shutdown()
-
-
-async def _gather(engine, prompts):
-    return await asyncio.gather(*(engine.generate(Request(i, p)) for i, p in enumerate(prompts)))
 
 
 def test_in_flight_window_spans_shards(tmp_path, model_folder, trtllm_double):
@@ -376,7 +364,7 @@ def test_in_flight_window_spans_shards(tmp_path, model_folder, trtllm_double):
         worker.shutdown()
     assert [s["rows_ok"] for s in summaries] == [5, 5]
     assert [shard_of[tuple(ids)] for ids in submitted[:8]] == [0] * 5 + [1] * 3
-    assert sorted(pd.read_parquet(tmp_path / "out").id) == [f"q{i:06d}" for i in range(10)]
+    assert sorted(pd.read_parquet(tmp_path / "out").id) == ids_of(10)
 
 
 @pytest.fixture(scope="class")
@@ -452,7 +440,7 @@ def test_job_on_trtllm_workers_downloads_the_engine_once_per_node(tmp_path, mode
     report = runner.run(cfg, progress=False)
     assert report.exit_code == 0, report.manifest
     df = pd.read_parquet(tmp_path / "out")
-    assert sorted(df.id) == [f"q{i:06d}" for i in range(40)]
+    assert sorted(df.id) == ids_of(40)
     assert df.output.str.len().min() > 0 and set(df.finish_reason) <= {"stop", "length"}
     assert TrtLlmEngine.name == "trtllm"
 
