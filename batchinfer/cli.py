@@ -1,7 +1,8 @@
 """The `batchinfer` command: a thin click layer over config, plan, runner and store.
 
-Exit codes: 0 complete, 3 partial (some rows or shards failed), 1 failed or interrupted,
-2 bad usage, config or inputs (fix something before rerunning).
+Exit codes: 0 complete, 3 partial (some rows or shards failed), 1 failed or interrupted
+(rerun to resume), 2 bad usage, config, inputs or output (fix something before rerunning),
+4 another live driver holds the run (this one did nothing; not an error for a scheduler).
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 import traceback
 from typing import Any
 
 import click
 
 from batchinfer import config as config_mod, runner
-from batchinfer.runner import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from batchinfer.lease import LeaseLost, RunBusy
+from batchinfer.runner import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("batchinfer")
 
@@ -50,7 +51,9 @@ def main(verbose: bool) -> None:
 
     \b
     Exit codes: 0 complete, 3 partial (some rows or shards failed),
-                1 failed or interrupted (rerun to resume), 2 bad usage/config/inputs.
+                1 failed or interrupted (rerun to resume),
+                2 bad usage/config/inputs/output (fix, then rerun),
+                4 another live driver holds the run (this one did nothing).
     """
     setup_logging(verbose)
 
@@ -80,6 +83,9 @@ def run_job(cfg: config_mod.Config, *, new_run: bool = False, progress: bool = T
     except runner.USAGE_ERRORS as e:
         click.echo(f"error: {e}", err=True)
         return EXIT_USAGE
+    except (RunBusy, LeaseLost) as e:
+        click.echo(f"batchinfer: {e}", err=True)
+        return EXIT_BUSY
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume", err=True)
         return EXIT_FAILED
@@ -179,10 +185,14 @@ def _first_prompt(cfg: config_mod.Config, p) -> str:
 def status(output_path: str, as_json: bool, config_path: str | None) -> None:
     """Show a run's progress and state from its run directory alone.
 
-    Exit code: that of the finished run (0, 3), 1 while running or unfinished, 2 if
-    OUTPUT_PATH holds no run.
+    \b
+    States: running (a live driver holds it), stale (its driver stopped
+    heartbeating: rerun to resume), interrupted, failed (with the reason),
+    complete, partial, not started.
+    Exit codes: 0 complete, 3 partial, 4 running, 1 stale/interrupted/failed/
+    not started (rerun to resume), 2 no run at OUTPUT_PATH.
     """
-    from batchinfer import storage
+    from batchinfer import lease, storage
     from batchinfer.store import RunStore
 
     storage_cfg = load_or_exit(config_path, ()).storage if config_path else None
@@ -190,43 +200,61 @@ def status(output_path: str, as_json: bool, config_path: str | None) -> None:
     try:
         with storage.errors(output_path, "OUTPUT_PATH"):
             plan = store.read_plan()
+            committed = store.committed() if plan is not None else {}
+            manifest = store.read_manifest()
+            record = store.read_status() or {}
+            holder = lease.read_holder(store.meta)
     except storage.StorageError as e:
         _fail(EXIT_USAGE, str(e))
     if plan is None:
         _fail(EXIT_USAGE, f"no run at {store.url} (expected {store.meta.url}/plan.json)")
-    committed = store.committed()
-    manifest = store.read_manifest()
-    heartbeat = store.read_status() or {}
-    finished = manifest is not None and manifest.get("fingerprint") == plan.fingerprint \
-        and manifest["shards"]["committed"] == len(committed)
-    state = manifest["status"] if finished else heartbeat.get("state", "not started")
+    state, detail = run_state(plan, committed, manifest, record, holder)
     rows_done = sum(s["rows"] for s in committed.values())
     info = {
-        "output": store.url, "state": state,
+        "output": store.url, "state": state, "detail": detail,
         "shards": {"done": len(committed), "total": len(plan.shards)},
         "rows": {"done": rows_done, "total": plan.total_rows,
                  "failed": sum(s["rows_failed"] for s in committed.values())},
-        "updated_at": heartbeat.get("updated_at"), "host": heartbeat.get("host"),
+        "updated_at": record.get("updated_at"),
+        "driver": None if holder is None else {
+            "host": holder.host, "pid": holder.pid, "generation": holder.generation,
+            "last_heartbeat_s": round(holder.age_s(), 1), "released": holder.released},
         "fingerprint": plan.fingerprint,
     }
     if as_json:
         click.echo(json.dumps(info, indent=1))
     else:
         click.echo(f"run      {store.url}")
-        click.echo(f"state    {state}" + _age(heartbeat) if not finished else f"state    {state}")
+        click.echo(f"state    {state}" + (f": {detail}" if detail else ""))
         click.echo(f"shards   {len(committed)}/{len(plan.shards)} committed")
         click.echo(f"rows     {rows_done:,}/{plan.total_rows:,} done, "
                    f"{info['rows']['failed']:,} with errors")
-    sys.exit(runner.exit_code_for(state) if finished else EXIT_FAILED)
+    sys.exit(runner.exit_code_for(state))
 
 
-def _age(heartbeat: dict[str, Any]) -> str:
-    from datetime import datetime
+def run_state(plan, committed: dict, manifest: dict | None, record: dict[str, Any],
+              holder) -> tuple[str, str]:
+    """(state, detail) of a run from its records: the manifest if it describes the parts on
+    record, else the driver lease (live: running; expired or dead: stale), else the last
+    state the driver recorded."""
+    if manifest is not None and manifest.get("fingerprint") == plan.fingerprint \
+            and manifest["shards"]["committed"] == len(committed):
+        return manifest["status"], ""
+    if holder is not None and holder.is_live():
+        return "running", holder.describe()
+    if record.get("state") in ("failed", "interrupted"):
+        return record["state"], (record.get("reason") or "") + "; rerun the same command to resume"
+    if holder is not None and not holder.released:
+        return "stale", (f"driver on {holder.host} (pid {holder.pid}) last seen "
+                         f"{_ago(holder.age_s())} ago; rerun to resume")
+    return ("stale", "no driver is running it; rerun to resume") if committed or record \
+        else ("not started", "")
 
-    if not heartbeat.get("updated_at"):
-        return ""
-    age = time.time() - datetime.fromisoformat(heartbeat["updated_at"]).timestamp()
-    return f" (driver {heartbeat.get('host')}:{heartbeat.get('pid')}, last heartbeat {age:.0f} s ago)"
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 @main.command("build-engine")

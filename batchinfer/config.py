@@ -217,6 +217,8 @@ class RunConfig:
     """On SIGTERM/SIGINT, seconds to let shards in flight commit before exiting."""
     progress_interval_s: Annotated[float, Bound(gt=0)] = 30
     """Seconds between progress lines when stderr is not a terminal (job logs, cron)."""
+    driver_lease_s: Annotated[float, Bound(ge=5)] = 60
+    """Seconds a driver's lease on the run lasts unless renewed; a dead driver on another host blocks reruns this long."""
     ray_address: str | None = None
     """Ray cluster to join; default $RAY_ADDRESS, else a fresh local cluster."""
     runtime_env: dict[str, Any] = field(default_factory=dict)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -20,13 +19,15 @@ from typing import Any
 from batchinfer import engines, faults, models, plan as planning, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.engines.artifacts import EngineArtifactError
+from batchinfer.lease import DriverLease, LeaseLost, RunBusy
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
+from batchinfer.signals import SignalWatch
 from batchinfer.store import RunStore
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_BUSY = 0, 1, 2, 3, 4
 STATUS_EVERY_S = 5.0
 
 
@@ -66,7 +67,12 @@ def preflight(cfg: Config) -> None:
 
 
 def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool) -> Plan:
-    """The plan on record if this config may resume it, else a new one (recorded)."""
+    """The plan on record if this config may resume it, else a new one (recorded).
+
+    Called with the driver lease held. Whichever way the plan on record came to be (a
+    previous run, or another driver that recorded first), it is checked against this
+    config's settings and the inputs as they are now before it is adopted.
+    """
     infos = planning.list_inputs(cfg)
     with storage.errors(cfg.output.path, "output.path"):
         existing = store.read_plan()
@@ -78,7 +84,10 @@ def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool) -> Plan:
         plan = planning.make_plan(cfg, infos)
         faults.point("planning")
         with storage.errors(cfg.output.path, "output.path"):
-            return store.write_plan(plan)
+            existing = store.write_plan(plan)
+        if existing is plan:
+            return plan
+        infos = planning.list_inputs(cfg)  # lost the race: check the winner like any plan
     planning.verify_inputs(existing, infos)
     diffs = planning.diff_settings(existing.settings, planning.settings_of(cfg))
     if diffs:
@@ -93,14 +102,76 @@ def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool) -> Plan:
     return existing
 
 
+def verify_committed(plan: Plan, committed: dict[int, dict[str, Any]], store: RunStore) -> None:
+    """Every committed part must be one of this plan's shards, with its rows: a part written
+    for another plan (or a run directory changed by hand) is refused, never counted."""
+    problems = []
+    for index, summary in sorted(committed.items()):
+        name = f"part-{index:06d}.parquet"
+        if index >= len(plan.shards):
+            problems.append(f"{name} is not in the plan ({len(plan.shards)} shards)")
+        elif summary.get("fingerprint", plan.fingerprint) != plan.fingerprint:
+            problems.append(f"{name} was written for another plan ({summary['fingerprint']})")
+        elif summary["rows"] != plan.shards[index].num_rows:
+            problems.append(f"{name} has {summary['rows']} rows where the plan has "
+                            f"{plan.shards[index].num_rows}")
+    if problems:
+        raise RunRefused(
+            f"{store.url} holds parts that do not belong to its plan ({plan.fingerprint}): "
+            f"{'; '.join(problems[:5])}{' ...' if len(problems) > 5 else ''}. Its results cannot "
+            "be trusted; pass --new-run to start over, or use another output.path")
+
+
 def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
         install_signal_handlers: bool = True) -> RunReport:
+    """Run (or resume) the job: take the run's driver lease, plan, run the shards, write
+    the manifest. Raises the USAGE_ERRORS before any engine starts, RunBusy when another
+    live driver holds the run, LeaseLost when one takes it over during this run."""
     started = time.time()
     preflight(cfg)
     store = RunStore(cfg.output.path, cfg.storage)
+    stop = threading.Event()
+    status = _Status(store)
+    held = DriverLease(store.meta, cfg.run.driver_lease_s)
+
+    def exit_now() -> None:  # a second signal: record the state, free the run, go
+        status.write("interrupted", force=True, reason="a second signal: exited at once")
+        held.release("interrupted")
+
+    # Before anything slow: a SIGTERM at any moment from here on is handled as documented.
+    signals = SignalWatch(stop, exit_now, EXIT_FAILED) if install_signal_handlers else None
+    state, reason = "failed", None
+    try:
+        with storage.errors(cfg.output.path, "output.path"):
+            held.acquire()  # also the write probe: a read-only or full output fails here
+        report = _run_held(cfg, store, held, status, stop, signals, new_run, progress, started)
+        state = report.status
+        return report
+    except KeyboardInterrupt:
+        state, reason = "interrupted", "stopped by a signal"
+        raise
+    except RunBusy:
+        state = None  # not ours to record anything
+        raise
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {e}"
+        raise
+    finally:
+        if state is not None and held.holder is not None and not held.lost:
+            if state in ("failed", "interrupted"):
+                status.write(state, force=True, reason=reason)
+            held.release(state)
+        if signals is not None:
+            signals.restore()
+
+
+def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
+              stop: threading.Event, signals: SignalWatch | None, new_run: bool, progress: bool,
+              started: float) -> RunReport:
     plan = prepare_plan(cfg, store, new_run=new_run)
     with storage.errors(cfg.output.path, "output.path"):
         committed = store.committed()
+    verify_committed(plan, committed, store)
     pending = [s.index for s in plan.shards if s.index not in committed]
     if not pending:
         manifest = store.read_manifest()
@@ -109,61 +180,66 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
             store.write_manifest(manifest, success=True)
         log.info("run at %s is already complete: nothing to do", store.url)
         return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, False)
+    if stop.is_set():
+        raise KeyboardInterrupt
 
     log.info("%d of %d shards to do (%d rows); %d already committed",
              len(pending), len(plan.shards), sum(plan.shards[i].num_rows for i in pending),
              len(committed))
-    heartbeat = _Heartbeat(store, plan, len(committed))
-    with storage.errors(cfg.output.path, "output.path"):
-        heartbeat.write("starting", force=True, strict=True)  # fail now if the output is read-only
-    owns_ray = _connect_ray(cfg)
-    # After ray.init: Ray's core installs a handler that dies on SIGTERM; ours replaces it.
-    stop = threading.Event()
-    restore = _install_signal_handlers(stop) if install_signal_handlers else (lambda: None)
+    status.start(plan, len(committed))
+    held.start_renewing(on_lost=stop.set)
     # Imported here so `plan`, `status` and `validate` never import Ray.
     from batchinfer.scheduler import Scheduler
 
-    scheduler = Scheduler(cfg=cfg, plan=plan, stop=stop, on_commit=heartbeat.commit)
+    scheduler = None
+    owns_ray = False
     bar = None
     try:
+        try:
+            owns_ray = _connect_ray(cfg)
+        except SystemExit:  # ray.init's own SIGTERM handler (sys.exit) ran before ours was back
+            owns_ray = True
+            raise KeyboardInterrupt from None
+        if signals is not None:
+            signals.reinstall()  # ray.init installed its own SIGTERM handler
+        scheduler = Scheduler(cfg=cfg, plan=plan, stop=stop, generation=held.generation,
+                              on_commit=status.commit)
         _prepare_engine(cfg)
         workers = scheduler.start_workers(cfg.run.worker_start_timeout_s)
         log.info("%d workers ready (engine load %s s)", len(workers),
                  ", ".join(str(w["load_s"]) for w in workers))
-        heartbeat.workers = [{k: w[k] for k in ("worker", "host", "pid")} for w in workers]
-        heartbeat.write("running", force=True)
+        status.workers = [{k: w[k] for k in ("worker", "host", "pid")} for w in workers]
+        status.write("running", force=True)
         generate_started = time.time()
         bar = Progress(total_shards=len(plan.shards), total_rows=plan.total_rows,
                        done_shards=len(committed),
                        done_rows=sum(s["rows"] for s in committed.values()), enabled=progress,
                        interval_s=cfg.run.progress_interval_s)
         outcome = scheduler.run(pending, bar)
-        bar.close()
-    except KeyboardInterrupt:
-        heartbeat.write("interrupted", force=True)
-        raise
-    except BaseException:
-        heartbeat.write("failed", force=True)
-        raise
     finally:
         if bar is not None:
             bar.close()
-        scheduler.shutdown()
+        if scheduler is not None:
+            scheduler.shutdown()
         if owns_ray:
             import ray
             ray.shutdown()
-        restore()
 
+    if held.lost:
+        raise LeaseLost(f"{store.url}: {held.lost}; this driver stopped (exit 4)")
+    if outcome.fatal is not None:
+        raise outcome.fatal
     committed.update(outcome.committed)
-    status = "interrupted" if outcome.interrupted else None
+    verify_committed(plan, committed, store)
     manifest = build_manifest(plan, store, committed, outcome.committed, outcome.failed,
-                              started, generate_started, len(workers), status)
+                              started, generate_started, len(workers),
+                              "interrupted" if outcome.interrupted else None)
     faults.point("manifest")
     if outcome.interrupted:
-        heartbeat.write("interrupted", force=True)
+        status.write("interrupted", force=True, reason="stopped by a signal")
         return RunReport("interrupted", EXIT_FAILED, manifest, True)
     store.write_manifest(manifest, success=len(committed) == len(plan.shards))
-    heartbeat.write(manifest["status"], force=True)
+    status.write(manifest["status"], force=True)
     return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, True)
 
 
@@ -206,7 +282,10 @@ def _unwrap(call: Callable[[], Any]) -> Any:
 
 
 def exit_code_for(status: str) -> int:
-    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL}.get(status, EXIT_FAILED)
+    """The exit code of a run (or `status`) in this state: 0 complete, 3 partial, 4 running
+    (another driver holds the run), 1 anything else (failed, interrupted, stale: rerun)."""
+    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "running": EXIT_BUSY,
+            "starting": EXIT_BUSY}.get(status, EXIT_FAILED)
 
 
 def build_manifest(plan: Plan, store: RunStore, committed: dict[int, dict[str, Any]],
@@ -229,7 +308,9 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, dict[str, A
     run_tokens = sum(s["completion_tokens"] for s in this_run)
     gen_s = max(finished - generate_started, 1e-9)
     if status is None:
-        status = "complete" if len(committed) == len(plan.shards) and not rows_failed else "partial"
+        # complete: every planned row has exactly one committed row, and none failed
+        done = len(committed) == len(plan.shards) and rows_ok + rows_failed == plan.total_rows
+        status = "complete" if done and not rows_failed else "partial"
     return {
         "status": status,
         "output": store.url,
@@ -258,35 +339,41 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, dict[str, A
     }
 
 
-class _Heartbeat:
-    """Writes `_batchinfer/status.json` at state changes and, at most every few seconds, on commits."""
+class _Status:
+    """Writes `_batchinfer/status.json`: the driver's state (with the reason of a failure),
+    its workers and progress, at state changes and, at most every few seconds, on commits.
+    Liveness is the driver lease's heartbeat (lease.py), renewed on its own clock."""
 
-    def __init__(self, store: RunStore, plan: Plan, done: int):
-        self.store, self.plan, self.done = store, plan, done
+    def __init__(self, store: RunStore):
+        self.store = store
         self.started_at = now_iso()
         self.last = 0.0
         self.state = "starting"
+        self.plan: Plan | None = None
+        self.done = 0
         self.workers: list[dict[str, Any]] = []
+
+    def start(self, plan: Plan, done: int) -> None:
+        self.plan, self.done = plan, done
+        self.write("starting", force=True)
 
     def commit(self, summary: dict[str, Any]) -> None:
         self.done += 1
         self.write(self.state)
 
-    def write(self, state: str, force: bool = False, strict: bool = False) -> None:
+    def write(self, state: str, force: bool = False, reason: str | None = None) -> None:
         self.state = state
-        if not force and time.monotonic() - self.last < STATUS_EVERY_S:
+        if self.plan is None or (not force and time.monotonic() - self.last < STATUS_EVERY_S):
             return
         self.last = time.monotonic()
         try:
             self.store.write_status({
-                "state": state, "started_at": self.started_at, "updated_at": now_iso(),
-                "host": socket.gethostname(), "pid": os.getpid(),
+                "state": state, "reason": reason, "started_at": self.started_at,
+                "updated_at": now_iso(), "host": socket.gethostname(), "pid": os.getpid(),
                 "shards_done": self.done, "shards_total": len(self.plan.shards),
                 "fingerprint": self.plan.fingerprint, "workers": self.workers,
             })
-        except Exception as e:  # the status file is advisory; never fail a run over it
-            if strict:
-                raise
+        except Exception as e:  # advisory (the output may be full): never fail a run over it
             log.warning("could not write status.json: %s", e)
 
 
@@ -305,26 +392,3 @@ def _connect_ray(cfg: Config) -> bool:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
                  include_dashboard=False, log_to_driver=True)
     return True
-
-
-def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """First SIGINT/SIGTERM: stop handing out shards and let those in flight commit. Second: exit now."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        if stop.is_set():
-            log.error("second signal: exiting now; rerun the same command to resume")
-            os._exit(EXIT_FAILED)
-        log.warning("%s received: finishing shards in flight, then exiting (again to exit now)",
-                    signal.Signals(signum).name)
-        stop.set()
-
-    for sig in previous:
-        signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, h in previous.items():
-            signal.signal(sig, h)
-    return restore

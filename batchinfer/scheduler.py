@@ -19,8 +19,9 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from batchinfer import faults
+from batchinfer import faults, storage
 from batchinfer.config import Config
+from batchinfer.lease import LeaseLost
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
 from batchinfer.worker import ShardWorker
@@ -32,6 +33,9 @@ POLL_S = 0.5
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 PROGRESS_POLL_S = 2.0
+# Errors from a shard attempt that no retry can fix: the run stops handing out shards.
+# InputChanged and output errors (no space, read-only, permission) are StorageErrors.
+FATAL_ERRORS = (storage.StorageError, LeaseLost)
 
 
 class WorkerStartError(RuntimeError):
@@ -46,6 +50,8 @@ class Outcome:
     """Shards that used up their attempts, with the last reason."""
     interrupted: bool = False
     """A stop was requested before the queue was done."""
+    fatal: BaseException | None = None
+    """The first error no retry can fix (FATAL_ERRORS); the run stopped on it."""
 
 
 @dataclass
@@ -87,11 +93,12 @@ class Scheduler:
     is then replaced). A shard whose lease ended without a commit goes back to the queue
     for another attempt, up to run.max_attempts; then it is recorded as failed."""
 
-    def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event,
+    def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event, generation: int,
                  on_commit: Callable[[dict[str, Any]], None] = lambda s: None):
         self.cfg = cfg
         self.plan = plan
         self.stop = stop
+        self.generation = generation
         self.on_commit = on_commit
         self.plan_ref = ray.put(plan)
         self.slots: list[_Slot] = []
@@ -101,7 +108,7 @@ class Scheduler:
     def _new_actor(self, index: int):
         opts = {**worker_options(self.cfg), "max_restarts": 0, "max_task_retries": 0}
         return ray.remote(ShardWorker).options(**opts).remote(
-            config=self.cfg, plan=self.plan_ref, worker_index=index)
+            config=self.cfg, plan=self.plan_ref, worker_index=index, generation=self.generation)
 
     def start_workers(self, timeout_s: float) -> list[dict[str, Any]]:
         """Start every worker and wait until each engine is loaded; fail with a worker's error."""
@@ -253,6 +260,9 @@ class Scheduler:
                 self._replace(lease.slot, "died")
         except RayTaskError as e:
             reason = _reason(e)
+            if isinstance(e.cause, FATAL_ERRORS):
+                self._halt(index, e.cause)
+                return
         else:
             self._committed(index, summary)
             return
@@ -265,6 +275,14 @@ class Scheduler:
         else:
             log.warning("shard %s attempt %d failed, retrying: %s", shard, self.attempts[index], reason)
             self.queue.appendleft(index)
+
+    def _halt(self, index: int, error: BaseException) -> None:
+        """Stop handing out shards: `error` would fail every attempt of every shard."""
+        if self.outcome.fatal is None:
+            log.error("shard %s: %s; stopping the run (no retry can fix this)",
+                      self.plan.shards[index].name, error)
+            self.outcome.fatal = error
+        self.stop.set()
 
     def _committed(self, index: int, summary: dict[str, Any]) -> None:
         if index in self.outcome.committed:

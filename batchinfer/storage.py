@@ -9,27 +9,35 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
+import hashlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 
 from batchinfer.config import StorageConfig
 
+T = TypeVar("T")
 GLOB_CHARS = "*?["
 S3_PROTOCOLS = ("s3", "s3a")
 
 
 class StorageError(RuntimeError):
     """A storage location that cannot be used; the message names the URL and what to check."""
+
+
+class InputChanged(StorageError):
+    """An input file is no longer the version the plan recorded (changed, replaced, deleted)."""
 
 
 @dataclass(frozen=True)
@@ -200,40 +208,65 @@ def _glob_root(pattern: str) -> str:
 
 
 # What a storage failure looks like (botocore codes, s3fs texts, pyarrow's AWS error names),
-# lower-cased, and what to tell the user. The first match wins.
+# lower-cased, what to tell the user, and whether a retry could help. The first match wins.
 MISSING_BUCKET = ("bucket {bucket!r} does not exist; check the bucket name, storage.endpoint_url "
                   "and storage.region")
 _DIAGNOSES = (
-    (("nosuchbucket", "no_such_bucket", "bucket does not exist"), MISSING_BUCKET),
+    (("nosuchbucket", "no_such_bucket", "bucket does not exist"), MISSING_BUCKET, True),
     (("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch",
       "signature_does_not_match", "access key id you provided does not exist",
       "signature we calculated does not match", "invalidtoken", "expiredtoken"),
      "the storage credentials were refused; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-     "storage.profile or the instance role"),
+     "storage.profile or the instance role", True),
     (("nocredentialserror", "unable to locate credentials", "no credentials"),
      "no storage credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
-     "AWS_PROFILE (storage.profile), use an instance role, or storage.anon: true for a public bucket"),
+     "AWS_PROFILE (storage.profile), use an instance role, or storage.anon: true for a public bucket",
+     True),
     (("accessdenied", "access_denied", "access denied", "forbidden", "permissionerror"),
-     "access denied: the credentials in use lack permission ({needs})"),
+     "access denied: the credentials in use lack permission ({needs})", True),
     (("endpointconnectionerror", "could not connect", "connection refused", "connecttimeout",
       "network_connection", "name or service not known"),
-     "cannot reach the storage endpoint; check storage.endpoint_url and the network"),
+     "cannot reach the storage endpoint; check storage.endpoint_url and the network", False),
     (("filenotfounderror", "nosuchkey", "no_such_key"),
-     "does not exist"),
+     "does not exist", False),
 )
 _NEEDS = {"input.path": "s3:ListBucket and s3:GetObject on the inputs",
           "output.path": "s3:ListBucket, s3:GetObject and s3:PutObject on the output"}
+# Local errors no retry can fix, and what to do about them.
+_LOCAL_PERMANENT = {
+    errno.ENOSPC: "no space left on the device; free space or use another output.path",
+    errno.EDQUOT: "disk quota exceeded; free space or use another output.path",
+    errno.EROFS: "the filesystem is read-only; use a writable output.path",
+    errno.EACCES: "permission denied; check the owner and mode of the folder (ls -ld)",
+    errno.EPERM: "operation not permitted; check the owner and mode of the folder (ls -ld)",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; output.path must be a folder",
+}
 
 
-def diagnose(error: BaseException, url: str, role: str) -> StorageError | None:
-    """A StorageError naming the URL and what to check, or None if `error` is not about storage."""
+def diagnose(error: BaseException, url: str, role: str, *, permanent_only: bool = False
+             ) -> StorageError | None:
+    """A StorageError naming the URL and what to check, or None if `error` is not about storage.
+
+    With `permanent_only`, only errors no retry can fix (no space, read-only, permission,
+    missing bucket, refused credentials) are translated; transient ones give None.
+    """
     chain, e = [], error
     while e is not None and len(chain) < 5:
-        chain.append(f"{type(e).__name__}: {e}")
+        chain.append(e)
         e = e.__cause__ or e.__context__
-    text = " | ".join(chain).lower()
-    for needles, advice in _DIAGNOSES:
+    if protocol_of(url) == "file":
+        for e in chain:
+            if isinstance(e, OSError) and e.errno in _LOCAL_PERMANENT:
+                where = f" ({e.filename})" if e.filename else ""
+                return StorageError(f"{role} {url!r}: cannot write{where}: {os.strerror(e.errno)} "
+                                    f"[{errno.errorcode[e.errno]}]: {_LOCAL_PERMANENT[e.errno]}")
+        if permanent_only:
+            return None
+    text = " | ".join(f"{type(e).__name__}: {e}" for e in chain).lower()
+    for needles, advice, permanent in _DIAGNOSES:
         if any(n in text for n in needles):
+            if permanent_only and not permanent:
+                return None
             bucket = fsspec.core.split_protocol(url)[1].split("/", 1)[0]
             message = advice.format(bucket=bucket, needs=_NEEDS.get(role, "read and write"))
             return StorageError(f"{role} {url!r}: {message}")
@@ -241,8 +274,9 @@ def diagnose(error: BaseException, url: str, role: str) -> StorageError | None:
 
 
 @contextlib.contextmanager
-def errors(url: str, role: str) -> Iterator[None]:
-    """Translate storage failures inside the block into a StorageError naming `role` and `url`."""
+def errors(url: str, role: str, *, permanent_only: bool = False) -> Iterator[None]:
+    """Translate storage failures inside the block into a StorageError naming `role` and `url`
+    (with `permanent_only`, only those no retry can fix; see `diagnose`)."""
     try:
         yield
     except (StorageError, FileExistsError):
@@ -250,7 +284,7 @@ def errors(url: str, role: str) -> Iterator[None]:
     except Exception as e:
         if not (isinstance(e, OSError) or type(e).__module__.startswith(("botocore", "aiobotocore"))):
             raise
-        translated = diagnose(e, url, role)
+        translated = diagnose(e, url, role, permanent_only=permanent_only)
         if translated is None:
             raise
         raise translated from e
@@ -317,3 +351,104 @@ def _staged(loc: Location, data: bytes, staging: Location) -> Iterator[str]:
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+# --------------------------------------------------------------------------- versioned reads and writes
+
+
+def read_versioned(loc: Location) -> tuple[bytes, str] | None:
+    """The bytes at `loc` and the version `replace_if_version` compares against; None if absent.
+
+    S3: the object's ETag, and the read is conditional on it (s3fs sends `If-Match` with the
+    ETag it saw when opening, s3fs/core.py `S3File.__init__`), so bytes and version belong
+    together. Local: a hash of the bytes (writers replace the file whole, under a lock).
+    """
+    try:
+        if is_local(loc.fs):
+            with open(loc.path, "rb") as f:
+                data = f.read()
+            return data, "sha256:" + hashlib.sha256(data).hexdigest()
+        for attempt in range(5):
+            loc.fs.invalidate_cache(loc.path)
+            try:
+                with loc.fs.open(loc.path, "rb") as f:
+                    return f.read(), str(f.details.get("ETag") or f.details.get("etag"))
+            except OSError as e:  # s3fs FileExpired: it changed between the HEAD and the GET
+                if type(e).__name__ != "FileExpired" or attempt == 4:
+                    raise
+    except FileNotFoundError:
+        return None
+    return None  # unreachable: the loop returns or raises
+
+
+def replace_if_version(loc: Location, data: bytes, version: str, staging: Location) -> bool:
+    """Replace `loc` with `data` only if it is still at `version`: a compare-and-swap.
+
+    S3: a conditional PUT (`If-Match: <ETag>`; S3 answers 412 Precondition Failed when the
+    object changed since, https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html).
+    Local: read, compare and replace under a lock file beside `loc` (filelock). True if replaced.
+    """
+    if is_local(loc.fs):
+        with FileLock(loc.path + ".lock", timeout=60):
+            current = read_versioned(loc)
+            if current is None or current[1] != version:
+                return False
+            put(loc, data, staging)
+            return True
+    if not set(S3_PROTOCOLS) & set(_protocols(loc.fs)):
+        raise StorageError(f"{loc.url!r}: no compare-and-swap for the {_protocols(loc.fs)[0]!r} "
+                           "filesystem; supported for run directories: local paths and s3://")
+    try:
+        loc.fs.pipe_file(loc.path, data, IfMatch=version)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as e:  # s3fs/errors.py maps PreconditionFailed (412) to OSError(EINVAL)
+        if e.errno == errno.EINVAL or "precondition" in str(e).lower():
+            return False
+        raise
+
+
+def read_input_file(url: str, version: str, cfg: StorageConfig | None,
+                    read: Callable[[pq.ParquetFile], T]) -> T:
+    """`read(parquet_file)` on exactly the version of an input file the plan recorded.
+
+    S3: the file is opened through s3fs, whose ranged reads all carry `If-Match` with the
+    ETag seen at open, and that ETag must be the recorded one; a replacement mid-read fails
+    with 412. Local: size and mtime are checked before and after the read. Anything else:
+    the version tag is checked before and after. Raises InputChanged naming the file.
+    """
+    loc = locate(url, cfg)
+    fs = loc.fs
+
+    def current() -> str:
+        try:
+            fs.invalidate_cache(loc.path)
+            return version_tag(fs.info(loc.path))
+        except FileNotFoundError:
+            return "deleted"
+
+    def changed(now: str) -> InputChanged:
+        what = "was deleted" if now == "deleted" else f"changed (version {version} -> {now})"
+        return InputChanged(
+            f"input file {url!r} {what} during the run; a shard must read the version the plan "
+            "recorded. Restore the file and rerun, or pass --new-run to start over on the new inputs")
+
+    if (now := current()) != version:
+        raise changed(now)
+    try:
+        if set(S3_PROTOCOLS) & set(_protocols(fs)):
+            with fs.open(loc.path, "rb") as f:
+                if version_tag(f.details) != version:
+                    raise changed(version_tag(f.details))
+                result = read(pq.ParquetFile(f, pre_buffer=True))
+        else:
+            with open_parquet(url, cfg) as pf:
+                result = read(pf)
+    except Exception as e:  # a file rewritten under a read fails in many ways; was it that?
+        if (now := current()) != version:
+            raise changed(now) from e
+        raise
+    if (now := current()) != version:
+        raise changed(now)
+    return result

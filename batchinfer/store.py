@@ -6,7 +6,8 @@ Layout (everything but the parts starts with "_", which Parquet dataset readers 
     _SUCCESS                           written when every shard has committed
     _batchinfer/plan.json              the plan and its fingerprint
     _batchinfer/commits/part-*.json    the summary of each committed shard
-    _batchinfer/status.json            the driver's heartbeat and state
+    _batchinfer/status.json            the driver's state and progress
+    _batchinfer/driver.json            the driver lease: who runs this directory (lease.py)
     _batchinfer/manifest.json          the final report
     _batchinfer/staging/               temp files of local commits in progress
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from batchinfer import faults, storage
+from batchinfer import faults, lease, storage
 from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
 from batchinfer.results import SUMMARY_KEY
@@ -60,8 +61,13 @@ class RunStore:
     def part(self, shard_name: str) -> storage.Location:
         return self.root.child(f"{shard_name}.parquet")
 
-    def commit(self, shard_name: str, data: bytes, summary: dict[str, Any]) -> bool:
-        """Make a shard's part visible unless another attempt did first; True if this one won."""
+    def commit(self, shard_name: str, data: bytes, summary: dict[str, Any], generation: int) -> bool:
+        """Make a shard's part visible unless another attempt did first; True if this one won.
+
+        Fenced: raises lease.LeaseLost, committing nothing, unless the driver `generation`
+        this attempt was started for still holds the run.
+        """
+        lease.check_fence(self.meta, generation)
         won = storage.put_if_absent(self.part(shard_name), data, self._staging())
         if won:
             faults.point("part-committed")
@@ -114,12 +120,15 @@ class RunStore:
         return self._read_json(self.meta.child("manifest.json"))
 
     def clear(self) -> None:
-        """Remove a previous run's parts and metadata (for an explicit new run)."""
+        """Remove a previous run's parts and metadata (for an explicit new run), keeping the
+        driver lease the caller holds."""
         for name in self._ls(self.root):
             if PART_RE.match(name) or name == "_SUCCESS":
                 self.fs.rm(self.root.child(name).path)
-        if self.fs.exists(self.meta.path):
-            self.fs.rm(self.meta.path, recursive=True)
+        keep = {lease.LEASE_FILE, f"{lease.LEASE_FILE}.lock"}
+        for name in self._ls(self.meta):
+            if name not in keep:
+                self.fs.rm(self.meta.child(name).path, recursive=True)
 
     # ------------------------------------------------------------------ helpers
 

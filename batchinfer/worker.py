@@ -36,10 +36,12 @@ class EngineFailed(RuntimeError):
 
 
 class ShardWorker:
-    def __init__(self, *, config: Config, plan: Plan, worker_index: int):
+    def __init__(self, *, config: Config, plan: Plan, worker_index: int, generation: int):
         self.cfg = config
         self.plan = plan
         self.worker_index = worker_index
+        self.generation = generation
+        """The driver lease generation this worker commits for (see lease.py)."""
         self.store = RunStore(config.output.path, config.storage)
         self.input_schema = plan.schema()
         self.schema = output_schema(self.input_schema, config)
@@ -96,14 +98,21 @@ class ShardWorker:
             "worker": self.worker_index, **summarize(rows), "generate_s": round(generate_s, 3),
             "engine_restarts": self.engine_restarts - restarts_before,
             "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "fingerprint": self.plan.fingerprint, "generation": self.generation,
         }
         out = build_table(self.schema, self._ids(table, file, shard),
                           {c: table.column(c) for c in self.cfg.input.passthrough_columns}, rows)
         data = await asyncio.to_thread(to_parquet, out, summary, self.cfg.output.compression)
-        won = await asyncio.to_thread(self.store.commit, shard.name, data, summary)
+        won = await asyncio.to_thread(self._commit, shard.name, data, summary)
         if not won:  # another attempt committed first; its result is the one that counts
             summary = await asyncio.to_thread(self.store.summary_from_part, shard.name)
         return {**summary, "won": won}
+
+    def _commit(self, shard_name: str, data: bytes, summary: dict[str, Any]) -> bool:
+        """Commit, turning errors no retry can fix (no space, read-only, permission) into a
+        StorageError that names the path; the driver stops the run on it."""
+        with storage.errors(self.cfg.output.path, "output.path", permanent_only=True):
+            return self.store.commit(shard_name, data, summary, self.generation)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -216,15 +225,17 @@ class ShardWorker:
             self.turns.notify_all()
 
     def _read(self, file: InputFile, shard: Shard) -> pa.Table:
+        """The shard's rows, from exactly the version of the file the plan recorded
+        (storage.InputChanged otherwise, which stops the run)."""
         groups, skip = file.row_groups_for(shard.row_start, shard.num_rows)
-        with storage.open_parquet(file.url, self.cfg.storage) as pf:
-            table = pf.read_row_groups(groups, columns=list(self.input_schema.names))
+        table = storage.read_input_file(
+            file.url, file.version, self.cfg.storage,
+            lambda pf: pf.read_row_groups(groups, columns=list(self.input_schema.names)))
         table = table.slice(skip, shard.num_rows)
         if table.num_rows != shard.num_rows:
-            raise RuntimeError(
+            raise storage.InputChanged(
                 f"input file {file.url!r} has {table.num_rows} rows where shard {shard.name} "
-                f"expects {shard.num_rows}; did the file change during the run?"
-            )
+                f"expects {shard.num_rows}; it changed since the plan was made")
         return table.cast(self.input_schema)
 
     def _ids(self, table: pa.Table, file: InputFile, shard: Shard) -> pa.Array:

@@ -127,6 +127,15 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
         time.sleep(0.2)
 
 
+def hold_run(url: str, storage_cfg=None, lease_s: float = 3600) -> int:
+    """Take a run directory's driver lease as a driver would, for tests that commit parts or
+    start workers by hand (commits are fenced by it); returns the lease generation."""
+    from batchinfer.lease import DriverLease
+    from batchinfer.store import RunStore
+
+    return DriverLease(RunStore(url, storage_cfg).meta, lease_s).acquire().generation
+
+
 def write_yaml(path: Path, cfg: Config) -> Path:
     import yaml
 

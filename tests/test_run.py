@@ -17,7 +17,7 @@ from batchinfer.plan import InputError
 from batchinfer.runner import RunRefused
 from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
-from tests.conftest import REPO, ids_of, make_config, part_stats, write_yaml
+from tests.conftest import REPO, hold_run, ids_of, make_config, part_stats, write_yaml
 
 RESULT_COLUMNS = ["output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s", "error"]
 
@@ -121,8 +121,10 @@ def test_two_workers_commit_the_same_shard_concurrently_one_wins(tmp_path, ray_c
     cfg = make_config(tmp_path, sampling={"max_tokens": 2})
     store = RunStore(cfg.output.path)
     plan = store.write_plan(runner.planning.make_plan(cfg))
+    generation = hold_run(cfg.output.path)
     actor = ray.remote(ShardWorker).options(num_cpus=1)
-    workers = [actor.remote(config=cfg, plan=plan, worker_index=i) for i in range(2)]
+    workers = [actor.remote(config=cfg, plan=plan, worker_index=i, generation=generation)
+               for i in range(2)]
     try:
         summaries = ray.get([w.process.remote(0, 1) for w in workers])
     finally:

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from batchinfer.results import to_parquet
 from batchinfer.store import RunStore
+from tests.conftest import hold_run
 
 
 def part_bytes(shard: int, tag: str, rows: int = 5) -> tuple[bytes, dict]:
@@ -20,19 +21,21 @@ def part_bytes(shard: int, tag: str, rows: int = 5) -> tuple[bytes, dict]:
 
 
 def _commit_in_process(args):
-    url, tag, barrier = args
+    url, generation, tag, barrier = args
     data, summary = part_bytes(7, tag)
     barrier.wait()
-    return tag, RunStore(url).commit("part-000007", data, summary)
+    return tag, RunStore(url).commit("part-000007", data, summary, generation)
 
 
 def test_same_shard_committed_concurrently_by_processes_exactly_one_wins(tmp_path):
     url = str(tmp_path / "run")
+    generation = hold_run(url)
     n = 8
     with multiprocessing.Manager() as manager:
         barrier = manager.Barrier(n)
         with multiprocessing.get_context("spawn").Pool(n) as pool:
-            outcomes = pool.map(_commit_in_process, [(url, f"attempt-{i}", barrier) for i in range(n)])
+            outcomes = pool.map(_commit_in_process,
+                                [(url, generation, f"attempt-{i}", barrier) for i in range(n)])
     winners = [tag for tag, won in outcomes if won]
     assert len(winners) == 1
     df = pd.read_parquet(url)
@@ -44,21 +47,23 @@ def test_same_shard_committed_concurrently_by_processes_exactly_one_wins(tmp_pat
 
 def test_a_losing_commit_leaves_the_winner_untouched(tmp_path):
     store = RunStore(str(tmp_path / "run"))
+    gen = hold_run(store.url)
     first, s1 = part_bytes(0, "first")
     second, s2 = part_bytes(0, "second")
-    assert store.commit("part-000000", first, s1) is True
+    assert store.commit("part-000000", first, s1, gen) is True
     path = tmp_path / "run" / "part-000000.parquet"
     before = (path.stat().st_ino, path.stat().st_mtime_ns)
-    assert store.commit("part-000000", second, s2) is False
+    assert store.commit("part-000000", second, s2, gen) is False
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == before
     assert path.read_bytes() == first
 
 
 def test_metadata_is_invisible_to_dataset_readers(tmp_path):
     store = RunStore(str(tmp_path / "run"))
+    gen = hold_run(store.url)
     for i in range(3):
         data, summary = part_bytes(i, "x")
-        store.commit(f"part-{i:06d}", data, summary)
+        store.commit(f"part-{i:06d}", data, summary, gen)
     store.write_status({"state": "running"})
     store.write_manifest({"status": "complete"}, success=True)
     (tmp_path / "run" / "_batchinfer" / "staging" / "part-000009.parquet.tmp").write_bytes(b"junk")
@@ -68,9 +73,10 @@ def test_metadata_is_invisible_to_dataset_readers(tmp_path):
 
 def test_lost_or_torn_commit_records_are_rebuilt_from_the_parts(tmp_path):
     store = RunStore(str(tmp_path / "run"))
+    gen = hold_run(store.url)
     for i in range(3):
         data, summary = part_bytes(i, f"t{i}")
-        store.commit(f"part-{i:06d}", data, summary)
+        store.commit(f"part-{i:06d}", data, summary, gen)
     records = tmp_path / "run" / "_batchinfer" / "commits"
     os.remove(records / "part-000001.json")           # crash between part and record
     (records / "part-000002.json").write_text('{"sha')  # crash mid-write of a record
@@ -83,9 +89,11 @@ def test_lost_or_torn_commit_records_are_rebuilt_from_the_parts(tmp_path):
 def test_clear_removes_the_previous_run_only(tmp_path):
     run = tmp_path / "run"
     store = RunStore(str(run))
+    gen = hold_run(store.url)
     data, summary = part_bytes(0, "x")
-    store.commit("part-000000", data, summary)
+    store.commit("part-000000", data, summary, gen)
     store.write_manifest({"status": "complete"}, success=True)
     (run / "notes.txt").write_text("user file")
     store.clear()
-    assert sorted(os.listdir(run)) == ["notes.txt"]
+    assert sorted(os.listdir(run)) == ["_batchinfer", "notes.txt"]
+    assert os.listdir(run / "_batchinfer") == ["driver.json"]  # the lease its caller holds stays

@@ -35,7 +35,7 @@ from batchinfer.engines.trtllm import (
     to_result,
 )
 from batchinfer.samples import prompt, write_sample_prompts
-from tests.conftest import REPO, TRTLLM_DOUBLE_ENV, ids_of, write_yaml
+from tests.conftest import REPO, TRTLLM_DOUBLE_ENV, hold_run, ids_of, write_yaml
 from tests.engine_conformance import EngineConformance, RayEngine, generate_all
 
 L40S = GpuIdentity("NVIDIA L40S", "sm_89")
@@ -333,7 +333,7 @@ def test_in_flight_window_spans_shards(tmp_path, model_folder, trtllm_double):
     write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=10, row_group_size=5)
     cfg = trt(tmp_path, model_folder, engine={"max_batch_size": 4}, run={"rows_per_shard": 5})
     plan = RunStore(cfg.output.path).write_plan(runner.planning.make_plan(cfg))
-    worker = ShardWorker(config=cfg, plan=plan, worker_index=0)
+    worker = ShardWorker(config=cfg, plan=plan, worker_index=0, generation=hold_run(cfg.output.path))
     assert worker.engine.max_in_flight == 8  # 2 x max_batch_size
     submitted, release = [], threading.Event()
     submit = worker.engine.llm.generate_async
@@ -428,7 +428,7 @@ def test_job_on_trtllm_workers_downloads_the_engine_once_per_node(tmp_path, mode
     cfg = trt(tmp_path, model_folder, **common)
     plan = runner.planning.make_plan(cfg)
     actor = ray.remote(ShardWorker).options(num_gpus=1, runtime_env=trtllm_double)
-    workers = [actor.remote(config=cfg, plan=plan, worker_index=i) for i in range(2)]
+    workers = [actor.remote(config=cfg, plan=plan, worker_index=i, generation=0) for i in range(2)]
     try:
         sources = sorted(i["engine_source"] for i in ray.get([w.ready.remote() for w in workers]))
     finally:

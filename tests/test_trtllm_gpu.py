@@ -19,6 +19,7 @@ import pytest
 from batchinfer.config import config_from_dict
 from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
+from tests.conftest import hold_run
 
 
 def _real_trtllm_with_cuda() -> str | None:
@@ -58,7 +59,7 @@ def run_one_shard(cfg):
 
     write_sample_prompts(cfg.input.path, files=1, rows_per_file=16, row_group_size=16)
     plan = RunStore(cfg.output.path).write_plan(make_plan(cfg))
-    worker = ShardWorker(config=cfg, plan=plan, worker_index=0)
+    worker = ShardWorker(config=cfg, plan=plan, worker_index=0, generation=hold_run(cfg.output.path))
     try:
         summary = asyncio.run(worker.process(0, 1))
     finally:

@@ -16,7 +16,7 @@ from batchinfer.engines import Request
 from batchinfer.plan import make_plan
 from batchinfer.store import RunStore
 from batchinfer.worker import ShardWorker
-from tests.conftest import make_config
+from tests.conftest import hold_run, make_config
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def worker_for(tmp_path, model_folder):
 
     def make(cfg):
         plan = RunStore(cfg.output.path).write_plan(make_plan(cfg))
-        w = ShardWorker(config=cfg, plan=plan, worker_index=0)
+        w = ShardWorker(config=cfg, plan=plan, worker_index=0, generation=hold_run(cfg.output.path))
         made.append(w)
         return w, plan
 
