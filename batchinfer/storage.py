@@ -327,8 +327,17 @@ def put(loc: Location, data: bytes, staging: Location) -> None:
     if not is_local(loc.fs):
         loc.fs.pipe_file(loc.path, data)
         return
-    with _staged(loc, data, staging) as tmp:
-        os.replace(tmp, loc.path)
+    try:
+        with _staged(loc, data, staging) as tmp:
+            os.replace(tmp, loc.path)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not os.path.exists(loc.path):
+            raise
+        # A full disk has no room for a second copy, but a small record (status, lease) fits
+        # in the blocks its old version frees: rewrite it in place so a failure can be told.
+        with open(loc.path, "r+b") as f:
+            f.truncate(0)
+            f.write(data)
 
 
 @contextlib.contextmanager

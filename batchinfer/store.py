@@ -68,6 +68,7 @@ class RunStore:
         this attempt was started for still holds the run.
         """
         lease.check_fence(self.meta, generation)
+        faults.point("commit")
         won = storage.put_if_absent(self.part(shard_name), data, self._staging())
         if won:
             faults.point("part-committed")
@@ -89,7 +90,10 @@ class RunStore:
                 except (ValueError, TypeError):
                     pass  # a record cut short by a crash: the part itself knows the summary
             found = self.summary_from_part(shard_name)
-            self._write_json(self._record(shard_name), found)
+            try:
+                self._write_json(self._record(shard_name), found)
+            except OSError:  # a full or read-only output: the part itself stays the record
+                pass
             return index, found
 
         with ThreadPoolExecutor(16) as pool:
@@ -109,7 +113,10 @@ class RunStore:
         self._write_json(self.meta.child("status.json"), status)
 
     def read_status(self) -> dict[str, Any] | None:
-        return self._read_json(self.meta.child("status.json"))
+        try:
+            return self._read_json(self.meta.child("status.json"))
+        except ValueError:  # caught mid-rewrite (it is rewritten in place on a full disk)
+            return None
 
     def write_manifest(self, manifest: dict[str, Any], success: bool) -> None:
         self._write_json(self.meta.child("manifest.json"), manifest)

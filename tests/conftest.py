@@ -97,12 +97,24 @@ def ids_of(n: int) -> list[str]:
     return [f"q{i:06d}" for i in range(n)]
 
 
-def assert_exactly_once(out, n: int):
-    """The results (a DataFrame, or a local output folder to read) hold each of n ids once."""
+def assert_exactly_once(out, n: int | list[str]):
+    """The results hold each of n ids (or of the given ids) once. A local output folder is
+    read three ways, as users do: pandas, DuckDB (`*.parquet`) and pyarrow.dataset."""
     import pandas as pd
 
-    df = out if isinstance(out, pd.DataFrame) else pd.read_parquet(out)
-    assert sorted(df.id) == ids_of(n), "every input row exactly once"
+    expected = ids_of(n) if isinstance(n, int) else sorted(n)
+    if isinstance(out, pd.DataFrame):
+        assert sorted(out.id) == expected, "every input row exactly once"
+        return out
+    import duckdb
+    import pyarrow.dataset as ds
+
+    df = pd.read_parquet(out)
+    assert sorted(df.id) == expected, "pandas: every input row exactly once"
+    by_duckdb = duckdb.sql(f"SELECT id FROM read_parquet('{out}/*.parquet')").fetchall()
+    assert sorted(r[0] for r in by_duckdb) == expected, "DuckDB: every input row exactly once"
+    by_arrow = ds.dataset(str(out), format="parquet").to_table(columns=["id"]).column("id")
+    assert sorted(by_arrow.to_pylist()) == expected, "pyarrow.dataset: every input row exactly once"
     return df
 
 
