@@ -53,7 +53,11 @@ def now_iso() -> str:
 
 
 def preflight(cfg: Config) -> None:
-    """Cheap checks that need no inputs: backend settings, engine packages installed, model found."""
+    """Cheap checks that need no inputs: output apart from input, backend settings, engine
+    packages installed, model found."""
+    clash = storage.input_output_clash(cfg.input.path, cfg.output.path, cfg.storage)
+    if clash:
+        raise ConfigError(clash)
     problems = engines.engine_class(cfg.engine.backend).check_config(cfg)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else
