@@ -54,7 +54,11 @@ def now_iso() -> str:
 
 
 def preflight(cfg: Config) -> None:
-    """Cheap checks that need no inputs: backend settings, engine packages installed, model found."""
+    """Cheap checks that need no inputs: output apart from input, backend settings, engine
+    packages installed, model found."""
+    clash = storage.input_output_clash(cfg.input.path, cfg.output.path, cfg.storage)
+    if clash:
+        raise ConfigError(clash)
     problems = engines.engine_class(cfg.engine.backend).check_config(cfg)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else
@@ -389,6 +393,23 @@ def _connect_ray(cfg: Config) -> bool:
     else:
         # address="local" never joins a stale "current cluster" left by an earlier `ray start`.
         needed = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
-                 include_dashboard=False, log_to_driver=True)
+        # The embedded cluster stays on this machine: its node IP is 127.0.0.1, so the GCS,
+        # raylet, agents and workers listen on loopback only (with a routable node IP Ray's
+        # gRPC servers listen on all interfaces). ray.init rewrites _node_ip_address=127.0.0.1
+        # to the machine's address (services.resolve_ip_for_localhost); only Ray's
+        # single-machine mode, its default on macOS/Windows, keeps the node on loopback.
+        # Restored after start, so that joining a real cluster later resolves addresses as usual.
+        from ray._private import ray_constants
+
+        multi_node = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
+                     include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = multi_node
+        node_ip = ray.util.get_node_ip_address()
+        if node_ip != "127.0.0.1":
+            log.warning("the local Ray cluster runs on %s, not 127.0.0.1: it may be reachable from "
+                        "the network", node_ip)
     return True

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,6 +29,8 @@ from batchinfer.config import StorageConfig
 
 T = TypeVar("T")
 GLOB_CHARS = "*?["
+RUN_META_DIR = "_batchinfer"
+"""The metadata folder of a run directory (see store.py); a folder holding it is never input."""
 S3_PROTOCOLS = ("s3", "s3a")
 
 
@@ -168,7 +170,10 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
     """Every Parquet file a URL names (a file, a folder/prefix or a glob), sorted, with its info.
 
     Returns the root the files are relative to (used in synthesized ids) and their info dicts.
-    Names starting with "_" or "." are skipped, as Parquet dataset readers do.
+    Names starting with "_" or "." are skipped, as Parquet dataset readers do, and so is every
+    file in or under a batchinfer run directory (a folder holding `_batchinfer/`): results,
+    this run's own or another's, are never read as prompts (an output inside the input folder).
+    An input that is itself a run directory is refused.
     """
     loc = locate(url, cfg)
     fs = loc.fs
@@ -176,26 +181,76 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
     if any(ch in loc.path for ch in GLOB_CHARS):
         infos = fs.glob(loc.path, detail=True)
         root = _glob_root(loc.path)
+        # The glob's matches hold no `_batchinfer/` entries: one more glob, same shape, finds
+        # the run directories it reaches (`in/**/*.parquet` -> `in/**/_batchinfer`).
+        folder, last = loc.path.rsplit("/", 1)
+        markers = fs.glob(f"{folder}{'/**' if '**' in last else ''}/{RUN_META_DIR}")
+        run_dirs = {p.rstrip("/").rsplit("/", 1)[0] for p in markers}
     elif fs.isdir(loc.path):
-        infos = fs.find(loc.path, detail=True)
+        found = fs.find(loc.path, detail=True)
         root = loc.path
-        infos = {p: i for p, i in infos.items() if p.endswith((".parquet", ".parq", ".pq"))}
+        run_dirs = run_directories(found)
+        infos = {p: i for p, i in found.items() if p.endswith((".parquet", ".parq", ".pq"))}
     elif fs.exists(loc.path):
-        infos = {loc.path: fs.info(loc.path)}
+        # A file named on its own is read as named, wherever it lies.
+        infos, run_dirs = {loc.path: fs.info(loc.path)}, set()
         root = loc.path.rsplit("/", 1)[0]
     elif not is_local(fs) and not fs.exists(bucket := loc.path.split("/", 1)[0]):
         raise StorageError(f"input.path {url!r}: " + MISSING_BUCKET.format(bucket=bucket))
     else:
         raise StorageError(f"input path {url!r} does not exist (expected a Parquet file, a folder, or a glob)")
+    if root in run_dirs:
+        raise StorageError(
+            f"input.path {url!r} reads a batchinfer run directory ({join_protocol(fs, root)!r} "
+            f"holds {RUN_META_DIR}/): its part files are results, not prompts; expected a folder "
+            "(or glob) of prompt Parquet files")
     files = []
     for path, info in sorted(infos.items()):
         rel = path[len(root):].lstrip("/") if path.startswith(root) else path
         if info.get("type") == "directory" or any(part.startswith(("_", ".")) for part in rel.split("/")):
             continue
+        if run_dirs and in_run_directory(path, run_dirs):
+            continue
         files.append({**info, "name": path, "relative": rel or path.rsplit("/", 1)[-1]})
     if not files:
-        raise StorageError(f"no Parquet files matched {url!r} (looked for *.parquet, *.parq, *.pq)")
+        skipped = f"; skipped the run directories {sorted(run_dirs)}" if run_dirs else ""
+        raise StorageError(f"no Parquet files matched {url!r} (looked for *.parquet, *.parq, *.pq"
+                           f"{skipped})")
     return Location(fs, root), files
+
+
+def input_output_clash(input_url: str, output_url: str, cfg: StorageConfig | None = None) -> str | None:
+    """Why output.path cannot go where input.path reads from, or None if it can.
+
+    Compares resolved locations (local paths absolute and normalised, s3a:// as s3://). The
+    output may sit inside the input folder, since run directories are never read as input,
+    but not be the input itself (or a glob's folder): the first run would then be its own
+    input's run directory, and every later listing would skip the prompts with the results.
+    """
+    inp, out = locate(input_url, cfg), locate(output_url, cfg)
+    folder = _glob_root(inp.path) if any(ch in inp.path for ch in GLOB_CHARS) else inp.path
+    if Location(inp.fs, folder.rstrip("/") or "/").url != out.url:
+        return None
+    return (f"output.path {output_url!r} is where input.path {input_url!r} reads from "
+            f"(both {out.url!r}): results would land among the prompts. Expected an output.path "
+            f"outside the input, or a folder inside it such as {out.child('out').url!r} (a run "
+            "directory inside the input folder is never read as input)")
+
+
+def run_directories(paths: Iterable[str]) -> set[str]:
+    """The batchinfer run directories in a recursive listing: the folders holding `_batchinfer/`."""
+    marker = f"/{RUN_META_DIR}/"
+    return {p[:p.index(marker)] for p in paths if marker in p}
+
+
+def in_run_directory(path: str, run_dirs: set[str]) -> bool:
+    """Whether `path` lies in or under one of `run_dirs` (checked folder by folder up the path)."""
+    folder = path
+    while "/" in folder:
+        folder = folder.rsplit("/", 1)[0]
+        if folder in run_dirs:
+            return True
+    return False
 
 
 def _glob_root(pattern: str) -> str:

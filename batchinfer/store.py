@@ -30,7 +30,7 @@ from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
 from batchinfer.results import SUMMARY_KEY
 
-META_DIR = "_batchinfer"
+META_DIR = storage.RUN_META_DIR
 PART_RE = re.compile(r"^part-(\d+)\.parquet$")
 
 
