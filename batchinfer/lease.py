@@ -46,6 +46,10 @@ class LeaseLost(RuntimeError):
     """This driver's lease was taken over or could not be renewed in time; stop committing."""
 
 
+class LeaseStale(LeaseLost):
+    """The lease is still this generation's, but its driver has not renewed it lately."""
+
+
 @dataclass
 class Holder:
     """The driver.json record: who holds the run, since when, and for which generation."""
@@ -128,7 +132,7 @@ def check_fence(meta: storage.Location, generation: int) -> None:
         raise LeaseLost(f"the run is no longer held by generation {generation} (now: {now}); "
                         "this attempt's result is discarded")
     if holder.age_s() > holder.lease_s * FENCE_SHARE:
-        raise LeaseLost(f"the driver of generation {generation} has not renewed its lease for "
+        raise LeaseStale(f"the driver of generation {generation} has not renewed its lease for "
                         f"{holder.age_s():.0f} s; not committing for a driver that may be gone")
 
 

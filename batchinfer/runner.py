@@ -70,14 +70,16 @@ def preflight(cfg: Config) -> None:
         models.resolve(cfg.engine.tokenizer)
 
 
-def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool) -> Plan:
+def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool,
+                 infos: list[dict[str, Any]] | None = None) -> Plan:
     """The plan on record if this config may resume it, else a new one (recorded).
 
-    Called with the driver lease held. Whichever way the plan on record came to be (a
-    previous run, or another driver that recorded first), it is checked against this
-    config's settings and the inputs as they are now before it is adopted.
+    Called with the driver lease held, and `infos` the input listing (made now if None).
+    Whichever way the plan on record came to be (a previous run, or another driver that
+    recorded first), it is checked against this config's settings and the inputs before
+    it is adopted.
     """
-    infos = planning.list_inputs(cfg)
+    infos = infos if infos is not None else planning.list_inputs(cfg)
     with storage.errors(cfg.output.path, "output.path"):
         existing = store.read_plan()
         if existing is not None and new_run:
@@ -146,9 +148,11 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
     signals = SignalWatch(stop, exit_now, EXIT_FAILED) if install_signal_handlers else None
     state, reason = "failed", None
     try:
+        infos = planning.list_inputs(cfg)  # input errors first: they say what to fix
         with storage.errors(cfg.output.path, "output.path"):
             held.acquire()  # also the write probe: a read-only or full output fails here
-        report = _run_held(cfg, store, held, status, stop, signals, new_run, progress, started)
+        report = _run_held(cfg, store, held, status, stop, signals, new_run, progress, started,
+                           infos)
         state = report.status
         return report
     except KeyboardInterrupt:
@@ -171,8 +175,8 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
 
 def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
               stop: threading.Event, signals: SignalWatch | None, new_run: bool, progress: bool,
-              started: float) -> RunReport:
-    plan = prepare_plan(cfg, store, new_run=new_run)
+              started: float, infos: list[dict[str, Any]]) -> RunReport:
+    plan = prepare_plan(cfg, store, new_run=new_run, infos=infos)
     with storage.errors(cfg.output.path, "output.path"):
         committed = store.committed()
     verify_committed(plan, committed, store)

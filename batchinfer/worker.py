@@ -23,6 +23,7 @@ import pyarrow as pa
 from batchinfer import storage
 from batchinfer.config import Config
 from batchinfer.engines import Engine, Request, Result, get_engine_class
+from batchinfer.lease import LeaseStale
 from batchinfer.plan import InputFile, Plan, Shard
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 from batchinfer.results import RowOutcome, build_table, output_schema, summarize, to_parquet
@@ -110,9 +111,20 @@ class ShardWorker:
 
     def _commit(self, shard_name: str, data: bytes, summary: dict[str, Any]) -> bool:
         """Commit, turning errors no retry can fix (no space, read-only, permission) into a
-        StorageError that names the path; the driver stops the run on it."""
-        with storage.errors(self.cfg.output.path, "output.path", permanent_only=True):
-            return self.store.commit(shard_name, data, summary, self.generation)
+        StorageError that names the path; the driver stops the run on it.
+
+        A lease that is still ours but was not renewed lately (a driver held up by slow
+        storage) is waited for, up to one lease length, rather than throwing the shard away.
+        """
+        deadline = time.monotonic() + self.cfg.run.driver_lease_s
+        while True:
+            try:
+                with storage.errors(self.cfg.output.path, "output.path", permanent_only=True):
+                    return self.store.commit(shard_name, data, summary, self.generation)
+            except LeaseStale:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
