@@ -49,8 +49,10 @@ def ray_head(tmp_path_factory, model_folder):
         [*RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
          "--num-gpus=0", "--disable-usage-stats", "--include-dashboard=true", *agent_ports],
-        env={**JOB_ENV, **WORKER_ENV}, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        # A cluster with token auth off stays on loopback: without this Ray 2.60 rewrites
+        # --node-ip-address=127.0.0.1 to the machine's address and listens on all interfaces.
+        env={**JOB_ENV, **WORKER_ENV, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard}"
     try:
         wait_for_http(f"{address}/api/version", proc, log, timeout=120)
