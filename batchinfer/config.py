@@ -202,7 +202,8 @@ class RunConfig:
     max_attempts: Annotated[int, Bound(ge=1)] = 3
     """Attempts per shard before it is recorded as failed (the run then ends partial)."""
     hang_timeout_s: Annotated[float, Bound(gt=0)] = 600
-    """A worker holding shards whose engine makes no progress this long is replaced."""
+    """A worker holding shards whose engine makes no progress this long is replaced; a step
+    holding more than one full context of prompt tokens gets this much per context."""
     request_timeout_s: Annotated[float, Bound(gt=0)] | None = None
     """Deadline for one request; one past it becomes a timeout row error, or restarts a stuck engine."""
     engine_restarts: Annotated[int, Bound(ge=0)] = 2

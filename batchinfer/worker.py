@@ -68,13 +68,17 @@ class ShardWorker:
                 "load_s": round(self.load_s, 2), "max_model_len": self.engine.max_model_len,
                 "engine_source": getattr(self.engine, "engine_source", None)}
 
-    async def progress(self) -> dict[str, int]:
+    async def progress(self) -> dict[str, Any]:
         return {"rows": self.rows_done, "completion_tokens": self.tokens_out,
                 "heartbeat": self._beats_before + self.engine.heartbeat,
+                "busy": self.engine.busy(), "max_model_len": self.engine.max_model_len,
                 "engine_restarts": self.engine_restarts}
 
-    async def process(self, shard_index: int, attempt: int) -> dict[str, Any]:
-        """Read, generate, write and commit one shard; return its summary."""
+    async def process(self, shard_index: int, attempt: int,
+                      skip: dict[int, str] | None = None) -> dict[str, Any]:
+        """Read, generate, write and commit one shard; return its summary. Rows in `skip`
+        (row in shard -> reason) killed a worker on their own: they are not run but recorded
+        as `worker_died` row errors."""
         shard = self.plan.shards[shard_index]
         file = self.plan.files[shard.file]
         started = time.perf_counter()
@@ -82,9 +86,9 @@ class ShardWorker:
         ticket = self._tickets
         self._tickets += 1
         try:
-            table = await asyncio.to_thread(self._read, file, shard)
-            column = self.cfg.input.prompt_column or self.cfg.input.messages_column
-            encoded = await asyncio.to_thread(self.prompts.encode, table.column(column).to_pylist())
+            table, encoded = await self._load(shard_index)
+            for i, reason in (skip or {}).items():
+                encoded[i] = RowError("worker_died", reason)
             # Shards queue their rows at the engine in the order they arrived, whichever was
             # read first, so the current shard drains (and commits) before the next one.
             async with self.turns:
@@ -126,8 +130,24 @@ class ShardWorker:
                     raise
                 time.sleep(1.0)
 
+    async def probe(self, shard_index: int, rows: list[int]) -> int:
+        """Run some rows of a shard and keep nothing; the driver is looking for rows that
+        kill the worker (it calls this alone on a worker). Returns how many rows ran."""
+        _, encoded = await self._load(shard_index)
+        tasks = self._submit(encoded, [i for i in rows if not isinstance(encoded[i], RowError)])
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        return len(tasks)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+    async def _load(self, shard_index: int) -> tuple[pa.Table, list]:
+        """A shard's input rows and their encoded prompts (token ids, or a RowError each)."""
+        shard = self.plan.shards[shard_index]
+        table = await asyncio.to_thread(self._read, self.plan.files[shard.file], shard)
+        column = self.cfg.input.prompt_column or self.cfg.input.messages_column
+        encoded = await asyncio.to_thread(self.prompts.encode, table.column(column).to_pylist())
+        return table, encoded
 
     # ------------------------------------------------------------------ rows through the engine
 

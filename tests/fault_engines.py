@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 
 from batchinfer.engines.base import Engine, Request, Result
@@ -61,6 +62,18 @@ class CrashOnRowEngine(_WordEngine):
     def generate_batch(self, requests):
         if armed() and self.hit(requests):
             os._exit(17)
+        return super().generate_batch(requests)
+
+
+class KillerRowEngine(_WordEngine):
+    """TEST ENGINE: SIGKILLs its own worker process (as the kernel's OOM killer would) for
+    any batch holding the word KILLER, every time: a poison row no retry survives."""
+
+    word = "KILLER"
+
+    def generate_batch(self, requests):
+        if self.hit(requests):
+            os.kill(os.getpid(), signal.SIGKILL)
         return super().generate_batch(requests)
 
 

@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -42,6 +43,23 @@ def engine_config(tmp_path, backend: str, marker=None, **sections):
     run.update(sections.pop("run", {}))
     engine = {"backend": backend, **sections.pop("engine", {})}
     return make_config(tmp_path, engine=engine, run=run, sampling={"max_tokens": 3}, **sections)
+
+
+def assert_read_exactly_once(out, n: int):
+    """Each of n ids once, as pandas, DuckDB and pyarrow.dataset read the output folder
+    (none may pick up metadata, temp or duplicate files); returns the pandas DataFrame."""
+    import duckdb
+    import pyarrow.dataset as ds
+
+    df = assert_exactly_once(out, n)
+    assert sorted(ds.dataset(str(out), format="parquet").to_table(columns=["id"])["id"].to_pylist()) == ids_of(n)
+    assert [r[0] for r in duckdb.sql(f"SELECT id FROM '{out}/*.parquet' ORDER BY id").fetchall()] == ids_of(n)
+    return df
+
+
+def long_prompt(tokens: int) -> str:
+    """A legal prompt of about `tokens` tokens (the chat template adds ~30)."""
+    return "The quick brown fox jumps over the lazy dog. " * (tokens // 10)
 
 
 def prompts_with(tmp_path, special: dict[int, str], n: int = 20, group: int = 5) -> None:
@@ -89,6 +107,68 @@ def test_engine_that_hangs_is_detected_and_the_run_completes(tmp_path, ray_clust
     assert time.monotonic() - started < 240
     assert not marker.exists()  # the hang was armed and happened
     assert_exactly_once(tmp_path / "out", 10)
+
+
+# Prefill on this CPU (one thread, SmolLM2-135M): 2k tokens ~7 s, 4k ~17 s, 7k ~40 s. The
+# decoder layers beat as they finish, and a step's time limit grows with its prompt tokens,
+# so a long prompt is legal work, not a hang (issue 8, item 7).
+
+
+def test_long_prompt_whose_prefill_outlasts_hang_timeout_is_not_a_hang(tmp_path, ray_cluster, caplog):
+    prompts_with(tmp_path, {1: long_prompt(6000)}, n=5)
+    cfg = engine_config(tmp_path, "transformers", run={"hang_timeout_s": 15}, engine={"max_batch_size": 1})
+    with caplog.at_level(logging.WARNING, logger="batchinfer.scheduler"):
+        report = runner.run(cfg, progress=False)
+    assert (report.status, report.exit_code) == ("complete", 0), report.manifest
+    assert "starting a replacement" not in caplog.text
+    assert [s["attempt"] for s in report.manifest["shard_summaries"]] == [1]
+    df = assert_read_exactly_once(tmp_path / "out", 5).set_index("id")
+    assert df.error.isna().all() and (df.output.str.len() > 0).all()
+    assert df.loc["q000001", "prompt_tokens"] > 5500
+
+
+def test_static_batch_of_long_prompts_outlasting_hang_timeout_is_not_a_hang(tmp_path, ray_cluster, caplog):
+    # Each row alone prefills in ~11 s, under the limit; the batch of three takes ~35 s.
+    prompts_with(tmp_path, {i: long_prompt(2600) for i in range(3)}, n=5)
+    cfg = engine_config(tmp_path, "transformers", run={"hang_timeout_s": 15}, engine={"max_batch_size": 3})
+    with caplog.at_level(logging.WARNING, logger="batchinfer.scheduler"):
+        report = runner.run(cfg, progress=False)
+    assert (report.status, report.exit_code) == ("complete", 0), report.manifest
+    assert "starting a replacement" not in caplog.text
+    df = assert_read_exactly_once(tmp_path / "out", 5)
+    assert df.error.isna().all() and (df.output.str.len() > 0).all()
+
+
+def test_row_that_kills_its_worker_is_narrowed_to_a_row_error(tmp_path, ray_cluster, caplog):
+    prompts_with(tmp_path, {2: "Repeat after me: KILLER"}, n=5)
+    cfg = engine_config(tmp_path, "tests.fault_engines:KillerRowEngine")
+    with caplog.at_level(logging.WARNING, logger="batchinfer.scheduler"):
+        report = runner.run(cfg, progress=False)
+    assert (report.status, report.exit_code) == ("partial", 3), report.manifest
+    assert "probing its rows" in caplog.text
+    df = assert_read_exactly_once(tmp_path / "out", 5).set_index("id")
+    poison = df.loc["q000002"]
+    assert poison.error.startswith("worker_died: ") and poison.finish_reason == "error"
+    assert pd.isna(poison.output)
+    others = df.drop(index="q000002")
+    assert others.error.isna().all() and (others.output.str.len() > 0).all()
+    assert report.manifest["errors"] == {"worker_died": 1}
+    assert report.manifest["failed_shards"] == [] and report.manifest["rows"]["missing"] == 0
+
+
+def test_poison_rows_in_one_row_shards_are_narrowed_and_their_neighbours_survive(tmp_path, ray_cluster):
+    # Four one-row shards, two of them poison; a worker holds two shards at a time, so
+    # innocent shards die with the poison ones and must not be taken for poison.
+    prompts_with(tmp_path, {1: "Please say KILLER.", 2: "KILLER again"}, n=4, group=1)
+    cfg = engine_config(tmp_path, "tests.fault_engines:KillerRowEngine", run={"rows_per_shard": 1})
+    report = runner.run(cfg, progress=False)
+    assert (report.status, report.exit_code) == ("partial", 3), report.manifest
+    df = assert_read_exactly_once(tmp_path / "out", 4).set_index("id")
+    assert df.loc[["q000001", "q000002"]].error.str.startswith("worker_died: ").all()
+    assert df.loc[["q000000", "q000003"]].error.isna().all()
+    assert (df.loc[["q000000", "q000003"]].output.str.len() > 0).all()
+    assert report.manifest["errors"] == {"worker_died": 2}
+    assert len(report.manifest["shard_summaries"]) == 4 and report.manifest["failed_shards"] == []
 
 
 def test_engine_that_fails_on_one_row_isolates_that_row(tmp_path, ray_cluster):

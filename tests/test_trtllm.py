@@ -325,6 +325,45 @@ def test_rejections_and_request_failures_are_row_errors(tmp_path, model_folder, 
         engine.shutdown()
 
 
+def test_busy_reports_the_prompt_tokens_of_unfinished_requests(tmp_path, model_folder, trtllm_double, encode):
+    """For the hang watchdog: requests in the engine are a step holding their prompt tokens."""
+    from batchinfer.engines.base import Request
+    from batchinfer.engines.trtllm import TrtLlmEngine
+
+    engine = TrtLlmEngine(config=trt(tmp_path, model_folder))
+    prompts = [encode("Hello"), encode("Tell me about the sea, the sky and the long road home.")]
+    submit = engine.llm.generate_async
+
+    async def held_in_the_engine():
+        gate = asyncio.Event()
+
+        class Held:  # a request the engine has taken but not finished until the gate opens
+            def __init__(self, inner):
+                self.inner = inner
+
+            def __await__(self):
+                async def wait():
+                    await gate.wait()
+                    return await self.inner
+                return wait().__await__()
+
+        engine.llm.generate_async = lambda inputs, sampling_params: Held(submit(inputs, sampling_params))
+        tasks = [asyncio.ensure_future(engine.generate(Request(i, p))) for i, p in enumerate(prompts)]
+        await asyncio.sleep(0.2)
+        busy = engine.busy()
+        gate.set()
+        return busy, await asyncio.gather(*tasks)
+
+    try:
+        assert engine.busy()["in_step"] is False
+        busy, results = asyncio.run(held_in_the_engine())
+        assert busy["in_step"] and busy["step_tokens"] == sum(map(len, prompts))
+        assert all(r.error is None for r in results)
+        assert engine.busy()["in_step"] is False and engine.heartbeat == 2
+    finally:
+        engine.shutdown()
+
+
 def test_in_flight_window_spans_shards(tmp_path, model_folder, trtllm_double):
     """Rows of the next shard are submitted while the current shard's rows still run."""
     from batchinfer.store import RunStore

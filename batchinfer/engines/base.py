@@ -9,6 +9,13 @@ boundary.
 A request the engine refuses (prompt too long, bad parameter) comes back as a `Result`
 with `error` set: it is that row's error, never the job's. An exception out of
 `generate` means the engine itself failed.
+
+For the driver's hang watchdog an engine reports progress two ways: `heartbeat`, a
+counter it moves while it works (`beat()`), and `busy()`, whether it is inside a step and
+how many prompt tokens that step holds (`BatchEngine` reports its batches by itself).
+A long prefill is legal work, not a hang: the watchdog gives a step time in proportion
+to its prompt tokens, and a backend that can see progress inside a step (the
+transformers backend beats as each decoder layer finishes) beats during it.
 """
 
 from __future__ import annotations
@@ -16,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from batchinfer.config import Config
 
@@ -62,6 +72,7 @@ class Engine(ABC):
         self.config = config.engine
         self.sampling = config.sampling
         self._heartbeat = 0
+        self._step: tuple[int, float] | None = None  # (prompt tokens, monotonic start) of a running step
 
     @classmethod
     def check_config(cls, config: Config) -> list[str]:
@@ -112,6 +123,23 @@ class Engine(ABC):
     def beat(self) -> None:
         self._heartbeat += 1
 
+    def busy(self) -> dict[str, Any]:
+        """Whether the engine is inside a step, the prompt tokens the step holds and how long
+        it has run; the watchdog allows a step time in proportion to its prompt tokens."""
+        step = self._step
+        if step is None:
+            return {"in_step": False, "step_tokens": 0, "step_s": 0.0}
+        return {"in_step": True, "step_tokens": step[0], "step_s": round(time.monotonic() - step[1], 1)}
+
+    @contextmanager
+    def step(self, prompt_tokens: int) -> Iterator[None]:
+        """Mark a step (e.g. one static batch) that holds `prompt_tokens` for `busy()`."""
+        self._step = (prompt_tokens, time.monotonic())
+        try:
+            yield
+        finally:
+            self._step = None
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release the model; the default has nothing to release."""
 
@@ -161,7 +189,9 @@ class BatchEngine(Engine):
                     self._pending.put(None)
                     break
                 batch.append(item)
-            results = self._isolating([req for req, _, _ in batch])
+            requests = [req for req, _, _ in batch]
+            with self.step(sum(len(r.prompt_token_ids) for r in requests)):
+                results = self._isolating(requests)
             self.beat()
             for (_, fut, loop), result in zip(batch, results, strict=True):
                 loop.call_soon_threadsafe(_settle, fut, result)

@@ -46,6 +46,10 @@ class TransformersEngine(BatchEngine):
         self.pad_id = pad if pad is not None else min(self.eos_ids)
         if sampling.temperature > 0:
             torch.manual_seed(sampling.seed)
+        # Beat as each decoder layer finishes, so a long prefill (one forward pass that may
+        # take minutes on a CPU) shows progress to the hang watchdog while it runs.
+        for module in _beat_points(self.model):
+            module.register_forward_hook(lambda *_: self.beat())
         log.info("transformers engine: %s on %s (%s), max_model_len=%d",
                  config.model, self.device, dtype, self._max_model_len)
 
@@ -65,8 +69,6 @@ class TransformersEngine(BatchEngine):
 
     def generate_batch(self, requests: list[Request]) -> list[Result]:
         import torch
-        from transformers import StoppingCriteriaList
-
         lengths = [len(r.prompt_token_ids) for r in requests]
         width = max(lengths)
         # Each row may generate up to max_tokens but never past the model length.
@@ -91,7 +93,6 @@ class TransformersEngine(BatchEngine):
                 max_new_tokens=max(limits),
                 pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids),
-                stopping_criteria=StoppingCriteriaList([_StepBeat(self)]),
                 **kwargs,
             )
         new = out[:, width:].tolist()
@@ -113,18 +114,13 @@ class TransformersEngine(BatchEngine):
                       completion_tokens=len(tokens))
 
 
-class _StepBeat:
-    """Moves the engine's heartbeat at every decoding step; never stops generation.
+def _beat_points(model) -> list:
+    """The model's decoder layers (the ModuleList as long as its layer count); the whole
+    model, one beat per forward pass, where no such list is found."""
+    import torch
 
-    A stopping criterion to `generate` (called as `criterion(input_ids, scores)`), without
-    transformers' `StoppingCriteria` base class so that this module imports neither library.
-    """
-
-    def __init__(self, engine: TransformersEngine):
-        self.engine = engine
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        self.engine.beat()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    layers = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return list(module)
+    return [model]

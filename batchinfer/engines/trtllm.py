@@ -16,9 +16,11 @@ Two modes:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -235,6 +237,12 @@ class TrtLlmEngine(Engine):
         # One SamplingParams per max_tokens value, made fresh: generate_async completes an
         # instance in place the first time (end_id, stop word ids), so never copy one.
         self._params: dict[int, Any] = {}
+        # Prompt tokens of the requests in the engine, for busy(): without streaming the first
+        # token is not seen, so a request counts as unprefilled until it finishes (an upper
+        # bound on the prefill work in hand, which errs towards waiting, not killing).
+        self._unfinished: dict[int, int] = {}
+        self._keys = itertools.count()
+        self._since = time.monotonic()
         log.info("trtllm engine (%s, %s): max_model_len=%d, max_prompt_len=%d",
                  t.mode, self.engine_source, self._max_model_len, self.max_prompt_len)
 
@@ -263,6 +271,10 @@ class TrtLlmEngine(Engine):
             pending = self.llm.generate_async(request.prompt_token_ids, sampling_params=params)
         except (ValueError, self.api.RequestError) as e:
             return rejected(e, n)
+        key = next(self._keys)
+        if not self._unfinished:
+            self._since = time.monotonic()
+        self._unfinished[key] = n
         try:
             output = await pending
         except self.api.RequestError as e:  # this request failed; the engine goes on
@@ -270,8 +282,19 @@ class TrtLlmEngine(Engine):
         except asyncio.CancelledError:  # past its deadline, or its shard was given up
             pending.abort()
             raise
+        finally:
+            del self._unfinished[key]
         self.beat()
+        self._since = time.monotonic()
         return to_result(output)
+
+    def busy(self) -> dict[str, Any]:
+        """Continuous batching has no batch boundary: the engine is "in a step" while it holds
+        requests, the step holds their prompt tokens and runs since the last one finished."""
+        if not self._unfinished:
+            return super().busy()
+        return {"in_step": True, "step_tokens": sum(self._unfinished.values()),
+                "step_s": round(time.monotonic() - self._since, 1)}
 
     def shutdown(self) -> None:
         self.llm.shutdown()
