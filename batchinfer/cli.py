@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from batchinfer import config as config_mod, runner
-from batchinfer.lease import LeaseLost, RunBusy
+from batchinfer.lease import LeaseLost, RunBusy, RunLapsed
 from batchinfer.runner import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("batchinfer")
@@ -86,6 +86,9 @@ def run_job(cfg: config_mod.Config, *, new_run: bool = False, progress: bool = T
     except (RunBusy, LeaseLost) as e:
         click.echo(f"batchinfer: {e}", err=True)
         return EXIT_BUSY
+    except RunLapsed as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         click.echo("interrupted; rerun the same command to resume", err=True)
         return EXIT_FAILED
@@ -234,16 +237,21 @@ def status(output_path: str, as_json: bool, config_path: str | None) -> None:
 
 def run_state(plan, committed: dict, manifest: dict | None, record: dict[str, Any],
               holder) -> tuple[str, str]:
-    """(state, detail) of a run from its records: the manifest if it describes the parts on
-    record, else the driver lease (live: running; expired or dead: stale), else the last
-    state the driver recorded."""
-    if manifest is not None and manifest.get("fingerprint") == plan.fingerprint \
-            and manifest["shards"]["committed"] == len(committed):
-        return manifest["status"], ""
+    """(state, detail) of a run from its records: a live driver lease (running); else a
+    failure or interruption recorded after the last manifest; else the manifest if it
+    describes the parts on record; else the lease (expired or its driver gone: stale)."""
     if holder is not None and holder.is_live():
         return "running", holder.describe()
-    if record.get("state") in ("failed", "interrupted"):
-        return record["state"], (record.get("reason") or "") + "; rerun the same command to resume"
+    finished = manifest is not None and manifest.get("fingerprint") == plan.fingerprint \
+        and manifest["shards"]["committed"] == len(committed)
+    if record.get("state") in ("failed", "interrupted") and (
+            not finished or (record.get("updated_at") or "") > (manifest.get("finished_at") or "")):
+        why = record.get("reason") or "no reason recorded"
+        fixed = " once the cause is fixed" if record["state"] == "failed" else ""
+        after = f"rerun the same command to resume{fixed}"
+        return record["state"], f"{why}; {after}"
+    if finished:
+        return manifest["status"], ""
     if holder is not None and not holder.released:
         return "stale", (f"driver on {holder.host} (pid {holder.pid}) last seen "
                          f"{_ago(holder.age_s())} ago; rerun to resume")

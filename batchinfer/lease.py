@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from batchinfer import storage
+from batchinfer import atomic, storage
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,11 @@ class LeaseStale(LeaseLost):
     """The lease is still this generation's, but its driver has not renewed it lately."""
 
 
+class RunLapsed(RuntimeError):
+    """This driver could not keep its lease (storage trouble) and stopped; nobody else holds
+    the run, so a rerun resumes it."""
+
+
 @dataclass
 class Holder:
     """The driver.json record: who holds the run, since when, and for which generation."""
@@ -65,6 +70,9 @@ class Holder:
     renewed_at: float
     """Epoch seconds of the last renewal."""
     lease_s: float
+    pid_ns: int = 0
+    """Inode of the holder's pid namespace: two containers on one host share the hostname
+    and boot id but not their pids."""
     released: bool = False
     state: str = "starting"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -90,9 +98,17 @@ class Holder:
         return not self.provably_dead()
 
     def provably_dead(self) -> bool:
-        if self.host != socket.gethostname() or self.boot_id != boot_id():
-            return False  # another machine (or this one before a reboot): only expiry tells
-        return process_start_time(self.pid) != self.pid_started
+        """The holder ran on this machine, in this pid namespace, and its process is gone
+        (or the pid now belongs to a process started at another time). Anything we cannot
+        see for sure (another host, container or boot; a process we may not inspect) is alive."""
+        if (self.host, self.boot_id, self.pid_ns) != (socket.gethostname(), boot_id(), pid_namespace()):
+            return False  # only expiry tells
+        started = process_start_time(self.pid)
+        if started is ALIVE_UNKNOWN:
+            return False
+        # psutil derives the start time from the boot time, which moves when the clock is
+        # stepped: a second of slack tells a reused pid from the same process.
+        return started is None or abs(started - self.pid_started) > 1.0
 
     def describe(self) -> str:
         return (f"driver on {self.host} (pid {self.pid}, generation {self.generation}), "
@@ -107,17 +123,30 @@ def boot_id() -> str:
         return ""
 
 
+ALIVE_UNKNOWN = -1.0
+
+
+def pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def process_start_time(pid: int) -> float | None:
+    """Start time (epoch s) of `pid`; None if no such process; ALIVE_UNKNOWN if we may not look."""
     import psutil
 
     try:
         return round(psutil.Process(pid).create_time(), 2)
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
+    except (psutil.NoSuchProcess, ProcessLookupError):
         return None
+    except psutil.AccessDenied:
+        return ALIVE_UNKNOWN
 
 
 def read_holder(meta: storage.Location) -> Holder | None:
-    found = storage.read_versioned(meta.child(LEASE_FILE))
+    found = atomic.read_versioned(meta.child(LEASE_FILE))
     return Holder.parse(found[0]) if found else None
 
 
@@ -161,7 +190,7 @@ class DriverLease:
         """Take the run, or raise RunBusy naming the live holder. Also the first write of the
         run: an output that cannot be written fails here, before any engine starts."""
         for _ in range(5):
-            found = storage.read_versioned(self.loc)
+            found = atomic.read_versioned(self.loc)
             previous = Holder.parse(found[0]) if found else None
             if previous is not None and previous.is_live():
                 raise RunBusy(
@@ -169,15 +198,21 @@ class DriverLease:
                     "this driver did nothing (exit 4). Wait for it, or `batchinfer status` to follow "
                     f"it; if that driver is gone, its lease expires {previous.lease_s:.0f} s after "
                     "its last heartbeat and a rerun takes over")
-            mine = self._record(generation=(previous.generation + 1) if previous else 1)
+            # A record cut short (a full disk) has no generation to follow: a time-based one
+            # is larger than any count and so never equal to a generation still at work.
+            mine = self._record(generation=previous.generation + 1 if previous
+                                else int(time.time()) if found else 1)
             if found is None:
-                taken = storage.put_if_absent(self.loc, mine.to_bytes(), self.staging)
+                taken = atomic.put_if_absent(self.loc, mine.to_bytes(), self.staging)
             else:
                 if previous is not None:
                     why = "released" if previous.released else (
                         "its holder is gone" if previous.provably_dead() else "expired")
                     log.warning("taking over the run from the %s (%s)", previous.describe(), why)
-                taken = storage.replace_if_version(self.loc, mine.to_bytes(), found[1], self.staging)
+                taken = atomic.replace_if_version(self.loc, mine.to_bytes(), found[1], self.staging)
+            if not taken:  # a write whose reply was lost may have landed all the same
+                current = read_holder(self.meta)
+                taken = current is not None and current.token == mine.token
             if taken:
                 self.holder = mine
                 self._version = self._read_version()
@@ -188,12 +223,12 @@ class DriverLease:
         now = time.time()
         return Holder(generation=generation, token=uuid.uuid4().hex, host=socket.gethostname(),
                       pid=os.getpid(), pid_started=process_start_time(os.getpid()) or 0.0,
-                      boot_id=boot_id(),
+                      boot_id=boot_id(), pid_ns=pid_namespace(),
                       acquired_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       renewed_at=now, lease_s=self.lease_s)
 
     def _read_version(self) -> str | None:
-        found = storage.read_versioned(self.loc)
+        found = atomic.read_versioned(self.loc)
         if found is None:
             return None
         holder = Holder.parse(found[0])
@@ -212,7 +247,7 @@ class DriverLease:
             self.holder.renewed_at = time.time()
             data = self.holder.to_bytes()
             for _ in range(2):
-                if self._version is not None and storage.replace_if_version(
+                if self._version is not None and atomic.replace_if_version(
                         self.loc, data, self._version, self.staging):
                     self._version = self._read_version()
                     return self._version is not None or self._lose("the lease record vanished")
@@ -223,6 +258,16 @@ class DriverLease:
             current = read_holder(self.meta)
             who = current.describe() if current else "nobody (the record is gone)"
             return self._lose(f"another driver took the run over: {who}")
+
+    def successor(self) -> Holder | None:
+        """The live driver that took the run over from us, if one did."""
+        try:
+            current = read_holder(self.meta)
+        except Exception:  # storage trouble: we cannot tell
+            return None
+        if current is None or self.holder is None or current.token == self.holder.token:
+            return None
+        return current if current.is_live() else None
 
     def _lose(self, why: str) -> bool:
         self.lost = why

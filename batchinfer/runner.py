@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from batchinfer import engines, faults, models, plan as planning, storage
+from batchinfer import atomic, engines, faults, models, plan as planning, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.engines.artifacts import EngineArtifactError
-from batchinfer.lease import DriverLease, LeaseLost, RunBusy
+from batchinfer.lease import DriverLease, LeaseLost, RunBusy, RunLapsed
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
 from batchinfer.signals import SignalWatch
@@ -59,6 +59,7 @@ def preflight(cfg: Config) -> None:
     clash = storage.input_output_clash(cfg.input.path, cfg.output.path, cfg.storage)
     if clash:
         raise ConfigError(clash)
+    atomic.check_conditional_writes(cfg.output.path)
     problems = engines.engine_class(cfg.engine.backend).check_config(cfg)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) == 1 else
@@ -71,24 +72,28 @@ def preflight(cfg: Config) -> None:
 
 
 def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool,
-                 infos: list[dict[str, Any]] | None = None) -> Plan:
+                 infos: list[dict[str, Any]] | None = None,
+                 still_held: Callable[[], None] = lambda: None) -> Plan:
     """The plan on record if this config may resume it, else a new one (recorded).
 
-    Called with the driver lease held, and `infos` the input listing (made now if None).
-    Whichever way the plan on record came to be (a previous run, or another driver that
-    recorded first), it is checked against this config's settings and the inputs before
-    it is adopted.
+    Called with the driver lease held, and `infos` the input listing (made now if None);
+    `still_held()` raises if the lease was lost meanwhile, and is called before anything
+    is removed or recorded. Whichever way the plan on record came to be (a previous run,
+    or another driver that recorded first), it is checked against this config's settings
+    and the inputs before it is adopted.
     """
     infos = infos if infos is not None else planning.list_inputs(cfg)
     with storage.errors(cfg.output.path, "output.path"):
         existing = store.read_plan()
         if existing is not None and new_run:
+            still_held()
             log.warning("--new-run: removing the previous run at %s", store.url)
             store.clear()
             existing = None
     if existing is None:
         plan = planning.make_plan(cfg, infos)
         faults.point("planning")
+        still_held()
         with storage.errors(cfg.output.path, "output.path"):
             existing = store.write_plan(plan)
         if existing is plan:
@@ -141,8 +146,9 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
     held = DriverLease(store.meta, cfg.run.driver_lease_s)
 
     def exit_now() -> None:  # a second signal: record the state, free the run, go
-        status.write("interrupted", force=True, reason="a second signal: exited at once")
-        held.release("interrupted")
+        if held.holder is not None and not held.lost:
+            status.write("interrupted", force=True, reason="a second signal: exited at once")
+            held.release("interrupted")
 
     # Before anything slow: a SIGTERM at any moment from here on is handled as documented.
     signals = SignalWatch(stop, exit_now, EXIT_FAILED) if install_signal_handlers else None
@@ -151,32 +157,55 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
         infos = planning.list_inputs(cfg)  # input errors first: they say what to fix
         with storage.errors(cfg.output.path, "output.path"):
             held.acquire()  # also the write probe: a read-only or full output fails here
-        report = _run_held(cfg, store, held, status, stop, signals, new_run, progress, started,
-                           infos)
+        held.start_renewing(on_lost=stop.set)  # from now on: planning may take minutes
+        try:
+            report = _run_held(cfg, store, held, status, stop, signals, new_run, progress,
+                               started, infos)
+        except KeyboardInterrupt:
+            if held.lost:  # the stop came from the lease, not a signal
+                raise _lease_error(held, store) from None
+            raise
         state = report.status
         return report
     except KeyboardInterrupt:
         state, reason = "interrupted", "stopped by a signal"
         raise
-    except RunBusy:
-        state = None  # not ours to record anything
+    except (RunBusy, LeaseLost):
+        state = None  # another driver holds the run: nothing here is ours to record
         raise
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}"
         raise
     finally:
-        if state is not None and held.holder is not None and not held.lost:
-            if state in ("failed", "interrupted"):
+        if state is not None and held.holder is not None:
+            if reason is not None:  # a report wrote its own final state
                 status.write(state, force=True, reason=reason)
             held.release(state)
         if signals is not None:
             signals.restore()
 
 
+def _lease_error(held: DriverLease, store: RunStore) -> Exception:
+    """LeaseLost (exit 4) if another live driver took the run over, else RunLapsed (exit 1)."""
+    successor = held.successor()
+    if successor is not None:
+        return LeaseLost(f"{store.url}: the run was taken over by the {successor.describe()}; "
+                         "this driver stopped (exit 4)")
+    return RunLapsed(f"{store.url}: this driver could not keep its lease "
+                     f"({held.lost or 'a commit found it not renewed in time'}) and stopped; no "
+                     "other driver holds the run: rerun the same command to resume")
+
+
+def _check_held(held: DriverLease, store: RunStore) -> None:
+    if held.lost:
+        raise _lease_error(held, store)
+
+
 def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
               stop: threading.Event, signals: SignalWatch | None, new_run: bool, progress: bool,
               started: float, infos: list[dict[str, Any]]) -> RunReport:
-    plan = prepare_plan(cfg, store, new_run=new_run, infos=infos)
+    plan = prepare_plan(cfg, store, new_run=new_run, infos=infos,
+                        still_held=lambda: _check_held(held, store))
     with storage.errors(cfg.output.path, "output.path"):
         committed = store.committed()
     verify_committed(plan, committed, store)
@@ -185,7 +214,8 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
         manifest = store.read_manifest()
         if manifest is None or manifest.get("fingerprint") != plan.fingerprint:
             manifest = build_manifest(plan, store, committed, {}, {}, started, started, 0, None)
-            store.write_manifest(manifest, success=True)
+            with storage.errors(cfg.output.path, "output.path"):
+                store.write_manifest(manifest, success=True)
         log.info("run at %s is already complete: nothing to do", store.url)
         return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, False)
     if stop.is_set():
@@ -195,7 +225,6 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
              len(pending), len(plan.shards), sum(plan.shards[i].num_rows for i in pending),
              len(committed))
     status.start(plan, len(committed))
-    held.start_renewing(on_lost=stop.set)
     # Imported here so `plan`, `status` and `validate` never import Ray.
     from batchinfer.scheduler import Scheduler
 
@@ -205,11 +234,11 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
     try:
         try:
             owns_ray = _connect_ray(cfg)
+            if signals is not None:
+                signals.reinstall()  # ray.init installed its own SIGTERM handler
         except SystemExit:  # ray.init's own SIGTERM handler (sys.exit) ran before ours was back
             owns_ray = True
             raise KeyboardInterrupt from None
-        if signals is not None:
-            signals.reinstall()  # ray.init installed its own SIGTERM handler
         scheduler = Scheduler(cfg=cfg, plan=plan, stop=stop, generation=held.generation,
                               on_commit=status.commit)
         _prepare_engine(cfg)
@@ -233,8 +262,8 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
             import ray
             ray.shutdown()
 
-    if held.lost:
-        raise LeaseLost(f"{store.url}: {held.lost}; this driver stopped (exit 4)")
+    if held.lost or isinstance(outcome.fatal, LeaseLost):
+        raise _lease_error(held, store)
     if outcome.fatal is not None:
         raise outcome.fatal
     committed.update(outcome.committed)
@@ -246,7 +275,8 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
     if outcome.interrupted:
         status.write("interrupted", force=True, reason="stopped by a signal")
         return RunReport("interrupted", EXIT_FAILED, manifest, True)
-    store.write_manifest(manifest, success=len(committed) == len(plan.shards))
+    with storage.errors(cfg.output.path, "output.path"):
+        store.write_manifest(manifest, success=len(committed) == len(plan.shards))
     status.write(manifest["status"], force=True)
     return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, True)
 

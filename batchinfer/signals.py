@@ -22,6 +22,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+EXIT_RECORD_S = 3.0  # most seconds a second signal waits for the state to be recorded
 
 
 class SignalWatch:
@@ -67,10 +68,11 @@ class SignalWatch:
                     self.stop.set()
                 else:
                     log.error("second signal (%s): exiting now; rerun the same command to resume", name)
-                    try:
-                        self.exit_now()
-                    finally:
-                        os._exit(self.exit_code)
+                    # Record the state if storage answers within a moment; exit regardless.
+                    recorder = threading.Thread(target=self.exit_now, name="exit-now", daemon=True)
+                    recorder.start()
+                    recorder.join(EXIT_RECORD_S)
+                    os._exit(self.exit_code)
 
     def restore(self) -> None:
         if not self.active:

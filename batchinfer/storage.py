@@ -11,23 +11,19 @@ import copy
 import dataclasses
 import errno
 import functools
-import hashlib
 import json
 import os
-import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from filelock import FileLock
 from fsspec.implementations.local import LocalFileSystem
 
 from batchinfer.config import StorageConfig
 
-T = TypeVar("T")
 GLOB_CHARS = "*?["
 RUN_META_DIR = "_batchinfer"
 """The metadata folder of a run directory (see store.py); a folder holding it is never input."""
@@ -270,9 +266,12 @@ _DIAGNOSES = (
     (("nosuchbucket", "no_such_bucket", "bucket does not exist"), MISSING_BUCKET, True),
     (("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch",
       "signature_does_not_match", "access key id you provided does not exist",
-      "signature we calculated does not match", "invalidtoken", "expiredtoken"),
+      "signature we calculated does not match", "invalidtoken"),
      "the storage credentials were refused; check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
      "storage.profile or the instance role", True),
+    # Expired temporary credentials (STS, IRSA) are refreshed by the credential chain: retry.
+    (("expiredtoken",), "the storage credentials have expired; check that the instance role "
+     "or web identity can refresh them", False),
     (("nocredentialserror", "unable to locate credentials", "no credentials"),
      "no storage credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
      "AWS_PROFILE (storage.profile), use an instance role, or storage.anon: true for a public bucket",
@@ -345,174 +344,6 @@ def errors(url: str, role: str, *, permanent_only: bool = False) -> Iterator[Non
         raise translated from e
 
 
-def put_if_absent(loc: Location, data: bytes, staging: Location) -> bool:
-    """Create `loc` holding `data` in one atomic step unless it exists; True if this call created it.
-
-    Never overwrites: on a local filesystem the bytes go to a temp file in `staging` (same
-    filesystem) that is hard-linked into place (link fails if the target exists); on S3 a
-    conditional PUT (If-None-Match: *) is refused with 412, which s3fs raises as
-    FileExistsError. A loser or a crashed attempt leaves nothing at `loc`.
-    """
-    fs = loc.fs
-    if is_local(fs):
-        with _staged(loc, data, staging) as tmp:
-            try:
-                os.link(tmp, loc.path)
-                return True
-            except FileExistsError:
-                return False
-    if set(S3_PROTOCOLS) & set(_protocols(fs)):
-        try:
-            fs.pipe_file(loc.path, data, mode="create")
-            return True
-        except FileExistsError:
-            return False
-    raise StorageError(
-        f"{loc.url!r}: no atomic create-if-absent for the {_protocols(fs)[0]!r} filesystem; "
-        "supported for commits: local paths and s3://"
-    )
-
-
-def put(loc: Location, data: bytes, staging: Location) -> None:
-    """Write `data` to `loc`, replacing it in one step: a reader sees the old or the new bytes.
-
-    Object stores already replace whole objects on PUT; on a local disk the bytes go to a
-    temp file in `staging` that is renamed over the target.
-    """
-    if not is_local(loc.fs):
-        loc.fs.pipe_file(loc.path, data)
-        return
-    try:
-        with _staged(loc, data, staging) as tmp:
-            os.replace(tmp, loc.path)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not os.path.exists(loc.path):
-            raise
-        # A full disk has no room for a second copy, but a small record (status, lease) fits
-        # in the blocks its old version frees: rewrite it in place so a failure can be told.
-        with open(loc.path, "r+b") as f:
-            f.truncate(0)
-            f.write(data)
-
-
-@contextlib.contextmanager
-def _staged(loc: Location, data: bytes, staging: Location) -> Iterator[str]:
-    """A durable temp copy of `data` in `staging`, removed afterwards (moved or not)."""
-    os.makedirs(staging.path, exist_ok=True)
-    os.makedirs(os.path.dirname(loc.path), exist_ok=True)
-    tmp = os.path.join(staging.path, f"{os.path.basename(loc.path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        yield tmp
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
-
-
-# --------------------------------------------------------------------------- versioned reads and writes
-
-
-def read_versioned(loc: Location) -> tuple[bytes, str] | None:
-    """The bytes at `loc` and the version `replace_if_version` compares against; None if absent.
-
-    S3: the object's ETag, and the read is conditional on it (s3fs sends `If-Match` with the
-    ETag it saw when opening, s3fs/core.py `S3File.__init__`), so bytes and version belong
-    together. Local: a hash of the bytes (writers replace the file whole, under a lock).
-    """
-    try:
-        if is_local(loc.fs):
-            with open(loc.path, "rb") as f:
-                data = f.read()
-            return data, "sha256:" + hashlib.sha256(data).hexdigest()
-        for attempt in range(5):
-            loc.fs.invalidate_cache(loc.path)
-            try:
-                with loc.fs.open(loc.path, "rb") as f:
-                    return f.read(), str(f.details.get("ETag") or f.details.get("etag"))
-            except OSError as e:  # s3fs FileExpired: it changed between the HEAD and the GET
-                if type(e).__name__ != "FileExpired" or attempt == 4:
-                    raise
-    except FileNotFoundError:
-        return None
-    return None  # unreachable: the loop returns or raises
-
-
-def replace_if_version(loc: Location, data: bytes, version: str, staging: Location) -> bool:
-    """Replace `loc` with `data` only if it is still at `version`: a compare-and-swap.
-
-    S3: a conditional PUT (`If-Match: <ETag>`; S3 answers 412 Precondition Failed when the
-    object changed since, https://docs.aws.amazon.com/AmazonS3/latest/userguide/conditional-writes.html).
-    Local: read, compare and replace under a lock file beside `loc` (filelock). True if replaced.
-    """
-    if is_local(loc.fs):
-        with FileLock(loc.path + ".lock", timeout=60):
-            current = read_versioned(loc)
-            if current is None or current[1] != version:
-                return False
-            put(loc, data, staging)
-            return True
-    if not set(S3_PROTOCOLS) & set(_protocols(loc.fs)):
-        raise StorageError(f"{loc.url!r}: no compare-and-swap for the {_protocols(loc.fs)[0]!r} "
-                           "filesystem; supported for run directories: local paths and s3://")
-    try:
-        loc.fs.pipe_file(loc.path, data, IfMatch=version)
-        return True
-    except FileNotFoundError:
-        return False
-    except OSError as e:  # s3fs/errors.py maps PreconditionFailed (412) to OSError(EINVAL)
-        if e.errno == errno.EINVAL or "precondition" in str(e).lower():
-            return False
-        raise
-
-
-def read_input_file(url: str, version: str, cfg: StorageConfig | None,
-                    read: Callable[[pq.ParquetFile], T]) -> T:
-    """`read(parquet_file)` on exactly the version of an input file the plan recorded.
-
-    S3: the file is opened through s3fs, whose ranged reads all carry `If-Match` with the
-    ETag seen at open, and that ETag must be the recorded one; a replacement mid-read fails
-    with 412. Local: size and mtime are checked before and after the read. Anything else:
-    the version tag is checked before and after. Raises InputChanged naming the file.
-    """
-    loc = locate(url, cfg)
-    fs = loc.fs
-
-    def current() -> str:
-        try:
-            fs.invalidate_cache(loc.path)
-            return version_tag(fs.info(loc.path))
-        except FileNotFoundError:
-            return "deleted"
-
-    def changed(now: str) -> InputChanged:
-        what = "was deleted" if now == "deleted" else f"changed (version {version} -> {now})"
-        return InputChanged(
-            f"input file {url!r} {what} during the run; a shard must read the version the plan "
-            "recorded. Restore the file and rerun, or pass --new-run to start over on the new inputs")
-
-    if (now := current()) != version:
-        raise changed(now)
-    try:
-        if set(S3_PROTOCOLS) & set(_protocols(fs)):
-            with fs.open(loc.path, "rb") as f:
-                if version_tag(f.details) != version:
-                    raise changed(version_tag(f.details))
-                result = read(pq.ParquetFile(f, pre_buffer=True))
-        else:
-            with open_parquet(url, cfg) as pf:
-                result = read(pf)
-    except Exception as e:  # a file rewritten under a read fails in many ways; was it that?
-        if (now := current()) != version:
-            raise changed(now) from e
-        raise
-    if (now := current()) != version:
-        raise changed(now)
-    return result

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from batchinfer import faults, lease, storage
+from batchinfer import atomic, faults, lease, storage
 from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
 from batchinfer.results import SUMMARY_KEY
@@ -52,7 +52,7 @@ class RunStore:
 
     def write_plan(self, plan: Plan) -> Plan:
         """Record the plan unless one exists; return the plan that is on record."""
-        if storage.put_if_absent(self.meta.child("plan.json"), plan.to_json().encode(), self._staging()):
+        if atomic.put_if_absent(self.meta.child("plan.json"), plan.to_json().encode(), self._staging()):
             return plan
         return self.read_plan()  # another driver recorded its plan first
 
@@ -69,7 +69,7 @@ class RunStore:
         """
         lease.check_fence(self.meta, generation)
         faults.point("commit")
-        won = storage.put_if_absent(self.part(shard_name), data, self._staging())
+        won = atomic.put_if_absent(self.part(shard_name), data, self._staging())
         if won:
             faults.point("part-committed")
             self._write_json(self._record(shard_name), summary)
@@ -110,7 +110,9 @@ class RunStore:
     # ------------------------------------------------------------------ status and manifest
 
     def write_status(self, status: dict[str, Any]) -> None:
-        self._write_json(self.meta.child("status.json"), status)
+        loc = self.meta.child("status.json")
+        atomic.put(loc, json.dumps(status, indent=1, default=str).encode(), self._staging(),
+                    small_record=True)
 
     def read_status(self) -> dict[str, Any] | None:
         try:
@@ -121,10 +123,13 @@ class RunStore:
     def write_manifest(self, manifest: dict[str, Any], success: bool) -> None:
         self._write_json(self.meta.child("manifest.json"), manifest)
         if success:
-            storage.put(self.root.child("_SUCCESS"), b"", self._staging())
+            atomic.put(self.root.child("_SUCCESS"), b"", self._staging())
 
     def read_manifest(self) -> dict[str, Any] | None:
-        return self._read_json(self.meta.child("manifest.json"))
+        try:
+            return self._read_json(self.meta.child("manifest.json"))
+        except ValueError:  # cut short by a crash or a full disk: rebuilt from the parts
+            return None
 
     def clear(self) -> None:
         """Remove a previous run's parts and metadata (for an explicit new run), keeping the
@@ -161,4 +166,4 @@ class RunStore:
         return json.loads(text) if text is not None else None
 
     def _write_json(self, loc: storage.Location, value: dict[str, Any]) -> None:
-        storage.put(loc, json.dumps(value, indent=1, default=str).encode(), self._staging())
+        atomic.put(loc, json.dumps(value, indent=1, default=str).encode(), self._staging())

@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batchinfer import storage
+from batchinfer import atomic, storage
 from batchinfer.config import Config
 from batchinfer.engines import Engine, Request, Result, get_engine_class
 from batchinfer.lease import LeaseStale
@@ -118,9 +118,11 @@ class ShardWorker:
         StorageError that names the path; the driver stops the run on it.
 
         A lease that is still ours but was not renewed lately (a driver held up by slow
-        storage) is waited for, up to one lease length, rather than throwing the shard away.
+        storage) is waited for, up to one lease length, rather than throwing the shard away
+        (and less than the hang watchdog allows an idle engine holding work).
         """
-        deadline = time.monotonic() + self.cfg.run.driver_lease_s
+        run = self.cfg.run
+        deadline = time.monotonic() + min(run.driver_lease_s, run.hang_timeout_s / 2)
         while True:
             try:
                 with storage.errors(self.cfg.output.path, "output.path", permanent_only=True):
@@ -260,7 +262,7 @@ class ShardWorker:
         """The shard's rows, from exactly the version of the file the plan recorded
         (storage.InputChanged otherwise, which stops the run)."""
         groups, skip = file.row_groups_for(shard.row_start, shard.num_rows)
-        table = storage.read_input_file(
+        table = atomic.read_input_file(
             file.url, file.version, self.cfg.storage,
             lambda pf: pf.read_row_groups(groups, columns=list(self.input_schema.names)))
         table = table.slice(skip, shard.num_rows)

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from batchinfer import cli, lease, runner, storage
+from batchinfer import atomic, cli, lease, runner, storage
 from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
 from tests.conftest import (
@@ -115,7 +115,7 @@ def test_a_driver_that_loses_its_lease_stops_and_lands_no_more_commits(tmp_path,
     record = json.loads((out / "_batchinfer" / "driver.json").read_text())
     taken = {**record, "generation": record["generation"] + 1, "token": "another-driver",
              "host": "other-node", "pid": 1, "renewed_at": time.time() + 3600}
-    storage.put(meta.child(lease.LEASE_FILE), json.dumps(taken).encode(), meta.child("staging"))
+    atomic.put(meta.child(lease.LEASE_FILE), json.dumps(taken).encode(), meta.child("staging"))
     took_over = time.time()
     thread.join(timeout=300)
     assert len(errors) == 1 and isinstance(errors[0], lease.LeaseLost), errors

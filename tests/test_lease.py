@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from batchinfer import lease, storage
+from batchinfer import atomic, lease, storage
 from batchinfer.config import StorageConfig
 from batchinfer.lease import DriverLease, LeaseLost, RunBusy, check_fence, read_holder
 from batchinfer.store import RunStore
@@ -26,10 +26,10 @@ def meta_of(url: str, cfg: StorageConfig | None = None) -> storage.Location:
 def age_record(meta: storage.Location, seconds: float, **changes) -> None:
     """Make the lease on record look `seconds` older (as if its driver stopped renewing)."""
     loc = meta.child(lease.LEASE_FILE)
-    record = json.loads(storage.read_versioned(loc)[0])
+    record = json.loads(atomic.read_versioned(loc)[0])
     record["renewed_at"] -= seconds
     record.update(changes)
-    storage.put(loc, json.dumps(record).encode(), meta.child("staging"))
+    atomic.put(loc, json.dumps(record).encode(), meta.child("staging"))
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -143,3 +143,51 @@ def test_renewal_thread_keeps_the_heartbeat_fresh_and_reports_a_takeover(tmp_pat
     assert lost and "another driver took the run over" in held.lost
     held.release("interrupted")
     assert read_holder(meta).generation == 9  # a lost lease is not released over its new holder
+
+
+def test_a_holder_we_cannot_see_for_sure_is_alive(tmp_path, monkeypatch):
+    """Only a process gone from this host and pid namespace is dead; another container on
+    the same host (another pid namespace), or a process we may not inspect, is alive."""
+    meta = meta_of(str(tmp_path / "run"))
+    DriverLease(meta, lease_s=600).acquire()
+    holder = read_holder(meta)
+    assert not holder.provably_dead()  # ourselves
+    holder.pid_ns += 1
+    holder.pid = 2**22 + 7  # no such pid here, but in another pid namespace it may well run
+    assert not holder.provably_dead() and holder.is_live()
+    holder.pid_ns -= 1
+    assert holder.provably_dead()
+    monkeypatch.setattr(lease, "process_start_time", lambda pid: lease.ALIVE_UNKNOWN)
+    assert not holder.provably_dead()
+
+
+def test_a_lost_lease_is_exit_4_only_when_another_driver_holds_the_run(tmp_path):
+    from batchinfer import runner
+
+    store = RunStore(str(tmp_path / "run"))
+    held = DriverLease(store.meta, lease_s=10)
+    held.acquire()
+    held.lost = "no renewal for 6 s (storage unreachable)"
+    lapsed = runner._lease_error(held, store)
+    assert isinstance(lapsed, lease.RunLapsed) and "no other driver holds the run" in str(lapsed)
+    age_record(store.meta, 0, token="another-driver", generation=2, host="other-node")
+    taken = runner._lease_error(held, store)
+    assert isinstance(taken, LeaseLost) and "taken over by the driver on other-node" in str(taken)
+
+
+def test_status_prefers_a_live_driver_and_a_later_failure_over_an_old_manifest(tmp_path):
+    from batchinfer.cli import run_state
+
+    store = RunStore(str(tmp_path / "run"))
+    plan = type("P", (), {"fingerprint": "sha256:x"})()
+    manifest = {"fingerprint": "sha256:x", "status": "partial", "shards": {"committed": 2},
+                "finished_at": "2026-11-29T01:00:00+00:00"}
+    committed = {0: {}, 1: {}}
+    assert run_state(plan, committed, manifest, {}, None) == ("partial", "")
+    held = DriverLease(store.meta, lease_s=60)
+    held.acquire()
+    assert run_state(plan, committed, manifest, {}, read_holder(store.meta))[0] == "running"
+    held.release("failed")
+    failed = {"state": "failed", "reason": "StorageError: no space", "updated_at": "2026-11-29T02:00:00+00:00"}
+    state, detail = run_state(plan, committed, manifest, failed, read_holder(store.meta))
+    assert state == "failed" and detail.startswith("StorageError: no space; rerun")

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from batchinfer import cache, models, storage
+from batchinfer import atomic, cache, models, storage
 from batchinfer.config import Config
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def publish(cfg: Config, key: str, engine_dir: Path) -> str:
         for name in [*record["files"], SIDECAR]:
             root.fs.put_file(str(engine_dir / name), folder.child(name).path)
         manifest = json.dumps({**record, "build_id": build_id}, indent=1).encode()
-        if storage.put_if_absent(root.child(key, MANIFEST), manifest, root.child(key, ".staging")):
+        if atomic.put_if_absent(root.child(key, MANIFEST), manifest, root.child(key, ".staging")):
             log.info("published engine %s to %s", key, folder.url)
             return folder.url
         root.fs.rm(folder.path, recursive=True)  # another build of the same key got there first

@@ -290,10 +290,13 @@ class TrtLlmEngine(Engine):
 
     def busy(self) -> dict[str, Any]:
         """Continuous batching has no batch boundary: the engine is "in a step" while it holds
-        requests, the step holds their prompt tokens and runs since the last one finished."""
+        requests, running since the last one finished. The step counts the longest prompt in
+        hand, not their sum: in-flight batching prefills requests side by side at GPU speed
+        (thousands of tokens/s), and the sum over a full window (2 x max_batch_size long
+        prompts) would stretch the hang limit to hours and blind the watchdog."""
         if not self._unfinished:
             return super().busy()
-        return {"in_step": True, "step_tokens": sum(self._unfinished.values()),
+        return {"in_step": True, "step_tokens": max(self._unfinished.values()),
                 "step_s": round(time.monotonic() - self._since, 1)}
 
     def shutdown(self) -> None:
