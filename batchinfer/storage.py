@@ -152,14 +152,17 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def version_tag(info: dict[str, Any]) -> str:
-    """A tag that changes when the object changes: the ETag on object stores, else size+mtime."""
+    """A tag that changes when the object changes: the ETag on object stores, else size,
+    mtime and (local files) inode, so a file replaced by a rename is seen even when the new
+    one has the old size and mtime (`rsync -t`, `cp -p` to a temp file)."""
     for key in ("ETag", "etag", "generation", "VersionId"):
         if info.get(key):
             return key.lower() + ":" + str(info[key]).strip('"')
     mtime = info.get("mtime") or info.get("LastModified") or info.get("updated") or ""
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
-    return f"size:{info.get('size')}:mtime:{mtime}"
+    inode = f":ino:{info['ino']}" if info.get("ino") else ""
+    return f"size:{info.get('size')}:mtime:{mtime}{inode}"
 
 
 def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, list[dict[str, Any]]]:
