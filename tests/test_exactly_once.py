@@ -126,6 +126,8 @@ def test_a_driver_that_loses_its_lease_stops_and_lands_no_more_commits(tmp_path,
     summaries = RunStore(str(out)).committed()
     assert {s["generation"] for s in summaries.values()} == {record["generation"]}
     assert_exactly_once(out, ids_in_parts(out))  # what landed, landed once
+    code, info = status_of(str(out))  # the run is the other driver's now
+    assert (code, info["state"], info["driver"]["host"]) == (4, "running", "other-node")
 
 
 def test_parts_that_do_not_belong_to_the_plan_are_an_error_never_complete(tmp_path):
@@ -264,6 +266,7 @@ def test_unwritable_output_is_refused_before_any_engine_starts(tmp_path, mounts)
             runner.run(cfg, progress=False, install_signal_handlers=False)
         assert message in str(refused.value) and str(out) in str(refused.value)
         assert "s3:" not in str(refused.value)
+        assert status_of(str(out))[0] == 2  # nothing was started: no run there
 
 
 def test_a_local_permission_error_does_not_talk_about_s3():
