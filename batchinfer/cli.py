@@ -147,7 +147,8 @@ def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     sizes = [s.num_rows for s in p.shards]
     click.echo(f"inputs   {len(p.files)} files, {p.total_rows:,} rows ({cfg.input.path})")
     for f in p.files[:20]:
-        click.echo(f"  {f.name}  {f.num_rows:,} rows in {len(f.row_groups)} row groups")
+        click.echo(f"  {f.name}  " + (f"{f.num_rows:,} rows in {len(f.row_groups)} row groups"
+                                        if f.num_rows else "skipped (empty)"))
     if len(p.files) > 20:
         click.echo(f"  ... and {len(p.files) - 20} more")
     click.echo(f"shards   {len(p.shards)} (rows per shard: min {min(sizes)}, max {max(sizes)}, "

@@ -177,29 +177,32 @@ def list_inputs(cfg: Config) -> list[dict[str, Any]]:
 
 
 def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
-    """List inputs, read their footers in parallel, check columns, cut shards."""
+    """List inputs, read their footers in parallel, check columns, cut shards.
+
+    Files with 0 rows stay in `files` (so resuming sees the same inputs) but are not
+    checked: an empty file contributes no shard whatever its columns and types.
+    """
     infos = infos if infos is not None else list_inputs(cfg)
     loc = storage.locate(cfg.input.path, cfg.storage)
     urls = [storage.join_protocol(loc.fs, info["name"]) for info in infos]
     with ThreadPoolExecutor(min(FOOTER_READ_THREADS, len(infos))) as pool:
         footers = list(pool.map(lambda url: _read_footer(url, cfg), urls))
     columns = needed_columns(cfg)
-    files, schema, first = [], None, None
+    files, metas, schemas = [], [], []
     for info, url, (meta, file_schema) in zip(infos, urls, footers, strict=True):
-        this = _select(file_schema, columns, url, cfg)
-        if schema is None:
-            schema, first = this, url
-        elif not this.equals(schema):
-            raise InputError(_schema_mismatch(first, schema, url, this))
+        if meta.num_rows:
+            schemas.append((url, _select(file_schema, columns, url, cfg)))
+            metas.append(meta)
         files.append(InputFile(
             url=url, name=info["relative"], version=storage.version_tag(info),
             size=info["size"], num_rows=meta.num_rows,
             row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
         ))
-    if cfg.input.id_column and not cfg.input.allow_duplicate_ids:
-        check_unique_ids(cfg, [f for f in files if f.num_rows])
-    if not any(f.num_rows for f in files):  # an empty file alone just contributes no shard
+    if not schemas:  # an empty file alone just contributes no shard
         raise InputError(f"every input file under {cfg.input.path!r} is empty (0 rows); nothing to do")
+    schema = _unify(schemas)
+    if cfg.input.id_column:
+        check_ids(cfg, [f for f in files if f.num_rows], metas)
     return Plan(
         files=files,
         shards=cut_shards(files, cfg.run.rows_per_shard),
@@ -209,9 +212,15 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
     )
 
 
-def check_unique_ids(cfg: Config, files: list[InputFile]) -> None:
-    """Refuse inputs whose id column repeats a value (reads that one column of every file)."""
+def check_ids(cfg: Config, files: list[InputFile], metas: list[pq.FileMetaData]) -> None:
+    """Refuse null ids, and unless input.allow_duplicate_ids, repeated ones.
+
+    Reads the id column of every file; with duplicates allowed, only of the files whose
+    footer statistics do not rule out nulls.
+    """
     column = cfg.input.id_column
+    if cfg.input.allow_duplicate_ids:
+        files = [f for f, m in zip(files, metas, strict=True) if _may_hold_nulls(m, column)]
 
     def ids(f: InputFile) -> pa.ChunkedArray:
         with storage.errors(f.url, "input.path"), storage.open_parquet(f.url, cfg.storage) as pf:
@@ -219,9 +228,44 @@ def check_unique_ids(cfg: Config, files: list[InputFile]) -> None:
 
     with ThreadPoolExecutor(min(FOOTER_READ_THREADS, max(len(files), 1))) as pool:
         per_file = list(pool.map(ids, files))
+    _refuse_null_ids(column, files, per_file)
+    if not cfg.input.allow_duplicate_ids:
+        _refuse_repeated_ids(column, files, per_file)
+
+
+def _may_hold_nulls(meta: pq.FileMetaData, column: str) -> bool:
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        chunk = next((group.column(j) for j in range(group.num_columns)
+                      if group.column(j).path_in_schema == column), None)
+        stats = chunk.statistics if chunk is not None else None
+        if stats is None or not stats.has_null_count or stats.null_count:
+            return True
+    return False
+
+
+def _refuse_null_ids(column: str, files: list[InputFile], per_file: list[pa.ChunkedArray]) -> None:
+    where = []
+    for f, arr in zip(files, per_file, strict=True):
+        if arr.null_count:
+            first = pc.index(pc.is_null(arr), True).as_py()
+            where.append(f"{f.name} ({arr.null_count} null, first at row {first})")
+    if where:
+        total = sum(arr.null_count for arr in per_file)
+        raise InputError(
+            f"input.id_column {column!r} is null in {total} row(s): {'; '.join(where[:3])}"
+            f"{f' and {len(where) - 3} more file(s)' if len(where) > 3 else ''} (rows count from 0); "
+            "expected an id in every row, since results are matched to rows by id. Fix the inputs, "
+            "or leave input.id_column unset to use \"<file>:<row>\" ids")
+
+
+def _refuse_repeated_ids(column: str, files: list[InputFile], per_file: list[pa.ChunkedArray]) -> None:
     if not per_file:
         return
-    everything = pa.chunked_array([c for arr in per_file for c in arr.chunks], type=per_file[0].type)
+    # Files may hold the id in different string layouts; compare them in the unified one.
+    unified = _unified_type(per_file[0].type)
+    per_file = [arr.cast(_unified_type(arr.type)) for arr in per_file]
+    everything = pa.chunked_array([c for arr in per_file for c in arr.chunks], type=unified)
     if pc.count_distinct(everything, mode="all").as_py() == len(everything):
         return
     counts = pc.value_counts(everything)
@@ -249,7 +293,26 @@ def _read_footer(url: str, cfg: Config) -> tuple[pq.FileMetaData, pa.Schema]:
         ) from None
 
 
+def _unified_type(t: pa.DataType) -> pa.DataType:
+    """The type a column is read as, whatever layout its writer chose: text of any layout
+    or dictionary encoding is `string`, bytes are `binary`, lists are `list`, inside
+    lists and structs too; every field nullable."""
+    if pa.types.is_dictionary(t):
+        return _unified_type(t.value_type)
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return pa.string()
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return pa.binary()
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t) \
+            or pa.types.is_large_list_view(t):
+        return pa.list_(_unified_type(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _unified_type(f.type)) for f in t])
+    return t
+
+
 def _select(schema: pa.Schema, columns: list[str], url: str, cfg: Config) -> pa.Schema:
+    """The columns the run reads, in their unified types (see `_unified_type`)."""
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise InputError(
@@ -257,29 +320,40 @@ def _select(schema: pa.Schema, columns: list[str], url: str, cfg: Config) -> pa.
             f"(columns found: {', '.join(schema.names)}); check input.id_column, "
             "input.prompt_column, input.messages_column and input.passthrough_columns"
         )
-    selected = pa.schema([schema.field(c) for c in columns])
+    selected = pa.schema([pa.field(c, _unified_type(schema.field(c).type)) for c in columns])
     if cfg.input.prompt_column:
         t = selected.field(cfg.input.prompt_column).type
-        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
-                or pa.types.is_large_binary(t)):
+        if t not in (pa.string(), pa.binary(), pa.null()):  # null: every prompt null (a row error each)
             raise InputError(
-                f"input file {url!r}: prompt column {cfg.input.prompt_column!r} has type {t}; "
-                "expected string"
+                f"input file {url!r}: prompt column {cfg.input.prompt_column!r} has type "
+                f"{schema.field(cfg.input.prompt_column).type}; expected string (or binary holding UTF-8)"
             )
     if cfg.input.messages_column:
         t = selected.field(cfg.input.messages_column).type
-        if not (pa.types.is_list(t) or pa.types.is_large_list(t)) or not pa.types.is_struct(t.value_type):
+        if not pa.types.is_list(t) or not pa.types.is_struct(t.value_type):
             raise InputError(
-                f"input file {url!r}: messages column {cfg.input.messages_column!r} has type {t}; "
+                f"input file {url!r}: messages column {cfg.input.messages_column!r} has type "
+                f"{schema.field(cfg.input.messages_column).type}; "
                 "expected list<struct<role: string, content: string>>"
             )
     return selected
 
 
-def _schema_mismatch(first: str, a: pa.Schema, url: str, b: pa.Schema) -> str:
-    diffs = [f"{fa.name}: {fa.type} vs {fb.type}" for fa, fb in zip(a, b, strict=True) if not fa.type.equals(fb.type)]
-    return (f"input files disagree on column types: {first!r} and {url!r} differ in "
-            f"{'; '.join(diffs)}; every input file must have the same types for the columns read")
+def _unify(schemas: list[tuple[str, pa.Schema]]) -> pa.Schema:
+    """One schema for all files. A column that is all-null (type `null`) in one file takes
+    its type from the others; any other difference is a conflict naming both files."""
+    fields: dict[str, tuple[pa.Field, str]] = {}
+    for url, schema in schemas:
+        for f in schema:
+            seen, first = fields.get(f.name, (None, url))
+            if seen is None or pa.types.is_null(seen.type):
+                fields[f.name] = (f, url)
+            elif not pa.types.is_null(f.type) and not f.type.equals(seen.type):
+                raise InputError(
+                    f"input files disagree on column types: {first!r} and {url!r} differ in "
+                    f"{f.name}: {seen.type} vs {f.type}; every input file must have the same types "
+                    "for the columns read (string layouts, dictionary encoding and nullability may differ)")
+    return pa.schema([f for f, _ in fields.values()])
 
 
 def verify_inputs(plan: Plan, infos: list[dict[str, Any]]) -> None:

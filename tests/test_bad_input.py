@@ -5,7 +5,8 @@ Cases covered elsewhere: missing or wrongly typed prompt/messages/id column, fil
 types disagree, not Parquet at all (test_plan.py); null/empty prompts (test_worker.py);
 malformed chat messages (test_run.py, test_prompts.py); prompt too long (test_run.py);
 non-UTF-8 bytes in a binary prompt column (test_prompts.py); nothing matched, missing
-bucket/prefix (test_plan.py, test_s3.py).
+bucket/prefix (test_plan.py, test_s3.py); string layouts and dictionary encoding, files from
+different writers, empty files of any schema, null ids (test_input_types.py).
 """
 
 from __future__ import annotations
