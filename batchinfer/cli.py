@@ -132,7 +132,7 @@ def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     """Show the files, rows and shards CONFIG would run, and one rendered prompt.
 
     Reads Parquet footers, the first row, and with input.id_column the ids (to check they
-    are unique); starts no engine and writes nothing.
+    are present and unique); starts no engine and writes nothing.
     """
     from batchinfer import plan as planning
     from batchinfer.store import RunStore

@@ -65,6 +65,9 @@ def test_every_text_layout_is_accepted_for_prompt_id_and_passthrough(tmp_path, t
         os.remove(tmp_path / "prompts" / "a.parquet")
     plan = make_plan(make_config(tmp_path, input={"passthrough_columns": ["tag"]}))
     assert planned_types(plan) == {"id": unified, "prompt": unified, "tag": unified}
+    # what a worker does with each shard's table: cast it from the file's own types
+    table = pq.read_table(tmp_path / "prompts" / "b.parquet").cast(plan.schema())
+    assert table.column("tag").to_pylist() == (["y"] if unified == pa.string() else [b"y"])
 
 
 def test_files_differing_only_in_nullability_are_one_dataset(tmp_path):
@@ -167,3 +170,15 @@ def test_writers_mixed_with_an_empty_file_run_end_to_end(tmp_path, ray_cluster):
     for part in (tmp_path / "out").glob("part-*.parquet"):
         schema = pq.read_schema(part)
         assert schema.field("id").type == pa.string() and schema.field("topic").type == pa.string()
+
+
+def test_messages_in_large_layouts_are_read_as_list_of_struct_of_string(tmp_path):
+    turn = pa.struct([pa.field("role", pa.large_string(), nullable=False), ("content", pa.large_string())])
+    messages = pa.array([[{"role": "user", "content": "hi"}]], pa.large_list(turn))
+    put(tmp_path, "a.parquet", pa.table({"id": ["a"], "messages": messages}))
+    plan = make_plan(make_config(tmp_path, input={"prompt_column": None, "messages_column": "messages"}))
+    wanted = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    assert planned_types(plan)["messages"] == wanted
+    # what a worker does with each shard's table
+    assert pq.read_table(tmp_path / "prompts" / "a.parquet").cast(plan.schema()).column("messages").to_pylist() \
+        == [[{"role": "user", "content": "hi"}]]
