@@ -50,6 +50,10 @@ class PromptBuilder:
             )
 
     def conversation(self, cell: Any) -> list[dict[str, str]]:
+        """The row as chat messages. input.system_prompt heads every conversation whose first
+        message is not a system message; one that opens with its own system message keeps
+        it. A system message later in a conversation does not count: without the configured
+        one first, the chat template would put its own default system prompt there."""
         if self.cfg.messages_column:
             messages = _check_messages(cell)
         else:
@@ -65,7 +69,7 @@ class PromptBuilder:
             if not cell.strip():
                 raise RowError("empty_prompt", "prompt is empty")
             messages = [{"role": "user", "content": cell}]
-        if self.cfg.system_prompt and not any(m["role"] == "system" for m in messages):
+        if self.cfg.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
         return messages
 
@@ -109,9 +113,42 @@ def _check_messages(cell: Any) -> list[dict[str, str]]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise RowError("bad_messages", f"message {i} has role {role!r}, expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise RowError("bad_messages", f"message {i} has content of type {type(content).__name__}, expected a string")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _content_text(i, content)})
     if out[-1]["role"] == "assistant":
         raise RowError("bad_messages", "the last message is from the assistant; expected a user (or tool) turn to answer")
     return out
+
+
+def _content_text(i: int, content: Any) -> str:
+    r"""Message i's content as text: a string, or a list of OpenAI content parts
+    [{"type": "text", "text": ...}, ...] whose texts are joined with "\n", as vLLM does
+    (vllm/entrypoints/chat_utils.py, `_parse_chat_message_content_parts`:
+    `text_prompt = "\n".join(texts)`). A part of any other type (image_url, input_audio,
+    ...) is the row's error `unsupported_content`: the engines here take text only."""
+    if isinstance(content, str):
+        return content
+    if hasattr(content, "tolist"):
+        content = content.tolist()
+    if not isinstance(content, list):
+        raise RowError("bad_messages", f"message {i} has content of type {type(content).__name__}, "
+                       "expected a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise RowError("bad_messages", f"message {i} content part {j} is {_describe(part)}, "
+                           "expected {type: 'text', text}")
+        if kind != "text":
+            raise RowError("unsupported_content", f"message {i} has a content part of type {kind!r}; "
+                           "this model takes text only")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise RowError("bad_messages", f"message {i} content part {j} of type 'text' has text of "
+                           f"type {type(text).__name__}, expected a string")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _describe(part: Any) -> str:
+    return f"a part with type {part.get('type')!r}" if isinstance(part, dict) else type(part).__name__
+
