@@ -131,16 +131,19 @@ def format_summary(m: dict[str, Any], *, did_work: bool = True) -> str:
 def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     """Show the files, rows and shards CONFIG would run, and one rendered prompt.
 
-    Reads Parquet footers, the first row, and with input.id_column the ids (to check they
-    are present and unique); starts no engine and writes nothing.
+    Reads Parquet footers, the first rows of the first files (to check they become
+    prompts), and with input.id_column the ids (to check they are present and unique);
+    starts no engine and writes nothing.
     """
     from batchinfer import plan as planning
+    from batchinfer.prompts import check_sample
     from batchinfer.store import RunStore
 
     cfg = load_or_exit(config_path, sets, date)
     try:
         runner.preflight(cfg)
         p = planning.make_plan(cfg)
+        check_sample(cfg, p)
         existing = RunStore(cfg.output.path, cfg.storage).read_plan()
     except runner.USAGE_ERRORS as e:
         _fail(EXIT_USAGE, str(e))

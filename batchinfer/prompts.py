@@ -1,18 +1,28 @@
 """Rows -> conversations -> token ids, through the model's chat template.
 
 A row whose prompt cannot become a request (null, empty, malformed messages, a template
-that refuses it) becomes that row's error; the rest of the shard goes on.
+that refuses it) becomes that row's error; the rest of the shard goes on. A file whose
+first rows all fail the same way is a wrong column or format, not bad rows: `check_sample`
+stops the run on it before any engine loads.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
-from batchinfer import models
-from batchinfer.config import EngineConfig, InputConfig
+from batchinfer import models, storage
+from batchinfer.config import Config, ConfigError, EngineConfig, InputConfig
+from batchinfer.plan import InputError, Plan
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant", "tool")
+SAMPLE_FILES = 4
+"""`check_sample` reads this many input files (the first non-empty ones) ..."""
+SAMPLE_ROWS = 8
+"""... and this many rows of each, from its first non-empty row group."""
 
 
 class RowError(ValueError):
@@ -50,6 +60,10 @@ class PromptBuilder:
             )
 
     def conversation(self, cell: Any) -> list[dict[str, str]]:
+        """The row as chat messages. input.system_prompt heads every conversation whose first
+        message is not a system message; one that opens with its own system message keeps
+        it. A system message later in a conversation does not count: without the configured
+        one first, the chat template would put its own default system prompt there."""
         if self.cfg.messages_column:
             messages = _check_messages(cell)
         else:
@@ -65,7 +79,7 @@ class PromptBuilder:
             if not cell.strip():
                 raise RowError("empty_prompt", "prompt is empty")
             messages = [{"role": "user", "content": cell}]
-        if self.cfg.system_prompt and not any(m["role"] == "system" for m in messages):
+        if self.cfg.system_prompt and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.cfg.system_prompt}, *messages]
         return messages
 
@@ -109,9 +123,77 @@ def _check_messages(cell: Any) -> list[dict[str, str]]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise RowError("bad_messages", f"message {i} has role {role!r}, expected one of {', '.join(ROLES)}")
-        if not isinstance(content, str):
-            raise RowError("bad_messages", f"message {i} has content of type {type(content).__name__}, expected a string")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": _content_text(i, content)})
     if out[-1]["role"] == "assistant":
         raise RowError("bad_messages", "the last message is from the assistant; expected a user (or tool) turn to answer")
     return out
+
+
+def _content_text(i: int, content: Any) -> str:
+    r"""Message i's content as text: a string, or a list of OpenAI content parts
+    [{"type": "text", "text": ...}, ...] whose texts are joined with "\n", as vLLM does
+    (vllm/entrypoints/chat_utils.py, `_parse_chat_message_content_parts`:
+    `text_prompt = "\n".join(texts)`). A part of any other type (image_url, input_audio,
+    ...) is the row's error `unsupported_content`: the engines here take text only."""
+    if isinstance(content, str):
+        return content
+    if hasattr(content, "tolist"):
+        content = content.tolist()
+    if not isinstance(content, list):
+        raise RowError("bad_messages", f"message {i} has content of type {type(content).__name__}, "
+                       "expected a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise RowError("bad_messages", f"message {i} content part {j} is {_describe(part)}, "
+                           "expected {type: 'text', text}")
+        if kind != "text":
+            raise RowError("unsupported_content", f"message {i} has a content part of type {kind!r}; "
+                           "this model takes text only")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise RowError("bad_messages", f"message {i} content part {j} of type 'text' has text of "
+                           f"type {type(text).__name__}, expected a string")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _describe(part: Any) -> str:
+    return f"a part with type {part.get('type')!r}" if isinstance(part, dict) else type(part).__name__
+
+
+def check_sample(cfg: Config, plan: Plan) -> None:
+    """Refuse inputs whose prompts cannot be made at all, before any engine loads.
+
+    Renders the first SAMPLE_ROWS rows of the first SAMPLE_FILES non-empty input files with
+    the real tokenizer. When every sampled row of a file fails with the same error code, the
+    column or its format is wrong (every row of the run would be that error, found only
+    after the engines loaded): raises InputError naming the file, the column and the reason
+    with an example. Shared by `run` (before the plan is recorded) and `plan`. Skipped, with
+    a warning, when the driver cannot load the tokenizer (transformers not installed there).
+    """
+    try:
+        builder = PromptBuilder(load_tokenizer(cfg.engine), cfg.input)
+    except (ImportError, OSError) as e:
+        log.warning("prompts not checked before the run: cannot load the tokenizer here (%s)", e)
+        return
+    except ValueError as e:  # messages_column with a model that has no chat template
+        raise ConfigError(str(e)) from None
+    column = cfg.input.prompt_column or cfg.input.messages_column
+    setting = "input.prompt_column" if cfg.input.prompt_column else "input.messages_column"
+    for f in [f for f in plan.files if f.num_rows][:SAMPLE_FILES]:
+        group = next(i for i, n in enumerate(f.row_groups) if n)
+        with storage.errors(f.url, "input.path"), storage.open_parquet(f.url, cfg.storage) as pf:
+            batch = next(pf.iter_batches(batch_size=SAMPLE_ROWS, row_groups=[group], columns=[column]))
+        errors = []
+        for cell in batch.column(0).to_pylist():
+            try:
+                builder.render(cell)
+            except RowError as e:
+                errors.append(e)
+        if len(errors) == batch.num_rows and len({e.code for e in errors}) == 1:
+            raise InputError(
+                f"input file {f.name!r}: none of the first {batch.num_rows} rows of column {column!r} "
+                f"becomes a prompt, all fail with {errors[0].code} (first row: {errors[0].message}); "
+                f"every row of the run would be that error. Fix the inputs or {setting}")

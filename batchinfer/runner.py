@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from batchinfer import atomic, engines, faults, models, plan as planning, storage
+from batchinfer import atomic, engines, faults, models, plan as planning, prompts, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.engines.artifacts import EngineArtifactError
 from batchinfer.lease import DriverLease, LeaseLost, RunBusy, RunLapsed
@@ -92,6 +92,9 @@ def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool,
             existing = None
     if existing is None:
         plan = planning.make_plan(cfg, infos)
+        # Before the plan is recorded: fixing the inputs must not make the rerun a resume
+        # refused for changed inputs.
+        prompts.check_sample(cfg, plan)
         faults.point("planning")
         still_held()
         with storage.errors(cfg.output.path, "output.path"):

@@ -3,24 +3,28 @@ or row named) and what becomes a row error. The README's table lists the same ca
 
 Cases covered elsewhere: missing or wrongly typed prompt/messages/id column, files whose
 types disagree, not Parquet at all (test_plan.py); null/empty prompts (test_worker.py);
-malformed chat messages (test_run.py, test_prompts.py); prompt too long (test_run.py);
-non-UTF-8 bytes in a binary prompt column (test_prompts.py); nothing matched, missing
-bucket/prefix (test_plan.py, test_s3.py); string layouts and dictionary encoding, files from
-different writers, empty files of any schema, null ids (test_input_types.py).
+malformed chat messages and OpenAI content parts (test_run.py, test_prompts.py); prompt
+too long (test_run.py); non-UTF-8 bytes in a binary prompt column (test_prompts.py);
+nothing matched, missing bucket/prefix (test_plan.py, test_s3.py); string layouts and
+dictionary encoding, files from different writers, empty files of any schema, null ids
+(test_input_types.py).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
-from batchinfer import runner
+from batchinfer import cli, runner
 from batchinfer.plan import InputError, make_plan
-from tests.conftest import make_config
+from batchinfer.prompts import check_sample
+from tests.conftest import make_config, write_yaml
 
 
 def write(path, **columns):
@@ -84,3 +88,64 @@ def test_trust_remote_code_is_off_unless_set():
     from batchinfer.config import config_from_dict
 
     assert config_from_dict({}).engine.trust_remote_code is False
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+def chat_rows(n, *extra):
+    return [[{"role": "user", "content": [{"type": "text", "text": f"What is in picture {i}?"}, IMAGE]},
+             *extra] for i in range(n)]
+
+
+def refuses(tmp_path, cfg, expected):
+    """`run` stops with InputError before Ray starts and before the plan is recorded, and
+    `batchinfer plan` refuses with the same message (exit 2)."""
+    started = time.monotonic()
+    with pytest.raises(InputError) as e:
+        runner.run(cfg, progress=False, install_signal_handlers=False)  # no ray_cluster here
+    assert time.monotonic() - started < 60
+    assert expected in str(e.value)
+    assert not (tmp_path / "out" / "_batchinfer" / "plan.json").exists()  # a fixed rerun starts afresh
+    result = CliRunner().invoke(cli.main, ["plan", str(write_yaml(tmp_path / "c.yaml", cfg))])
+    assert result.exit_code == 2
+    assert f"error: {e.value}" in result.output
+
+
+def test_a_column_of_image_messages_stops_the_run_before_any_engine(tmp_path, model_folder):
+    write(tmp_path / "prompts" / "a.parquet", id=[f"r{i}" for i in range(20)], messages=chat_rows(20))
+    cfg = make_config(tmp_path, input={"prompt_column": None, "messages_column": "messages"})
+    refuses(tmp_path, cfg,
+            "input file 'a.parquet': none of the first 8 rows of column 'messages' becomes a prompt, all "
+            "fail with unsupported_content (first row: message 0 has a content part of type 'image_url'; "
+            "this model takes text only)")
+
+
+def test_a_prompt_column_of_empty_strings_stops_the_run(tmp_path, model_folder):
+    write(tmp_path / "prompts" / "a.parquet", id=["a", "b", "c"], prompt=["", "  ", "\n"])
+    refuses(tmp_path, make_config(tmp_path),
+            "none of the first 3 rows of column 'prompt' becomes a prompt, all fail with empty_prompt "
+            "(first row: prompt is empty)")
+
+
+def test_messages_that_all_end_with_the_assistant_stop_the_run(tmp_path, model_folder):
+    rows = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]] * 10
+    write(tmp_path / "prompts" / "a.parquet", id=[f"r{i}" for i in range(10)], messages=rows)
+    cfg = make_config(tmp_path, input={"prompt_column": None, "messages_column": "messages"})
+    refuses(tmp_path, cfg, "all fail with bad_messages (first row: the last message is from the assistant")
+
+
+def test_a_later_file_that_fails_throughout_is_named(tmp_path, model_folder):
+    text = [[{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]]
+    # a.parquet: one good row among its first 8 is enough; its bad rows become row errors
+    write(tmp_path / "prompts" / "a.parquet", id=[f"a{i}" for i in range(8)], messages=chat_rows(7) + text)
+    # c.parquet: its rows fail in different ways, so it is no single systematic problem
+    write(tmp_path / "prompts" / "c.parquet", id=["c0", "c1"],
+          messages=[[{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]]
+          + chat_rows(1))
+    cfg = make_config(tmp_path, input={"prompt_column": None, "messages_column": "messages"})
+    check_sample(cfg, make_plan(cfg))
+    write(tmp_path / "prompts" / "b.parquet", id=[f"b{i}" for i in range(3)], messages=chat_rows(3))
+    with pytest.raises(InputError, match="^input file 'b.parquet': none of the first 3 rows"):
+        check_sample(cfg, make_plan(cfg))

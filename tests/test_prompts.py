@@ -51,3 +51,78 @@ def test_malformed_messages_are_row_errors(tokenizer, cell, error):
     b = PromptBuilder(tokenizer, InputConfig(prompt_column=None, messages_column="m"))
     [bad] = b.encode([cell])
     assert isinstance(bad, RowError) and bad.code == "bad_messages" and error in bad.message
+
+
+def chat(tokenizer, **settings):
+    return PromptBuilder(tokenizer, InputConfig(prompt_column=None, messages_column="m", **settings))
+
+
+def text(t):
+    return {"type": "text", "text": t}
+
+
+@pytest.mark.parametrize("parts, plain", [
+    ([text("What is 2+2?")], "What is 2+2?"),
+    # joined with "\n", as vLLM joins them (chat_utils._parse_chat_message_content_parts)
+    ([text("Read this:"), text("The cat sat."), text("Summarise it.")],
+     "Read this:\nThe cat sat.\nSummarise it."),
+])
+def test_openai_content_parts_render_as_their_joined_text(tokenizer, parts, plain):
+    b = chat(tokenizer)
+    as_parts = [{"role": "system", "content": [text("Be brief.")]}, {"role": "user", "content": parts}]
+    as_plain = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": plain}]
+    assert b.render(as_parts) == b.render(as_plain)
+    assert b.encode([as_parts]) == b.encode([as_plain])
+
+
+def test_content_parts_as_parquet_reads_them(tokenizer):
+    """A Parquet struct has every field on every part: the unused ones are null."""
+    b = chat(tokenizer)
+    part = {"type": "text", "text": "Hi", "image_url": None}
+    assert b.render([{"role": "user", "content": [part]}]) == b.render([{"role": "user", "content": "Hi"}])
+
+
+@pytest.mark.parametrize("part, kind", [
+    ({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}, "image_url"),
+    ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "input_audio"),
+])
+def test_a_non_text_part_is_that_rows_error(tokenizer, part, kind):
+    b = chat(tokenizer)
+    rows = [[{"role": "user", "content": [text("Hello")]}],
+            [{"role": "system", "content": "S"}, {"role": "user", "content": [text("Describe:"), part]}],
+            [{"role": "user", "content": "Bye"}]]
+    first, bad, last = b.encode(rows)
+    assert isinstance(first, list) and isinstance(last, list)
+    assert isinstance(bad, RowError) and bad.code == "unsupported_content"
+    assert bad.message == f"message 1 has a content part of type {kind!r}; this model takes text only"
+
+
+@pytest.mark.parametrize("content, error", [
+    (["just a string"], "message 0 content part 0 is str, expected {type: 'text', text}"),
+    ([{"text": "no type"}], "message 0 content part 0 is a part with type None"),
+    ([{"type": "text", "text": None}], "message 0 content part 0 of type 'text' has text of type NoneType"),
+    (7, "message 0 has content of type int, expected a string or a list of content parts"),
+])
+def test_malformed_content_parts_are_bad_messages(tokenizer, content, error):
+    [bad] = chat(tokenizer).encode([[{"role": "user", "content": content}]])
+    assert isinstance(bad, RowError) and bad.code == "bad_messages" and error in bad.message
+
+
+SYSTEM = "<|im_start|>system\nAnswer in French.<|im_end|>\n"
+
+
+def test_system_prompt_heads_a_conversation_with_a_later_system_message(tokenizer):
+    """Rule: input.system_prompt heads every conversation whose first message is not a
+    system message; a system message further on does not stop it."""
+    text_ = chat(tokenizer, system_prompt="Answer in French.").render(
+        [{"role": "user", "content": "Hi"}, {"role": "system", "content": "Be terse."},
+         {"role": "user", "content": "Again"}])
+    assert text_.startswith(SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>system\nBe terse.")
+    assert "SmolLM" not in text_  # not the template's default system prompt
+
+
+def test_a_conversation_opening_with_a_system_message_keeps_it(tokenizer):
+    text_ = chat(tokenizer, system_prompt="Answer in French.").render(
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}])
+    assert text_.startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi")
+    assert "Answer in French." not in text_
