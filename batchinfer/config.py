@@ -63,7 +63,7 @@ class InputConfig:
     messages_column: str | None = None
     """Column of chat messages [{role, content}, ...], instead of prompt_column."""
     system_prompt: str | None = None
-    """Optional system message prepended to every conversation."""
+    """Optional system message; it heads every conversation whose first message is not a system message."""
     passthrough_columns: list[str] = field(default_factory=list)
     """Input columns copied unchanged into the output rows."""
     allow_duplicate_ids: bool = False
