@@ -13,6 +13,7 @@ import errno
 import functools
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,10 @@ S3_PROTOCOLS = ("s3", "s3a")
 
 class StorageError(RuntimeError):
     """A storage location that cannot be used; the message names the URL and what to check."""
+
+
+class MissingImplementation(StorageError):
+    """A URL whose fsspec protocol needs a package that is not installed (gcsfs for gs://)."""
 
 
 class InputChanged(StorageError):
@@ -55,6 +60,7 @@ class Location:
 
 def locate(url: str, cfg: StorageConfig | None = None) -> Location:
     """Resolve a URL or local path; local paths become absolute so Ray workers see the same file."""
+    check_installed(url)
     fs, path = fsspec.core.url_to_fs(url, **fsspec_options(protocol_of(url), cfg))
     if isinstance(fs, LocalFileSystem):
         path = os.path.abspath(path)
@@ -63,6 +69,38 @@ def locate(url: str, cfg: StorageConfig | None = None) -> Location:
 
 def protocol_of(url: str) -> str:
     return fsspec.core.split_protocol(url)[0] or "file"
+
+
+def check_installed(url: str, role: str = "storage URL") -> None:
+    """Raise MissingImplementation, naming the URL and the pip command, if the fsspec
+    implementation of a protocol in the URL cannot be imported (gs:// without gcsfs), and
+    StorageError for a protocol fsspec does not know.
+
+    fsspec's registry knows each protocol's class and an install hint, and raises a bare
+    ImportError with the hint; this adds which setting it was and what to install.
+    """
+    links = url.split("::")  # chained URLs: simplecache::s3://bucket/key
+    for i, link in enumerate(links):
+        protocol = fsspec.core.split_protocol(link)[0] or (link if i < len(links) - 1 else "file")
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            raise _missing(url, role, protocol, e) from e
+        except ValueError as e:
+            raise StorageError(f"{role} {url!r}: unknown protocol {protocol!r} ({e}); expected a "
+                               "local path or an fsspec URL such as s3://bucket/prefix/") from e
+
+
+def _missing(url: str, role: str, protocol: str, error: ImportError) -> MissingImplementation:
+    known = sys.modules["fsspec.registry"].known_implementations.get(protocol, {})
+    package = known.get("class", "").split(".", 1)[0]
+    missing = error.__cause__ if isinstance(error.__cause__, ModuleNotFoundError) else None
+    if package in ("", "fsspec") and missing is not None and missing.name:
+        package = missing.name.split(".", 1)[0]  # fsspec's own sftp:// needs paramiko
+    why = "; ".join(str(x) for x in (error, missing) if x is not None and str(x))
+    fix = f": pip install {package.replace('_', '-')}" if package not in ("", "fsspec") else ""
+    return MissingImplementation(f"{role} {url!r}: the {protocol}:// protocol needs a package "
+                                 f"that is not installed ({why}){fix}")
 
 
 def fsspec_options(protocol: str, cfg: StorageConfig | None) -> dict[str, Any]:
