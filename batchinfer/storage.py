@@ -215,15 +215,10 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
     loc = locate(url, cfg)
     fs = loc.fs
     fs.invalidate_cache()  # s3fs caches listings per process; inputs must be seen as they are now
-    if any(ch in loc.path for ch in GLOB_CHARS):
-        infos = fs.glob(loc.path, detail=True)
-        root = _glob_root(loc.path)
-        # The glob's matches hold no `_batchinfer/` entries: one more glob, same shape, finds
-        # the run directories it reaches (`in/**/*.parquet` -> `in/**/_batchinfer`).
-        folder, last = loc.path.rsplit("/", 1)
-        markers = fs.glob(f"{folder}{'/**' if '**' in last else ''}/{RUN_META_DIR}")
-        run_dirs = {p.rstrip("/").rsplit("/", 1)[0] for p in markers}
-    elif fs.isdir(loc.path):
+    pattern = False
+    # A path that exists is that path, even with glob characters in its name (`data[2026]/`);
+    # only one that does not is expanded as a glob.
+    if fs.isdir(loc.path):
         found = fs.find(loc.path, detail=True)
         root = loc.path
         run_dirs = run_directories(found)
@@ -232,6 +227,14 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
         # A file named on its own is read as named, wherever it lies.
         infos, run_dirs = {loc.path: fs.info(loc.path)}, set()
         root = loc.path.rsplit("/", 1)[0]
+    elif pattern := any(ch in loc.path for ch in GLOB_CHARS):
+        infos = fs.glob(loc.path, detail=True)
+        root = _glob_root(loc.path)
+        # The glob's matches hold no `_batchinfer/` entries: one more glob, same shape, finds
+        # the run directories it reaches (`in/**/*.parquet` -> `in/**/_batchinfer`).
+        folder, last = loc.path.rsplit("/", 1)
+        markers = fs.glob(f"{folder}{'/**' if '**' in last else ''}/{RUN_META_DIR}")
+        run_dirs = {p.rstrip("/").rsplit("/", 1)[0] for p in markers}
     elif not is_local(fs) and not fs.exists(bucket := loc.path.split("/", 1)[0]):
         raise StorageError(f"input.path {url!r}: " + MISSING_BUCKET.format(bucket=bucket))
     else:
@@ -251,8 +254,9 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
         files.append({**info, "name": path, "relative": rel or path.rsplit("/", 1)[-1]})
     if not files:
         skipped = f"; skipped the run directories {sorted(run_dirs)}" if run_dirs else ""
-        raise StorageError(f"no Parquet files matched {url!r} (looked for *.parquet, *.parq, *.pq"
-                           f"{skipped})")
+        glob = "taken as a glob pattern, as no file or folder has that name; " if pattern else ""
+        raise StorageError(f"no Parquet files matched {url!r} ({glob}looked for *.parquet, "
+                           f"*.parq, *.pq{skipped})")
     return Location(fs, root), files
 
 
@@ -265,7 +269,14 @@ def input_output_clash(input_url: str, output_url: str, cfg: StorageConfig | Non
     input's run directory, and every later listing would skip the prompts with the results.
     """
     inp, out = locate(input_url, cfg), locate(output_url, cfg)
-    folder = _glob_root(inp.path) if any(ch in inp.path for ch in GLOB_CHARS) else inp.path
+    folder = inp.path
+    if any(ch in inp.path for ch in GLOB_CHARS):
+        root = Location(inp.fs, _glob_root(inp.path).rstrip("/") or "/")
+        # A glob's folder is its root, unless the name exists (`data[2026]/`, as list_parquet
+        # reads it). Asked of local paths only: preflight makes no network calls, so an
+        # output at the root of a literal remote `bucket/runs[1]/` is refused, to be safe.
+        if root.url == out.url and not (is_local(inp.fs) and inp.fs.exists(inp.path)):
+            folder = root.path
     if Location(inp.fs, folder.rstrip("/") or "/").url != out.url:
         return None
     return (f"output.path {output_url!r} is where input.path {input_url!r} reads from "
