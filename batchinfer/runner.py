@@ -56,6 +56,11 @@ def now_iso() -> str:
 def preflight(cfg: Config) -> None:
     """Cheap checks that need no inputs: output apart from input, backend settings, engine
     packages installed, model found."""
+    # gs:// without gcsfs, abfs:// without adlfs: exit 2 with the pip command, before Ray.
+    for role, url in (("input.path", cfg.input.path), ("output.path", cfg.output.path),
+                      ("trtllm.engine_cache", cfg.trtllm.engine_cache)):
+        if url:
+            storage.check_installed(url, role)
     clash = storage.input_output_clash(cfg.input.path, cfg.output.path, cfg.storage)
     if clash:
         raise ConfigError(clash)

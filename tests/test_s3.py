@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from batchinfer import runner
+from batchinfer.atomic import read_input_file
 from batchinfer.config import StorageConfig
 from batchinfer.plan import make_plan
 from batchinfer.samples import write_sample_prompts
@@ -112,6 +113,25 @@ def test_planning_many_files_on_s3(tmp_path, s3):
     assert plan.files[0].url == s3.url("many/prompts-000.parquet")
 
 
+def test_an_existing_prefix_with_glob_characters_is_that_prefix(tmp_path, s3):
+    """Issue 9, item 8: `runs[1]/` is that prefix, not a pattern that matches nothing; a run
+    directory under it is still skipped, and the output may sit beside it."""
+    upload_prompts(tmp_path, s3, key="runs[1]/")
+    upload_prompts(tmp_path, s3, files=1, key="runs[1]/out/")
+    s3.fs.pipe_file(f"{BUCKET}/runs[1]/out/_batchinfer/plan.json", b"{}")
+    for path in (s3.url("runs[1]/"), s3.url("runs[1]")):
+        cfg = s3_config(tmp_path, s3, input={"path": path}, output={"path": s3.url("runs")})
+        runner.preflight(cfg)
+        plan = make_plan(cfg)
+        assert [f.url for f in plan.files] == [s3.url("runs[1]/prompts-000.parquet"),
+                                               s3.url("runs[1]/prompts-001.parquet")]
+        first = plan.files[0]  # the workers' read, too, takes the name as it is
+        assert read_input_file(first.url, first.version, cfg.storage,
+                               lambda pf: pf.metadata.num_rows) == 10
+    with pytest.raises(StorageError, match=r"\(taken as a glob pattern"):
+        make_plan(s3_config(tmp_path, s3, input={"path": s3.url("runs[2]/")}))
+
+
 # --------------------------------------------------------------------------- storage errors
 
 
@@ -120,7 +140,8 @@ def test_planning_many_files_on_s3(tmp_path, s3):
      "input.path 's3://no-such-bucket/prompts/': bucket 'no-such-bucket' does not exist; "
      "check the bucket name, storage.endpoint_url and storage.region"),
     (f"s3://{BUCKET}/missing/", f"input path 's3://{BUCKET}/missing/' does not exist"),
-    (f"s3://{BUCKET}/prompts/*.csv", f"no Parquet files matched 's3://{BUCKET}/prompts/*.csv'"),
+    (f"s3://{BUCKET}/prompts/*.csv", f"no Parquet files matched 's3://{BUCKET}/prompts/*.csv' "
+     "(taken as a glob pattern, as no file or folder has that name; "),
     (f"s3://{BUCKET}/notes/", f"no Parquet files matched 's3://{BUCKET}/notes/'"),
 ])
 def test_input_storage_errors(tmp_path, s3, no_engine, input_path, message):
