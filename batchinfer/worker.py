@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from batchinfer import atomic, storage
 from batchinfer.config import Config
-from batchinfer.engines import Engine, Request, Result, get_engine_class
+from batchinfer.engines import Engine, Request, Result, get_engine_class, row_seed
 from batchinfer.lease import LeaseStale
 from batchinfer.plan import InputFile, Plan, Shard
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
@@ -86,17 +86,18 @@ class ShardWorker:
         ticket = self._tickets
         self._tickets += 1
         try:
-            table, encoded = await self._load(shard_index)
+            table, encoded, seeds = await self._load(shard_index)
             for i, reason in (skip or {}).items():
                 encoded[i] = RowError("worker_died", reason)
             # Shards queue their rows at the engine in the order they arrived, whichever was
             # read first, so the current shard drains (and commits) before the next one.
             async with self.turns:
                 await self.turns.wait_for(lambda: self._serving == ticket)
-            first = self._submit(encoded, [i for i, e in enumerate(encoded) if not isinstance(e, RowError)])
+            first = self._submit(encoded, seeds,
+                                 [i for i, e in enumerate(encoded) if not isinstance(e, RowError)])
         finally:
             await self._end_turn(ticket)
-        rows = await self._finish(encoded, first)
+        rows = await self._finish(encoded, seeds, first)
         generate_s = time.perf_counter() - started
         summary = {
             "shard": shard.index, "part": f"{shard.name}.parquet", "attempt": attempt,
@@ -135,28 +136,33 @@ class ShardWorker:
     async def probe(self, shard_index: int, rows: list[int]) -> int:
         """Run some rows of a shard and keep nothing; the driver is looking for rows that
         kill the worker (it calls this alone on a worker). Returns how many rows ran."""
-        _, encoded = await self._load(shard_index)
-        tasks = self._submit(encoded, [i for i in rows if not isinstance(encoded[i], RowError)])
+        _, encoded, seeds = await self._load(shard_index)
+        tasks = self._submit(encoded, seeds, [i for i in rows if not isinstance(encoded[i], RowError)])
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         return len(tasks)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    async def _load(self, shard_index: int) -> tuple[pa.Table, list]:
-        """A shard's input rows and their encoded prompts (token ids, or a RowError each)."""
+    async def _load(self, shard_index: int) -> tuple[pa.Table, list, list[int]]:
+        """A shard's input rows, their encoded prompts (token ids, or a RowError each) and
+        their sampling seeds. A row's seed comes from sampling.seed and the row's id only,
+        so it samples the same text whatever shard, batch, worker or attempt runs it."""
         shard = self.plan.shards[shard_index]
-        table = await asyncio.to_thread(self._read, self.plan.files[shard.file], shard)
+        file = self.plan.files[shard.file]
+        table = await asyncio.to_thread(self._read, file, shard)
         column = self.cfg.input.prompt_column or self.cfg.input.messages_column
         encoded = await asyncio.to_thread(self.prompts.encode, table.column(column).to_pylist())
-        return table, encoded
+        seeds = [row_seed(self.cfg.sampling.seed, i) for i in self._ids(table, file, shard).to_pylist()]
+        return table, encoded, seeds
 
     # ------------------------------------------------------------------ rows through the engine
 
-    def _submit(self, encoded: list, rows: list[int]) -> dict[int, asyncio.Task]:
-        return {i: asyncio.ensure_future(self._generate(i, encoded[i])) for i in rows}
+    def _submit(self, encoded: list, seeds: list[int], rows: list[int]) -> dict[int, asyncio.Task]:
+        return {i: asyncio.ensure_future(self._generate(Request(i, encoded[i], seeds[i]))) for i in rows}
 
-    async def _finish(self, encoded: list, tasks: dict[int, asyncio.Task]) -> list[RowOutcome]:
+    async def _finish(self, encoded: list, seeds: list[int],
+                      tasks: dict[int, asyncio.Task]) -> list[RowOutcome]:
         """Every row's outcome. Rows that make the engine raise are retried or isolated:
 
         - some rows of a round succeed and others raise: the engine works, so the ones
@@ -190,21 +196,20 @@ class ShardWorker:
                                        f"restarts in place: {first_error}")
                 restarts += 1
                 verified = await self._restart_engine(self.engine, first_error)
-                tasks = self._submit(encoded, list(failed))
+                tasks = self._submit(encoded, seeds, list(failed))
         except BaseException:
             for t in tasks.values():
                 t.cancel()
             raise
         return [outcomes[i] for i in range(len(encoded))]
 
-    async def _generate(self, row: int, ids: list[int]) -> RowOutcome:
+    async def _generate(self, request: Request) -> RowOutcome:
         async with self.window:
             started = time.perf_counter()
-            result = await asyncio.wait_for(self.engine.generate(Request(row, ids)),
-                                            self.cfg.run.request_timeout_s)
+            result = await asyncio.wait_for(self.engine.generate(request), self.cfg.run.request_timeout_s)
             latency = time.perf_counter() - started
         if result.error is None:
-            self._canary = ids
+            self._canary = request.prompt_token_ids
             self.rows_done += 1
             self.tokens_out += result.completion_tokens or 0
         return RowOutcome(result, round(latency, 4))

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 
-from batchinfer.engines import Engine, Request, Result
+from batchinfer.engines import Engine, Request, Result, row_seed
 
 FRANCE = "What is the capital of France? Answer in one short sentence."
 STORY = "Write a very long story about a dragon who learns to bake bread."
+COLORS = "Name three colors and say why you like them."
+POEM = "Write a poem about the sea."
 
 
-async def generate_all(engine: Engine, prompts: list[list[int]]) -> list[Result]:
-    """Submit every prompt at once (more than a batch), as a worker does."""
-    return list(await asyncio.gather(*(engine.generate(Request(i, p)) for i, p in enumerate(prompts))))
+async def generate_all(engine: Engine, prompts: list[list[int] | Request]) -> list[Result]:
+    """Submit every prompt (token ids, or a whole Request) at once, as a worker does."""
+    return list(await asyncio.gather(*(engine.generate(p if isinstance(p, Request) else Request(i, p))
+                                       for i, p in enumerate(prompts))))
 
 
 class LocalEngine:
@@ -29,7 +32,7 @@ class LocalEngine:
         self.max_model_len = engine.max_model_len
         self.max_prompt_len = engine.max_prompt_len
 
-    def run(self, prompts: list[list[int]]) -> list[Result]:
+    def run(self, prompts: list[list[int] | Request]) -> list[Result]:
         return asyncio.run(generate_all(self.engine, prompts))
 
     def shutdown(self) -> None:
@@ -55,7 +58,7 @@ class EngineHost:
     async def limits(self) -> tuple[int, int]:
         return self.engine.max_model_len, self.engine.max_prompt_len
 
-    async def run(self, prompts: list[list[int]]) -> list[Result]:
+    async def run(self, prompts: list[list[int] | Request]) -> list[Result]:
         return await generate_all(self.engine, prompts)
 
     async def shutdown(self) -> None:
@@ -77,7 +80,7 @@ class RayEngine:
         self.max_model_len, self.max_prompt_len = ray.get(self.actor.rebuild.remote(config))
         return self
 
-    def run(self, prompts: list[list[int]]) -> list[Result]:
+    def run(self, prompts: list[list[int] | Request]) -> list[Result]:
         import ray
 
         return ray.get(self.actor.run.remote(prompts))
@@ -134,3 +137,20 @@ class EngineConformance:
         [r] = engine.run([prompt])
         assert r.error is None
         assert r.completion_tokens <= 64 - len(prompt)
+
+    def test_sampling_with_a_seed_gives_each_row_its_own_text_whatever_its_batch(self, make_engine, encode):
+        # Issue 9, item 5: a row's sampled text depends on the config, the model and the row
+        # (its id, hence its seed, and its prompt), not on which rows share its batch.
+        engine = make_engine(max_tokens=8, temperature=1.0, seed=7)
+        prompts = [encode(p) for p in (STORY, COLORS, POEM, "Hi")] * 3  # each prompt, three ids
+        rows = [Request(i, p, row_seed(7, f"prompts.parquet:{i}")) for i, p in enumerate(prompts)]
+
+        def texts(order: list[int]) -> dict[int, str]:
+            return {i: r.text for i, r in zip(order, engine.run([rows[i] for i in order]), strict=True)}
+
+        in_order = texts(list(range(12)))  # more than one batch
+        assert texts(list(reversed(range(12)))) == in_order  # other batch mates, positions, padding
+        assert texts([5, 2, 11, 8]) == {i: in_order[i] for i in (5, 2, 11, 8)}
+        assert texts([3]) == {3: in_order[3]}  # alone: no padding at all
+        for i in range(4):  # the same open-ended prompt under three ids: three seeds, three texts
+            assert len({in_order[i], in_order[i + 4], in_order[i + 8]}) == 3, [in_order[i + k] for k in (0, 4, 8)]

@@ -159,6 +159,12 @@ def test_sampling_params_always_set_max_tokens(tmp_path, model_folder, api):
     assert api.SamplingParams().max_tokens == 32  # what we would get without it
 
 
+def test_sampling_params_carry_the_row_seed(tmp_path, model_folder, api):
+    cfg = trt(tmp_path, model_folder, sampling={"temperature": 1.0, "seed": 7})
+    assert sampling_params(cfg, api, 10, seed=2**63 - 1).seed == 2**63 - 1  # a row's own seed
+    assert sampling_params(cfg, api, 10).seed == 7  # a request without one (the canary)
+
+
 # --------------------------------------------------------------------------- outputs and refusals
 
 

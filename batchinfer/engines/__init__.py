@@ -10,10 +10,10 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 
-from batchinfer.engines.base import BatchEngine, Engine, Request, Result
+from batchinfer.engines.base import BatchEngine, Engine, Request, Result, row_seed
 
 __all__ = ["BatchEngine", "Engine", "EngineUnavailable", "Request", "Result",
-           "check_available", "engine_class", "get_engine_class", "names", "register"]
+           "check_available", "engine_class", "get_engine_class", "names", "register", "row_seed"]
 
 
 class EngineUnavailable(RuntimeError):

@@ -21,6 +21,7 @@ transformers backend beats as each decoder layer finishes) beats during it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import queue
 import threading
 import time
@@ -35,10 +36,25 @@ from batchinfer.config import Config
 
 @dataclass
 class Request:
-    """One row's prompt, already rendered through the chat template and tokenized."""
+    """One row's prompt, already rendered through the chat template and tokenized.
+
+    `seed` is this row's own sampling seed (`row_seed`); a backend that samples draws the
+    row's tokens from a generator seeded with it, so the row's text does not depend on
+    which rows share its batch. None (e.g. the worker's canary) means `sampling.seed`.
+    """
 
     id: int
     prompt_token_ids: list[int]
+    seed: int | None = None
+
+
+def row_seed(seed: int, row_id: object) -> int:
+    """The sampling seed of one row: a stable hash of `sampling.seed` and the row's id (the
+    id column's value, or the synthesized "<file>:<row>"), 63 bits so that every backend
+    takes it as a non-negative int64. It depends on nothing else, so a row samples the same
+    text whatever its batch, shard, worker or attempt (issue 9, item 5)."""
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
 
 
 @dataclass

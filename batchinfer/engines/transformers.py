@@ -1,4 +1,9 @@
-"""The transformers backend: static batches with `model.generate`, on the CPU or CUDA.
+"""The transformers backend: static batches on the CPU or CUDA.
+
+Greedy decoding (temperature 0) uses `model.generate`. Sampling uses this module's own
+decode loop, because `generate` draws every row from one global random stream, so a row's
+text would depend on which rows shared its batch; here each row draws from its own
+`torch.Generator`, seeded with the request's seed (issue 9, item 5).
 
 It is the embedded default (the SmolLM2 alias runs on two CPU cores) and a reference
 implementation of `BatchEngine`. torch and transformers are imported when an engine is
@@ -7,6 +12,7 @@ built, not with this module: the driver imports it for the class's hooks and nee
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 from batchinfer import models
@@ -27,7 +33,7 @@ class TransformersEngine(BatchEngine):
         from transformers import AutoModelForCausalLM
 
         super().__init__(config=config)
-        sampling, config = config.sampling, config.engine
+        config = config.engine
         ref = models.resolve(config.model)
         folder = models.materialize(ref, config.cache_dir)
         self.device = self._device(config.device)
@@ -44,8 +50,6 @@ class TransformersEngine(BatchEngine):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
-        if sampling.temperature > 0:
-            torch.manual_seed(sampling.seed)
         # Beat as each decoder layer finishes, so a long prefill (one forward pass that may
         # take minutes on a CPU) shows progress to the hang watchdog while it runs.
         for module in _beat_points(self.model):
@@ -78,12 +82,11 @@ class TransformersEngine(BatchEngine):
         for i, r in enumerate(requests):  # left padding: every row ends where generation starts
             input_ids[i, width - lengths[i]:] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
             attention[i, width - lengths[i]:] = 1
-        kwargs = {}
         if self.sampling.temperature > 0:
-            kwargs = {"do_sample": True, "temperature": self.sampling.temperature,
-                      "top_p": self.sampling.top_p}
-        else:
-            kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            seeds = [self.sampling.seed if r.seed is None else r.seed for r in requests]
+            new = self._sample(input_ids.to(self.device), attention.to(self.device), limits, seeds)
+            return [self._result(tokens, limit, n) for tokens, limit, n in zip(new, limits, lengths, strict=True)]
+        kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         if self.sampling.stop:
             kwargs.update(stop_strings=self.sampling.stop, tokenizer=self.tokenizer)
         with torch.inference_mode():
@@ -97,6 +100,63 @@ class TransformersEngine(BatchEngine):
             )
         new = out[:, width:].tolist()
         return [self._result(tokens, limit, n) for tokens, limit, n in zip(new, limits, lengths, strict=True)]
+
+    def _sample(self, input_ids, attention, limits: list[int], seeds: list[int]) -> list[list[int]]:
+        """Sampled completions of a left-padded batch, one `torch.Generator` per row.
+
+        Each row draws exactly one token per step from its own generator while it runs, and
+        the attention mask keeps padding and other rows out of its logits, so a row's tokens
+        depend on its prompt and seed only (up to float rounding that differs between batch
+        shapes; README, "Reproducible sampling"). A row that ends (end of sequence, a stop
+        string, its limit) stops drawing; the batch runs until every row has ended.
+        """
+        import torch
+
+        rows = len(seeds)
+        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        tokens: list[list[int]] = [[] for _ in range(rows)]
+        live = [limit > 0 for limit in limits]
+        # Positions count real tokens only, as `generate` does for left-padded rows.
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        step_ids, past = input_ids, None
+        # transformers 5 renamed the KV cache argument (and output) past_key_values -> cache.
+        cache = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.inference_mode():
+            while any(live):
+                out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
+                                 use_cache=True, logits_to_keep=1, **{cache: past})
+                past = getattr(out, cache)
+                logits = out.logits[:, -1, :].float()
+                step_ids = torch.full((rows, 1), self.pad_id, dtype=torch.long, device=self.device)
+                for i in range(rows):
+                    if live[i]:
+                        token = self._draw(logits[i], generators[i])
+                        tokens[i].append(token)
+                        step_ids[i, 0] = token
+                        live[i] = not self._ended(tokens[i], limits[i])
+                attention = torch.cat([attention, attention.new_ones((rows, 1))], dim=1)
+                positions = positions[:, -1:] + 1
+        return tokens
+
+    def _draw(self, logits, generator) -> int:
+        """One token from one row's logits: temperature, then top_p, then its own generator."""
+        import torch
+
+        probs = torch.softmax(logits / self.sampling.temperature, dim=-1)
+        if self.sampling.top_p >= 1:
+            return int(torch.multinomial(probs, 1, generator=generator))
+        ordered, order = probs.sort(descending=True, stable=True)
+        # Keep the most likely tokens until their mass reaches top_p (at least one).
+        ordered = ordered * ((ordered.cumsum(0) - ordered) < self.sampling.top_p)
+        return int(order[torch.multinomial(ordered, 1, generator=generator)])
+
+    def _ended(self, tokens: list[int], limit: int) -> bool:
+        if len(tokens) >= limit or tokens[-1] in self.eos_ids:
+            return True
+        if self.sampling.stop:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            return any(s in text for s in self.sampling.stop)
+        return False
 
     def _result(self, tokens: list[int], limit: int, prompt_tokens: int) -> Result:
         tokens = tokens[:limit]

@@ -162,11 +162,12 @@ def build_args(cfg: Config, api: Any) -> dict[str, Any]:
     return args
 
 
-def sampling_params(cfg: Config, api: Any, max_tokens: int) -> Any:
+def sampling_params(cfg: Config, api: Any, max_tokens: int, seed: int | None = None) -> Any:
+    """SamplingParams for one request; `seed` is the row's own (Request.seed), else sampling.seed."""
     s = cfg.sampling
     # max_tokens is always set: TensorRT-LLM's default is 32.
     return api.SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
-                              seed=s.seed, stop=list(s.stop) or None)
+                              seed=s.seed if seed is None else seed, stop=list(s.stop) or None)
 
 
 def _tokenizer_dir(cfg: Config) -> str:
@@ -234,8 +235,9 @@ class TrtLlmEngine(Engine):
         self._max_model_len = (build_config.get("max_seq_len") or config.engine.max_model_len
                                or _context_length(config))
         self._max_input_len = build_config.get("max_input_len") or t.max_input_len
-        # One SamplingParams per max_tokens value, made fresh: generate_async completes an
-        # instance in place the first time (end_id, stop word ids), so never copy one.
+        # Greedy: one SamplingParams per max_tokens value, made fresh: generate_async
+        # completes an instance in place the first time (end_id, stop word ids), so never
+        # copy one. Sampling: a fresh one per request, which carries the row's own seed.
         self._params: dict[int, Any] = {}
         # Prompt tokens of the requests in the engine, for busy(): without streaming the first
         # token is not seen, so a request counts as unprefilled until it finishes (an upper
@@ -264,9 +266,12 @@ class TrtLlmEngine(Engine):
             return refused
         n = len(request.prompt_token_ids)
         max_tokens = self.max_new_tokens(n)  # prompt + completion stays within the engine
-        params = self._params.get(max_tokens)
-        if params is None:
-            params = self._params[max_tokens] = sampling_params(self.cfg, self.api, max_tokens)
+        if self.sampling.temperature > 0:
+            params = sampling_params(self.cfg, self.api, max_tokens, request.seed)
+        else:
+            params = self._params.get(max_tokens)
+            if params is None:
+                params = self._params[max_tokens] = sampling_params(self.cfg, self.api, max_tokens)
         try:
             pending = self.llm.generate_async(request.prompt_token_ids, sampling_params=params)
         except (ValueError, self.api.RequestError) as e:

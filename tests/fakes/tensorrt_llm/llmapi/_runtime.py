@@ -53,6 +53,19 @@ class CpuRuntime:
                 self._generate(ok)
 
     def _generate(self, batch) -> None:
+        # The real executor seeds each request's own random state with SamplingParams.seed
+        # (None: 0), so a sampled request's tokens do not depend on its batch mates. Here a
+        # sampled request runs alone with the torch RNG seeded from it (greedy ones batch).
+        greedy = [item for item in batch if item[1]._greedy_decoding]
+        if greedy:
+            self._generate_together(greedy)
+        for item in batch:
+            if not item[1]._greedy_decoding:
+                with torch.random.fork_rng():
+                    torch.manual_seed(item[1].seed or 0)
+                    self._generate_together([item])
+
+    def _generate_together(self, batch) -> None:
         prompts = [r.prompt_token_ids for r, _ in batch]
         width = max(len(p) for p in prompts)
         pad = batch[0][1].pad_id if batch[0][1].pad_id is not None else 0
