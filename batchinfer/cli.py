@@ -170,7 +170,7 @@ def _first_prompt(cfg: config_mod.Config, p) -> str:
     from batchinfer import storage
     from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 
-    first = p.files[p.shards[0].file]
+    first = p.files[p.shards[0].pieces[0].file]
     column = cfg.input.prompt_column or cfg.input.messages_column
     with storage.open_parquet(first.url, cfg.storage) as pf:
         cell = pf.read_row_group(0, columns=[column]).column(0)[0].as_py()

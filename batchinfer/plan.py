@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from batchinfer import models, storage
 from batchinfer.config import Config
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 FOOTER_READ_THREADS = 32
 
 
@@ -58,12 +58,24 @@ class InputFile:
 
 
 @dataclass(frozen=True)
-class Shard:
-    index: int
+class Piece:
+    """Consecutive rows of one input file."""
     file: int
     """Index into Plan.files."""
     row_start: int
     num_rows: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    pieces: tuple[Piece, ...]
+    """The shard's rows, in order: row k of the shard is row k of these pieces put end to end.
+    Several small files share one shard, so part files follow rows, not files (issue 9)."""
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.num_rows for p in self.pieces)
 
     @property
     def name(self) -> str:
@@ -100,40 +112,63 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         d = json.loads(text)
-        if d.get("version") != PLAN_VERSION:
-            raise InputError(f"plan record version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+        if d.get("version") not in (1, PLAN_VERSION):
+            raise InputError(f"plan record version {d.get('version')!r} is not supported "
+                             f"(expected 1 or {PLAN_VERSION})")
         d.pop("fingerprint", None)
         d["files"] = [InputFile(**{**f, "row_groups": tuple(f["row_groups"])}) for f in d["files"]]
-        d["shards"] = [Shard(**s) for s in d["shards"]]
+        if d["version"] == 1:  # one row range of one file per shard: run directories of older releases
+            d["shards"] = [{"index": s["index"], "pieces": [{k: s[k] for k in ("file", "row_start", "num_rows")}]}
+                           for s in d["shards"]]
+            d["version"] = PLAN_VERSION
+        d["shards"] = [Shard(s["index"], tuple(Piece(**p) for p in s["pieces"])) for s in d["shards"]]
         return cls(**d)
 
 
 def cut_shards(files: list[InputFile], rows_per_shard: int) -> list[Shard]:
-    """Cut each file into shards of whole row groups near `rows_per_shard` rows.
+    """Cut the files, in order, into shards of whole row groups near `rows_per_shard` rows.
 
-    A row group is added to the current shard when that brings it closer to the target;
-    a row group much larger than the target is split into even row ranges instead.
+    Row groups are taken one after another across file boundaries, so many small files
+    share a shard and the part count follows rows, not files. A row group is added to the
+    current shard when that brings it closer to the target; a row group much larger than
+    the target is split into even row ranges instead.
     """
     shards: list[Shard] = []
+    pieces: list[Piece] = []
+    size = 0  # rows in `pieces`
+
+    def add(fi: int, start: int, n: int) -> None:
+        nonlocal size
+        size += n
+        last = pieces[-1] if pieces else None
+        if last and last.file == fi and last.row_start + last.num_rows == start:
+            pieces[-1] = Piece(fi, last.row_start, last.num_rows + n)
+        else:
+            pieces.append(Piece(fi, start, n))
+
+    def close() -> None:
+        nonlocal size
+        size = 0
+        if pieces:
+            shards.append(Shard(len(shards), tuple(pieces)))
+            pieces.clear()
+
     for fi, f in enumerate(files):
-        start, size, row = 0, 0, 0
+        row = 0
         for n in f.row_groups:
             if n > rows_per_shard * 1.5:
-                if size:
-                    shards.append(Shard(len(shards), fi, start, size))
-                pieces = math.ceil(n / rows_per_shard)
-                for k in range(pieces):
-                    a, b = row + n * k // pieces, row + n * (k + 1) // pieces
-                    shards.append(Shard(len(shards), fi, a, b - a))
-                start, size = row + n, 0
-            elif size and abs(size + n - rows_per_shard) > abs(size - rows_per_shard):
-                shards.append(Shard(len(shards), fi, start, size))
-                start, size = row, n
+                close()
+                count = math.ceil(n / rows_per_shard)
+                for k in range(count):
+                    a, b = row + n * k // count, row + n * (k + 1) // count
+                    shards.append(Shard(len(shards), (Piece(fi, a, b - a),)))
             else:
-                size += n
+                if size and abs(size + n - rows_per_shard) > abs(size - rows_per_shard):
+                    close()
+                if n:
+                    add(fi, row, n)
             row += n
-        if size:
-            shards.append(Shard(len(shards), fi, start, size))
+    close()
     return shards
 
 

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -24,12 +25,14 @@ from batchinfer import atomic, storage
 from batchinfer.config import Config
 from batchinfer.engines import Engine, Request, Result, get_engine_class, row_seed
 from batchinfer.lease import LeaseStale
-from batchinfer.plan import InputFile, Plan, Shard
+from batchinfer.plan import Piece, Plan, Shard
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 from batchinfer.results import RowOutcome, build_table, output_schema, summarize, to_parquet
 from batchinfer.store import RunStore
 
 log = logging.getLogger(__name__)
+PIECE_READ_THREADS = 8
+"""Files of one shard read at once (a shard may span many small files)."""
 
 
 class EngineFailed(RuntimeError):
@@ -80,7 +83,6 @@ class ShardWorker:
         (row in shard -> reason) killed a worker on their own: they are not run but recorded
         as `worker_died` row errors."""
         shard = self.plan.shards[shard_index]
-        file = self.plan.files[shard.file]
         started = time.perf_counter()
         restarts_before = self.engine_restarts
         ticket = self._tickets
@@ -106,7 +108,7 @@ class ShardWorker:
             "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "fingerprint": self.plan.fingerprint, "generation": self.generation,
         }
-        out = build_table(self.schema, self._ids(table, file, shard),
+        out = build_table(self.schema, self._ids(table, shard),
                           {c: table.column(c) for c in self.cfg.input.passthrough_columns}, rows)
         data = await asyncio.to_thread(to_parquet, out, summary, self.cfg.output.compression)
         won = await asyncio.to_thread(self._commit, shard.name, data, summary)
@@ -149,11 +151,10 @@ class ShardWorker:
         their sampling seeds. A row's seed comes from sampling.seed and the row's id only,
         so it samples the same text whatever shard, batch, worker or attempt runs it."""
         shard = self.plan.shards[shard_index]
-        file = self.plan.files[shard.file]
-        table = await asyncio.to_thread(self._read, file, shard)
+        table = await asyncio.to_thread(self._read, shard)
         column = self.cfg.input.prompt_column or self.cfg.input.messages_column
         encoded = await asyncio.to_thread(self.prompts.encode, table.column(column).to_pylist())
-        seeds = [row_seed(self.cfg.sampling.seed, i) for i in self._ids(table, file, shard).to_pylist()]
+        seeds = [row_seed(self.cfg.sampling.seed, i) for i in self._ids(table, shard).to_pylist()]
         return table, encoded, seeds
 
     # ------------------------------------------------------------------ rows through the engine
@@ -263,24 +264,33 @@ class ShardWorker:
                 self._serving += 1
             self.turns.notify_all()
 
-    def _read(self, file: InputFile, shard: Shard) -> pa.Table:
-        """The shard's rows, from exactly the version of the file the plan recorded
-        (storage.InputChanged otherwise, which stops the run)."""
-        groups, skip = file.row_groups_for(shard.row_start, shard.num_rows)
+    def _read(self, shard: Shard) -> pa.Table:
+        """The shard's rows, each file read at exactly the version the plan recorded
+        (storage.InputChanged otherwise, which stops the run). A shard of many small files
+        reads them a few at a time."""
+        if len(shard.pieces) == 1:
+            return self._read_piece(shard, shard.pieces[0])
+        with ThreadPoolExecutor(min(PIECE_READ_THREADS, len(shard.pieces))) as pool:
+            return pa.concat_tables(pool.map(lambda piece: self._read_piece(shard, piece), shard.pieces))
+
+    def _read_piece(self, shard: Shard, piece: Piece) -> pa.Table:
+        file = self.plan.files[piece.file]
+        groups, skip = file.row_groups_for(piece.row_start, piece.num_rows)
         table = atomic.read_input_file(
             file.url, file.version, self.cfg.storage,
             lambda pf: pf.read_row_groups(groups, columns=list(self.input_schema.names)))
-        table = table.slice(skip, shard.num_rows)
-        if table.num_rows != shard.num_rows:
+        table = table.slice(skip, piece.num_rows)
+        if table.num_rows != piece.num_rows:
             raise storage.InputChanged(
-                f"input file {file.url!r} has {table.num_rows} rows where shard {shard.name} "
-                f"expects {shard.num_rows}; it changed since the plan was made")
+                f"input file {file.url!r} has {table.num_rows} rows from row {piece.row_start} where "
+                f"shard {shard.name} expects {piece.num_rows}; it changed since the plan was made")
         return table.cast(self.input_schema)
 
-    def _ids(self, table: pa.Table, file: InputFile, shard: Shard) -> pa.Array:
+    def _ids(self, table: pa.Table, shard: Shard) -> pa.Array:
         if self.cfg.input.id_column:
             return table.column(self.cfg.input.id_column)
-        return pa.array([f"{file.name}:{shard.row_start + i}" for i in range(shard.num_rows)])
+        return pa.array([f"{self.plan.files[p.file].name}:{p.row_start + i}"
+                         for p in shard.pieces for i in range(p.num_rows)])
 
 
 def _describe(error: BaseException) -> str:

@@ -49,7 +49,7 @@ def test_string_and_large_string_files_are_one_dataset(tmp_path):
                                               "prompt": text(["yo"], pa.large_string())}))
     plan = make_plan(make_config(tmp_path))
     assert planned_types(plan) == {"id": pa.string(), "prompt": pa.string()}
-    assert all(f.nullable for f in plan.schema()) and len(plan.shards) == 2
+    assert all(f.nullable for f in plan.schema()) and len(plan.shards) == 1  # one-row files share one
 
 
 @pytest.mark.parametrize("t", [pa.string_view(), pa.large_binary(), pa.binary_view(),
@@ -104,7 +104,7 @@ def test_an_empty_pandas_file_is_skipped_whatever_its_types(tmp_path):
     cfg = make_config(tmp_path)
     plan = make_plan(cfg)
     assert [(f.name, f.num_rows) for f in plan.files] == [("empty.parquet", 0), ("full.parquet", 1)]
-    assert [s.file for s in plan.shards] == [1] and planned_types(plan)["prompt"] == pa.string()
+    assert [p.file for s in plan.shards for p in s.pieces] == [1] and planned_types(plan)["prompt"] == pa.string()
     out = CliRunner().invoke(main, ["plan", str(write_yaml(tmp_path / "c.yaml", cfg))])
     assert out.exit_code == 0, out.output
     assert re.search(r"^  empty.parquet  skipped \(empty\)$", out.output, re.M)
@@ -114,7 +114,7 @@ def test_an_empty_pandas_file_is_skipped_whatever_its_types(tmp_path):
 def test_an_empty_file_missing_columns_is_skipped(tmp_path):
     put(tmp_path, "empty.parquet", pa.table({"other": pa.array([], pa.int64())}))
     put(tmp_path, "full.parquet", pa.table({"id": ["a"], "prompt": ["hi"]}))
-    assert [s.file for s in make_plan(make_config(tmp_path)).shards] == [1]
+    assert [p.file for s in make_plan(make_config(tmp_path)).shards for p in s.pieces] == [1]
 
 
 @pytest.mark.parametrize("ids, nulls, first", [(["a", None, "c"], 1, 1), ([None, "b", None], 2, 0)])

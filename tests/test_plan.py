@@ -1,7 +1,9 @@
 """The planner: pure shard cutting (no Ray, no I/O) and footer-only planning of real files."""
 
+import json
 import os
 import re
+from itertools import pairwise
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,6 +15,7 @@ from batchinfer.config import config_from_dict
 from batchinfer.plan import (
     InputError,
     InputFile,
+    Piece,
     Plan,
     cut_shards,
     diff_settings,
@@ -29,12 +32,16 @@ def files_of(*groups):
 
 
 def rows_of(shards):
-    return [(s.file, s.row_start + k) for s in shards for k in range(s.num_rows)]
+    return [(p.file, p.row_start + k) for s in shards for p in s.pieces for k in range(p.num_rows)]
+
+
+def starts(shards):
+    return [(s.pieces[0].row_start, s.num_rows) for s in shards]
 
 
 def test_whole_row_groups_are_merged_near_the_target():
     shards = cut_shards(files_of([25] * 8), rows_per_shard=50)
-    assert [(s.row_start, s.num_rows) for s in shards] == [(0, 50), (50, 50), (100, 50), (150, 50)]
+    assert starts(shards) == [(0, 50), (50, 50), (100, 50), (150, 50)]
 
 
 def test_a_row_group_is_added_only_when_that_gets_closer_to_the_target():
@@ -44,14 +51,30 @@ def test_a_row_group_is_added_only_when_that_gets_closer_to_the_target():
 
 def test_a_big_row_group_is_split_into_even_row_ranges():
     shards = cut_shards(files_of([10, 1000, 10]), rows_per_shard=300)
-    assert [(s.row_start, s.num_rows) for s in shards] == [
+    assert starts(shards) == [
         (0, 10), (10, 250), (260, 250), (510, 250), (760, 250), (1010, 10)]
 
 
-def test_shards_never_span_files_and_indexes_are_sequential():
-    shards = cut_shards(files_of([5, 5], [7], []), rows_per_shard=100)
-    assert [(s.index, s.file, s.num_rows) for s in shards] == [(0, 0, 10), (1, 1, 7)]
-    assert shards[1].name == "part-000001"
+def test_small_files_share_a_shard_and_empty_ones_add_nothing():
+    shards = cut_shards(files_of([5, 5], [7], [], [0]), rows_per_shard=100)
+    assert [(s.index, s.pieces) for s in shards] == [(0, (Piece(0, 0, 10), Piece(1, 0, 7)))]
+
+
+def test_many_small_files_make_shards_by_rows_not_by_files():
+    """Issue 9, item 6: 24 one-row files and a 100-row file were 28 shards (28 part files)."""
+    files = files_of(*[[1]] * 24, [25] * 4)
+    shards = cut_shards(files, rows_per_shard=20)
+    assert [s.num_rows for s in shards] == [20, 29, 25, 25, 25]
+    assert [s.index for s in shards] == list(range(5)) and shards[1].name == "part-000001"
+    assert shards[1].pieces == (*(Piece(f, 0, 1) for f in range(20, 24)), Piece(24, 0, 25))
+    assert rows_of(shards) == [(f, 0) for f in range(24)] + [(24, r) for r in range(100)]
+
+
+def test_a_file_bigger_than_a_shard_is_still_cut_by_row_groups_and_ranges():
+    shards = cut_shards(files_of([1], [1], [10, 10, 10], [100]), rows_per_shard=20)
+    assert [s.pieces for s in shards] == [
+        (Piece(0, 0, 1), Piece(1, 0, 1), Piece(2, 0, 20)), (Piece(2, 20, 10),),
+        *((Piece(3, a, 20),) for a in range(0, 100, 20))]
 
 
 @settings(max_examples=200, deadline=None)
@@ -63,11 +86,19 @@ def test_every_row_is_in_exactly_one_shard(groups, target):
     expected = [(fi, r) for fi, f in enumerate(files) for r in range(f.num_rows)]
     assert rows_of(shards) == expected
     assert cut_shards(files, target) == shards  # deterministic
+    assert [s.index for s in shards] == list(range(len(shards)))
+    split = []  # shards cut from one row group much bigger than the target
     for s in shards:
-        assert s.num_rows > 0
-        groups_, skip = files[s.file].row_groups_for(s.row_start, s.num_rows)
-        covered = sum(files[s.file].row_groups[g] for g in groups_)
-        assert 0 <= skip and skip + s.num_rows <= covered
+        assert 0 < s.num_rows <= 2 * target
+        for p in s.pieces:
+            assert p.num_rows > 0
+            groups_, skip = files[p.file].row_groups_for(p.row_start, p.num_rows)
+            covered = sum(files[p.file].row_groups[g] for g in groups_)
+            assert 0 <= skip and skip + p.num_rows <= covered
+        split.append(len(groups_) == 1 and files[p.file].row_groups[groups_[0]] > target * 1.5)
+    for (a, a_split), (b, b_split) in pairwise(zip(shards, split, strict=True)):
+        if not (a_split or b_split):  # else a shard was closed to make room for the split
+            assert a.num_rows + b.num_rows > target, "neighbouring shards this small would be one"
 
 
 def test_row_groups_for_a_range():
@@ -95,6 +126,22 @@ def test_plan_reads_footers_and_round_trips(tmp_path):
     again = Plan.from_json(plan.to_json())
     assert again.fingerprint == plan.fingerprint and again.shards == plan.shards
     assert again.schema().names == ["id", "prompt"]
+
+
+def test_a_plan_record_of_version_1_still_loads(tmp_path):
+    """Run directories planned before shards could span files still resume."""
+    write_sample_prompts(str(tmp_path / "in"), files=2, rows_per_file=100, row_group_size=25)
+    plan = make_plan(config(tmp_path))
+    record = json.loads(plan.to_json())
+    record["version"] = 1
+    record["shards"] = [{"index": s.index, "file": s.pieces[0].file, "row_start": s.pieces[0].row_start,
+                         "num_rows": s.num_rows} for s in plan.shards]
+    old = Plan.from_json(json.dumps(record))
+    assert old.shards == plan.shards and old.fingerprint == plan.fingerprint
+    assert Plan.from_json(old.to_json()).shards == plan.shards
+    record["version"] = 99
+    with pytest.raises(InputError, match="plan record version 99 is not supported"):
+        Plan.from_json(json.dumps(record))
 
 
 def test_inputs_by_glob_and_single_file(tmp_path):

@@ -17,7 +17,15 @@ from batchinfer.plan import InputError
 from batchinfer.runner import RunRefused
 from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
-from tests.conftest import REPO, hold_run, ids_of, make_config, part_stats, write_yaml
+from tests.conftest import (
+    REPO,
+    assert_exactly_once,
+    hold_run,
+    ids_of,
+    make_config,
+    part_stats,
+    write_yaml,
+)
 
 RESULT_COLUMNS = ["output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s", "error"]
 
@@ -42,7 +50,7 @@ def test_run_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
 
     m = report.manifest
     assert m["rows"] == {"total": 60, "ok": 60, "failed": 0, "missing": 0}
-    assert m["shards"] == {"total": 4, "committed": 4, "failed": 0}
+    assert m["shards"] == {"total": 3, "committed": 3, "failed": 0}  # the middle one spans both files
     assert m["tokens"]["completion"] == df.completion_tokens.sum()
     assert m["tokens"]["prompt"] == df.prompt_tokens.sum()
     assert json.loads((out / "_batchinfer" / "manifest.json").read_text())["status"] == "complete"
@@ -109,6 +117,33 @@ def test_changed_input_is_refused_on_resume(tmp_path, ray_cluster):
     assert runner.run(cfg, progress=False).exit_code == 0
     write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=12, start=500)
     with pytest.raises(InputError, match="input file 'prompts-000.parquet' changed since the plan was made"):
+        runner.run(cfg, progress=False)
+
+
+def test_many_small_files_make_few_parts_and_resume(tmp_path, ray_cluster):
+    """Issue 9, item 6: 12 one-row files and an 8-row file were 13 shards and 13 part files."""
+    os.makedirs(tmp_path / "prompts")
+    names = [f"one-{i:02d}.parquet" for i in range(12)]
+    for i, name in enumerate(names):
+        pq.write_table(pa.table({"prompt": [f"Say the number {i}."]}), tmp_path / "prompts" / name)
+    pq.write_table(pa.table({"prompt": [f"Count to {i}." for i in range(8)]}),
+                   tmp_path / "prompts" / "wide.parquet", row_group_size=3)
+    cfg = make_config(tmp_path, input={"id_column": None}, sampling={"max_tokens": 2},
+                      run={"rows_per_shard": 6})
+    report = runner.run(cfg, progress=False)
+    assert report.exit_code == 0, report.manifest
+    assert sorted(part_stats(tmp_path / "out")) == [f"part-{i:06d}.parquet" for i in range(4)]
+    expected = [f"{name}:0" for name in names] + [f"wide.parquet:{r}" for r in range(8)]
+    df = assert_exactly_once(tmp_path / "out", expected)
+    assert df.output.str.len().min() > 0 and df.error.isna().all()
+    before = part_stats(tmp_path / "out")
+
+    again = runner.run(cfg, progress=False)
+    assert (again.exit_code, again.did_work) == (0, False)
+    assert part_stats(tmp_path / "out") == before
+
+    pq.write_table(pa.table({"prompt": ["Something else.", "And more."]}), tmp_path / "prompts" / names[7])
+    with pytest.raises(InputError, match="input file 'one-07.parquet' changed since the plan was made"):
         runner.run(cfg, progress=False)
 
 
