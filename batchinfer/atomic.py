@@ -31,6 +31,7 @@ from batchinfer.storage import (
     StorageError,
     _protocols,
     is_local,
+    is_s3,
     locate,
     open_parquet,
     protocol_of,
@@ -56,7 +57,7 @@ def put_if_absent(loc: Location, data: bytes, staging: Location) -> bool:
                 return True
             except FileExistsError:
                 return False
-    if set(S3_PROTOCOLS) & set(_protocols(fs)):
+    if is_s3(fs):
         try:
             fs.pipe_file(loc.path, data, mode="create")
             return True
@@ -178,7 +179,7 @@ def replace_if_version(loc: Location, data: bytes, version: str, staging: Locati
                 return False
             put(loc, data, staging, small_record=True)
             return True
-    if not set(S3_PROTOCOLS) & set(_protocols(loc.fs)):
+    if not is_s3(loc.fs):
         raise StorageError(f"{loc.url!r}: no compare-and-swap for the {_protocols(loc.fs)[0]!r} "
                            "filesystem; supported for run directories: local paths and s3://")
     try:
@@ -201,8 +202,9 @@ def read_input_file(url: str, version: str, cfg: StorageConfig | None,
 
     S3: the file is opened through s3fs, whose ranged reads all carry `If-Match` with the
     ETag seen at open, and that ETag must be the recorded one; a replacement mid-read fails
-    with 412. Local: size and mtime are checked before and after the read. Anything else:
-    the version tag is checked before and after. Raises InputChanged naming the file.
+    with 412, so no check around the read is needed. Local (and anything else): the version
+    tag (size, mtime, inode) is checked before and after the read. Raises InputChanged
+    naming the file.
     """
     loc = locate(url, cfg)
     fs = loc.fs
@@ -220,18 +222,20 @@ def read_input_file(url: str, version: str, cfg: StorageConfig | None,
             f"input file {url!r} {what} during the run; a shard must read the version the plan "
             "recorded. Restore the file and rerun, or pass --new-run to start over on the new inputs")
 
-    if (now := current()) != version:
+    s3 = is_s3(fs)
+    if not s3 and (now := current()) != version:
         raise changed(now)
     try:
-        if set(S3_PROTOCOLS) & set(_protocols(fs)):
+        if s3:
             with fs.open(loc.path, "rb") as f:
                 if version_tag(f.details) != version:
                     raise changed(version_tag(f.details))
-                result = read(pq.ParquetFile(f, pre_buffer=True))
-        else:
-            with open_parquet(url, cfg) as pf:
-                result = read(pf)
-    except Exception as e:  # a file rewritten under a read fails in many ways; was it that?
+                return read(pq.ParquetFile(f, pre_buffer=True))
+        with open_parquet(url, cfg) as pf:
+            result = read(pf)
+    except InputChanged:
+        raise
+    except Exception as e:  # a file rewritten (or deleted) under a read fails in many ways; was it that?
         if (now := current()) != version:
             raise changed(now) from e
         raise

@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -75,7 +75,6 @@ class Holder:
     and boot id but not their pids."""
     released: bool = False
     state: str = "starting"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, data: bytes) -> Holder | None:

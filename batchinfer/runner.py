@@ -330,8 +330,7 @@ def _unwrap(call: Callable[[], Any]) -> Any:
 def exit_code_for(status: str) -> int:
     """The exit code of a run (or `status`) in this state: 0 complete, 3 partial, 4 running
     (another driver holds the run), 1 anything else (failed, interrupted, stale: rerun)."""
-    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "running": EXIT_BUSY,
-            "starting": EXIT_BUSY}.get(status, EXIT_FAILED)
+    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "running": EXIT_BUSY}.get(status, EXIT_FAILED)
 
 
 def build_manifest(plan: Plan, store: RunStore, committed: dict[int, dict[str, Any]],

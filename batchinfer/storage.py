@@ -189,6 +189,10 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool(set(S3_PROTOCOLS) & set(_protocols(fs)))
+
+
 def version_tag(info: dict[str, Any]) -> str:
     """A tag that changes when the object changes: the ETag on object stores, else size,
     mtime and (local files) inode, so a file replaced by a rename is seen even when the new

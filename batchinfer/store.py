@@ -115,10 +115,7 @@ class RunStore:
                     small_record=True)
 
     def read_status(self) -> dict[str, Any] | None:
-        try:
-            return self._read_json(self.meta.child("status.json"))
-        except ValueError:  # caught mid-rewrite (it is rewritten in place on a full disk)
-            return None
+        return self._read_json(self.meta.child("status.json"))
 
     def write_manifest(self, manifest: dict[str, Any], success: bool) -> None:
         self._write_json(self.meta.child("manifest.json"), manifest)
@@ -126,10 +123,7 @@ class RunStore:
             atomic.put(self.root.child("_SUCCESS"), b"", self._staging())
 
     def read_manifest(self) -> dict[str, Any] | None:
-        try:
-            return self._read_json(self.meta.child("manifest.json"))
-        except ValueError:  # cut short by a crash or a full disk: rebuilt from the parts
-            return None
+        return self._read_json(self.meta.child("manifest.json"))
 
     def clear(self) -> None:
         """Remove a previous run's parts and metadata (for an explicit new run), keeping the
@@ -162,8 +156,13 @@ class RunStore:
             return None
 
     def _read_json(self, loc: storage.Location) -> dict[str, Any] | None:
+        """A record, or None if absent or cut short (by a crash, or caught mid-rewrite in place
+        on a full disk): the status is advisory and a manifest is rebuilt from the parts."""
         text = self._read_text(loc)
-        return json.loads(text) if text is not None else None
+        try:
+            return json.loads(text) if text is not None else None
+        except ValueError:
+            return None
 
     def _write_json(self, loc: storage.Location, value: dict[str, Any]) -> None:
         atomic.put(loc, json.dumps(value, indent=1, default=str).encode(), self._staging())

@@ -88,7 +88,7 @@ class ShardWorker:
         ticket = self._tickets
         self._tickets += 1
         try:
-            table, encoded, seeds = await self._load(shard_index)
+            table, ids, encoded, seeds = await self._load(shard_index)
             for i, reason in (skip or {}).items():
                 encoded[i] = RowError("worker_died", reason)
             # Shards queue their rows at the engine in the order they arrived, whichever was
@@ -108,7 +108,7 @@ class ShardWorker:
             "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "fingerprint": self.plan.fingerprint, "generation": self.generation,
         }
-        out = build_table(self.schema, self._ids(table, shard),
+        out = build_table(self.schema, ids,
                           {c: table.column(c) for c in self.cfg.input.passthrough_columns}, rows)
         data = await asyncio.to_thread(to_parquet, out, summary, self.cfg.output.compression)
         won = await asyncio.to_thread(self._commit, shard.name, data, summary)
@@ -138,7 +138,7 @@ class ShardWorker:
     async def probe(self, shard_index: int, rows: list[int]) -> int:
         """Run some rows of a shard and keep nothing; the driver is looking for rows that
         kill the worker (it calls this alone on a worker). Returns how many rows ran."""
-        _, encoded, seeds = await self._load(shard_index)
+        _, _, encoded, seeds = await self._load(shard_index)
         tasks = self._submit(encoded, seeds, [i for i in rows if not isinstance(encoded[i], RowError)])
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         return len(tasks)
@@ -146,16 +146,17 @@ class ShardWorker:
     def shutdown(self) -> None:
         self.engine.shutdown()
 
-    async def _load(self, shard_index: int) -> tuple[pa.Table, list, list[int]]:
-        """A shard's input rows, their encoded prompts (token ids, or a RowError each) and
-        their sampling seeds. A row's seed comes from sampling.seed and the row's id only,
+    async def _load(self, shard_index: int) -> tuple[pa.Table, pa.Array, list, list[int]]:
+        """A shard's input rows, their ids, their encoded prompts (token ids, or a RowError
+        each) and their sampling seeds. A row's seed comes from sampling.seed and the row's id only,
         so it samples the same text whatever shard, batch, worker or attempt runs it."""
         shard = self.plan.shards[shard_index]
         table = await asyncio.to_thread(self._read, shard)
         column = self.cfg.input.prompt_column or self.cfg.input.messages_column
         encoded = await asyncio.to_thread(self.prompts.encode, table.column(column).to_pylist())
-        seeds = [row_seed(self.cfg.sampling.seed, i) for i in self._ids(table, shard).to_pylist()]
-        return table, encoded, seeds
+        ids = self._ids(table, shard)
+        seeds = [row_seed(self.cfg.sampling.seed, i) for i in ids.to_pylist()]
+        return table, ids, encoded, seeds
 
     # ------------------------------------------------------------------ rows through the engine
 

@@ -54,6 +54,9 @@ class TransformersEngine(BatchEngine):
         # take minutes on a CPU) shows progress to the hang watchdog while it runs.
         for module in _beat_points(self.model):
             module.register_forward_hook(lambda *_: self.beat())
+        # transformers 5 renamed the KV cache argument (and output) past_key_values -> cache.
+        forward = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward else "past_key_values"
         log.info("transformers engine: %s on %s (%s), max_model_len=%d",
                  config.model, self.device, dtype, self._max_model_len)
 
@@ -119,8 +122,7 @@ class TransformersEngine(BatchEngine):
         # Positions count real tokens only, as `generate` does for left-padded rows.
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
         step_ids, past = input_ids, None
-        # transformers 5 renamed the KV cache argument (and output) past_key_values -> cache.
-        cache = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        cache = self._cache_arg
         with torch.inference_mode():
             while any(live):
                 out = self.model(input_ids=step_ids, attention_mask=attention, position_ids=positions,
