@@ -18,7 +18,7 @@ from typing import Any
 
 from batchinfer import atomic, engines, faults, models, plan as planning, prompts, storage
 from batchinfer.config import Config, ConfigError
-from batchinfer.engines.artifacts import EngineArtifactError
+from batchinfer.engines.trtllm.artifacts import EngineArtifactError
 from batchinfer.lease import DriverLease, LeaseLost, RunBusy, RunLapsed
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
@@ -305,7 +305,7 @@ def build_engine(cfg: Config) -> dict[str, str]:
     preflight(cfg)
     import ray
 
-    from batchinfer.engines.trtllm import ensure_engine_on_cluster
+    from batchinfer.engines.trtllm.engine import ensure_engine_on_cluster
 
     owns_ray = _connect_ray(cfg)
     try:

@@ -24,9 +24,10 @@ import pytest
 
 from batchinfer import runner
 from batchinfer.config import config_from_dict
-from batchinfer.engines import EngineUnavailable, artifacts
-from batchinfer.engines.artifacts import EngineArtifactError, GpuIdentity
-from batchinfer.engines.trtllm import (
+from batchinfer.engines import EngineUnavailable
+from batchinfer.engines.trtllm import artifacts
+from batchinfer.engines.trtllm.artifacts import EngineArtifactError, GpuIdentity
+from batchinfer.engines.trtllm.engine import (
     build_args,
     check_config,
     rejected,
@@ -114,7 +115,7 @@ def test_run_without_tensorrt_llm_fails_before_workers_with_install_hint(tmp_pat
 
 @pytest.fixture
 def api(trtllm_double):
-    from batchinfer.engines.trtllm import import_api
+    from batchinfer.engines.trtllm.engine import import_api
 
     return import_api()
 
@@ -306,7 +307,7 @@ def test_a_corrupted_download_is_refused_and_leaves_nothing(tmp_path, model_fold
 def test_rejections_and_request_failures_are_row_errors(tmp_path, model_folder, trtllm_double, encode):
     from tensorrt_llm.executor import RequestError
 
-    from batchinfer.engines.trtllm import TrtLlmEngine
+    from batchinfer.engines.trtllm.engine import TrtLlmEngine
 
     engine = TrtLlmEngine(config=trt(tmp_path, model_folder))
     try:
@@ -334,7 +335,7 @@ def test_rejections_and_request_failures_are_row_errors(tmp_path, model_folder, 
 def test_busy_reports_the_longest_prompt_of_unfinished_requests(tmp_path, model_folder, trtllm_double, encode):
     """For the hang watchdog: requests in the engine are a step holding the longest prompt."""
     from batchinfer.engines.base import Request
-    from batchinfer.engines.trtllm import TrtLlmEngine
+    from batchinfer.engines.trtllm.engine import TrtLlmEngine
 
     engine = TrtLlmEngine(config=trt(tmp_path, model_folder))
     prompts = [encode("Hello"), encode("Tell me about the sea, the sky and the long road home.")]
@@ -451,7 +452,7 @@ def test_job_on_trtllm_workers_downloads_the_engine_once_per_node(tmp_path, mode
                                                                    ray_cluster, s3):
     import ray
 
-    from batchinfer.engines.trtllm import TrtLlmEngine
+    from batchinfer.engines.trtllm.engine import TrtLlmEngine
     from batchinfer.worker import ShardWorker
 
     write_sample_prompts(str(tmp_path / "prompts"), files=2, rows_per_file=20, row_group_size=10)

@@ -93,7 +93,7 @@ register(
 )
 register(
     "trtllm",
-    "batchinfer.engines.trtllm:TrtLlmEngine",
+    "batchinfer.engines.trtllm.engine:TrtLlmEngine",
     requires=("tensorrt_llm",),
     install=("pip install tensorrt-llm==1.2.1 --extra-index-url https://pypi.nvidia.com on a Linux "
              "GPU node with the CUDA and torch versions it pins (README: 'Running on L40S')"),

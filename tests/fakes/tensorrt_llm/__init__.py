@@ -2,7 +2,7 @@
 
 TensorRT-LLM cannot be installed where batchinfer's tests run (no CUDA; the PyPI package
 is a stub that downloads from NVIDIA's index). This package stands in for the small slice
-of its Python API that `batchinfer/engines/trtllm.py` calls, with the same module paths,
+of its Python API that `batchinfer/engines/trtllm/engine.py` calls, with the same module paths,
 class names, signatures, fields and defaults, and the same refusals, as the real 1.2.x
 sources, so the backend runs unchanged against it. Generation is done on the CPU by
 transformers with the Hugging Face checkpoint an "engine" was built from.

@@ -27,8 +27,8 @@ from typing import Any
 
 from batchinfer import models
 from batchinfer.config import Config
-from batchinfer.engines import artifacts
 from batchinfer.engines.base import Engine, Request, Result
+from batchinfer.engines.trtllm import artifacts
 
 log = logging.getLogger(__name__)
 
