@@ -273,11 +273,12 @@ def _ago(seconds: float) -> str:
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def build_engine(config_path: str, sets: tuple[str, ...]) -> None:
-    """Build the TensorRT-LLM engine CONFIG needs and publish it to trtllm.engine_cache.
+    """Build what CONFIG's engine backend loads (the TensorRT-LLM engine) and publish it.
 
     Runs once, as a Ray task on a GPU worker of the configured type (run.accelerator_type),
     so the engine fits the GPUs the workers will run on. Does nothing if the cache already
-    has it. Later runs download it once per node.
+    has it; later runs download it once per node. A backend with no build step (transformers)
+    says so and exits 2.
     """
     cfg = load_or_exit(config_path, sets)
     try:
@@ -287,13 +288,8 @@ def build_engine(config_path: str, sets: tuple[str, ...]) -> None:
     except Exception as e:
         traceback.print_exc()
         _fail(EXIT_FAILED, f"engine build failed: {type(e).__name__}: {e}")
-    click.echo(f"engine   {info['key']}")
-    click.echo(f"status   {info['how']} on {info['gpu']}")
-    where = f"{cfg.trtllm.engine_cache.rstrip('/')}/{info['key']}" if cfg.trtllm.engine_cache else \
-        f"{info['folder']} (node-local only: set trtllm.engine_cache to share it)"
-    click.echo(f"stored   {where}")
-    if info.get("folder"):
-        click.echo(f"local    {info['folder']}")
+    for label, value in info.items():
+        click.echo(f"{label:<8} {value}")
 
 
 @main.command()

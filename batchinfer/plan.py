@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchinfer import models, storage
+from batchinfer import models, registry, storage
 from batchinfer.config import Config
 
 PLAN_VERSION = 2
@@ -179,22 +179,18 @@ def fingerprint(files: list[InputFile], settings: dict[str, Any]) -> str:
 
 
 def settings_of(cfg: Config) -> dict[str, Any]:
-    """What shapes results besides the input files: columns, prompt, model, engine, sampling."""
-    engine = cfg.engine
-    settings = {
-        "input": {k: v for k, v in asdict(cfg.input).items() if k != "path"},
-        "engine": {
-            "backend": engine.backend,
-            "model": models.resolve(engine.model).identity,
-            "tokenizer": models.resolve(engine.tokenizer).identity if engine.tokenizer else None,
-            "dtype": engine.dtype,
-            "max_model_len": engine.max_model_len,
-        },
-        "sampling": asdict(cfg.sampling),
-    }
-    if engine.backend == "trtllm":  # FP8 weights and KV cache change the numbers
-        settings["engine"]["trtllm"] = {"mode": cfg.trtllm.mode, "quantization": cfg.trtllm.quantization,
-                                        "engine_dir": cfg.trtllm.engine_dir}
+    """What shapes results besides the input files: every config field marked OUTPUT (see
+    config.py), the model and tokenizer by their identity, and the backend's own part
+    (`Engine.fingerprint`: its options that change outputs)."""
+    settings = {}
+    for name in Config.model_fields:
+        values = getattr(cfg, name).fingerprinted()
+        if values:
+            settings[name] = values
+    engine = settings["engine"]
+    engine["model"] = models.resolve(cfg.engine.model).identity
+    engine["tokenizer"] = models.resolve(cfg.engine.tokenizer).identity if cfg.engine.tokenizer else None
+    engine["options"] = registry.engine_class(cfg.engine.backend).fingerprint(cfg)
     return settings
 
 

@@ -18,7 +18,6 @@ from typing import Any
 
 from batchinfer import atomic, engines, faults, models, plan as planning, prompts, storage
 from batchinfer.config import Config, ConfigError
-from batchinfer.engines.trtllm.artifacts import EngineArtifactError
 from batchinfer.lease import DriverLease, LeaseLost, RunBusy, RunLapsed
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
@@ -37,7 +36,7 @@ class RunRefused(RuntimeError):
 
 # Errors that mean "fix the config, the inputs or the install", raised before any work.
 USAGE_ERRORS = (ConfigError, RunRefused, planning.InputError, storage.StorageError,
-                models.ModelError, engines.EngineUnavailable, EngineArtifactError)
+                models.ModelError, engines.EngineUnavailable, engines.EngineSetupError)
 
 
 @dataclass
@@ -57,10 +56,8 @@ def preflight(cfg: Config) -> None:
     """Cheap checks that need no inputs: output apart from input, backend settings, engine
     packages installed, model found."""
     # gs:// without gcsfs, abfs:// without adlfs: exit 2 with the pip command, before Ray.
-    for role, url in (("input.path", cfg.input.path), ("output.path", cfg.output.path),
-                      ("trtllm.engine_cache", cfg.trtllm.engine_cache)):
-        if url:
-            storage.check_installed(url, role)
+    for role, url in (("input.path", cfg.input.path), ("output.path", cfg.output.path)):
+        storage.check_installed(url, role)
     clash = storage.input_output_clash(cfg.input.path, cfg.output.path, cfg.storage)
     if clash:
         raise ConfigError(clash)
@@ -291,39 +288,53 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
 
 def _prepare_engine(cfg: Config) -> None:
     """The backend's once-per-run step on the cluster (e.g. find or build the TensorRT engine)."""
-    _unwrap(lambda: engines.engine_class(cfg.engine.backend).prepare(cfg))
+    _unwrap(lambda: engines.engine_class(cfg.engine.backend).prepare(cfg, RayCluster(cfg)))
+
+
+class RayCluster:
+    """The cluster as a backend's driver-side steps see it (`engines.Cluster`)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def run_on_worker_node(self, fn, *args):
+        import ray
+
+        from batchinfer.scheduler import gpu_task_options
+
+        return ray.get(ray.remote(fn).options(**gpu_task_options(self.cfg)).remote(*args))
 
 
 def build_engine(cfg: Config) -> dict[str, str]:
-    """`batchinfer build-engine`: build (or find) the TensorRT engine `cfg` needs, on a GPU
-    node of the workers' type, and publish it to trtllm.engine_cache."""
-    if cfg.engine.backend != "trtllm" or cfg.trtllm.mode != "engine" or cfg.trtllm.engine_dir:
-        raise ConfigError("build-engine needs engine.backend: trtllm with trtllm.mode: engine and no "
-                          f"trtllm.engine_dir (got backend {cfg.engine.backend!r}, mode "
-                          f"{cfg.trtllm.mode!r}, engine_dir {cfg.trtllm.engine_dir!r})")
-    cfg.trtllm.build_on_miss = True
+    """`batchinfer build-engine`: the backend's build step (e.g. the TensorRT engine), run on a
+    node of the workers' type; ConfigError when the backend has no build step."""
+    backend = engines.engine_class(cfg.engine.backend)
+    if backend.build.__func__ is engines.Engine.build.__func__:
+        raise ConfigError(f"engine backend {cfg.engine.backend!r} has no build step: its workers load "
+                          f"engine.model ({cfg.engine.model}) as is, so there is nothing to build")
     preflight(cfg)
     import ray
 
-    from batchinfer.engines.trtllm.engine import ensure_engine_on_cluster
-
     owns_ray = _connect_ray(cfg)
     try:
-        return _unwrap(lambda: ensure_engine_on_cluster(cfg))
+        info = _unwrap(lambda: backend.build(cfg, RayCluster(cfg)))
     finally:
         if owns_ray:
             ray.shutdown()
+    if info is None:
+        raise ConfigError(f"engine backend {cfg.engine.backend!r} built nothing for this config")
+    return info
 
 
 def _unwrap(call: Callable[[], Any]) -> Any:
-    """Run a Ray call, re-raising an engine artifact error from the task as itself."""
+    """Run a Ray call, re-raising a backend's setup error from the task as itself."""
     from ray.exceptions import RayTaskError
 
     try:
         return call()
     except RayTaskError as e:
-        if isinstance(e.cause, EngineArtifactError):
-            raise EngineArtifactError(str(e.cause)) from None
+        if isinstance(e.cause, engines.EngineSetupError):
+            raise type(e.cause)(str(e.cause)) from None
         raise
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import errno
 import functools
 import json
@@ -107,7 +106,7 @@ def fsspec_options(protocol: str, cfg: StorageConfig | None) -> dict[str, Any]:
     """fsspec options for a protocol: `storage.options`, plus the S3 settings for s3:// URLs."""
     if cfg is None:
         return {}
-    opts = copy.deepcopy(cfg.options)
+    opts = copy.deepcopy(cfg.fsspec_options())
     if protocol in S3_PROTOCOLS:
         client = opts.setdefault("client_kwargs", {})
         if cfg.endpoint_url:
@@ -142,7 +141,8 @@ def open_parquet(url: str, cfg: StorageConfig | None = None) -> pq.ParquetFile:
 
 
 def _freeze(cfg: StorageConfig | None) -> str:
-    return json.dumps(dataclasses.asdict(cfg) if cfg else {}, sort_keys=True, default=str)
+    plain = {**cfg.model_dump(), "options": cfg.fsspec_options()} if cfg else {}
+    return json.dumps(plain, sort_keys=True, default=str)
 
 
 @functools.lru_cache(maxsize=8)

@@ -4,7 +4,7 @@
 #   ./scripts/l40s_smoke.sh [CONFIG] [ROWS]      (defaults: configs/l40s-llama-3.1-8b-fp8.yaml, 400)
 #
 # 1. checks the GPU, TensorRT-LLM and the config;
-# 2. fetches the FP8 engine from trtllm.engine_cache, or builds and publishes it
+# 2. fetches the FP8 engine from engine.options.engine_cache, or builds and publishes it
 #    (`batchinfer build-engine`);
 # 3. runs ROWS prompts through `batchinfer run` on every GPU of this node (local Ray);
 # 4. runs `trtllm-bench throughput` on the same engine with the same prompt and output

@@ -1,17 +1,11 @@
 """Config loading and validation: every message names the key, the value and what is allowed."""
 
-import dataclasses
-
 import pytest
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
-from batchinfer.config import (
-    Config,
-    ConfigError,
-    config_from_dict,
-    field_docs,
-    load_config,
-    to_commented_yaml,
-)
+from batchinfer import registry
+from batchinfer.config import Config, ConfigError, config_from_dict, load_config, to_commented_yaml
 
 
 def test_defaults_are_valid():
@@ -21,13 +15,18 @@ def test_defaults_are_valid():
     assert cfg.run.num_workers == 2
 
 
+def sections() -> list[tuple[str, type[BaseModel]]]:
+    """Every config model: the sections, and each registered backend's options."""
+    found = [(name, f.annotation) for name, f in Config.model_fields.items()]
+    return found + [(f"engine.options ({name})", registry.engine_class(name).Options)
+                    for name in registry.names()]
+
+
 def test_every_field_has_a_default_and_a_description():
-    for section in dataclasses.fields(Config):
-        cls = type(getattr(Config(), section.name))
-        docs = field_docs(cls)
-        for f in dataclasses.fields(cls):
-            assert docs.get(f.name), f"{section.name}.{f.name} has no docstring"
-            assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    for where, model in sections():
+        for name, f in model.model_fields.items():
+            assert f.description, f"{where}.{name} has no docstring"
+            assert f.default is not PydanticUndefined or f.default_factory is not None, f"{where}.{name}"
 
 
 def test_shipped_local_config_loads():
@@ -59,6 +58,18 @@ def test_shipped_local_config_loads():
     ({"input": {"prompt_column": None}}, "set exactly one of prompt_column and messages_column"),
     ({"input": {"passthrough_columns": ["output"]}},
      "input.passthrough_columns: ['output'] would overwrite result columns"),
+    ({"engine": {"backend": "trtllm", "options": {"quantisation": "fp8"}}},
+     "unknown key 'quantisation' at engine.options; did you mean 'quantization'?"),
+    ({"engine": {"backend": "trtllm", "options": {"calib_batches": 0}}},
+     "engine.options.calib_batches: got 0 (int); expected an integer >= 1"),
+    ({"engine": {"options": {"device": "tpu"}}},
+     "engine.options.device: got 'tpu' (str); expected one of 'auto', 'cpu', 'cuda'"),
+    ({"engine": {"options": "cpu"}}, "engine.options: expected a mapping of keys, got 'cpu' (str)"),
+    ({"engine": {"backend": "vllm"}}, "engine.backend: unknown engine backend 'vllm'"),
+    ({"engine": {"backend": "trtlm"}}, "unknown engine backend 'trtlm'; did you mean 'trtllm'?"),
+    ({"engine": {"device": "cpu"}}, "it moved to engine.options.device"),
+    ({"trtllm": {"mode": "engine"}}, "unknown key 'trtllm' at top level"),
+    ({"trtllm": {"mode": "engine"}}, "it moved to engine.options (with engine.backend: trtllm)"),
 ])
 def test_bad_config_message(raw, message):
     with pytest.raises(ConfigError) as e:
@@ -89,6 +100,25 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
 def test_bad_override_syntax(item):
     with pytest.raises(ConfigError, match="--set expects section.key=value"):
         load_config(None, [item])
+
+
+def test_backend_options_are_set_and_overridden():
+    cfg = load_config(None, ["engine.backend=trtllm", "engine.options.max_input_len=300",
+                             "engine.options.calib_dataset=/data/cnn_dailymail"])
+    assert (cfg.engine.options.max_input_len, cfg.engine.options.mode) == (300, "engine")
+    assert cfg.engine.options.calib_dataset == "/data/cnn_dailymail"
+    assert config_from_dict(cfg.to_dict()) == cfg
+    text = to_commented_yaml(cfg)
+    assert "  options:  # The backend's own settings" in text
+    assert "    max_input_len: 300  # Longest prompt the engine accepts" in text
+
+
+def test_secrets_are_hidden_in_print_and_kept_for_use():
+    cfg = config_from_dict({"storage": {"options": {"key": "AKIA1", "secret": "s3cr3t",
+                                                    "client_kwargs": {"region_name": "x"}}}})
+    assert "s3cr3t" not in to_commented_yaml(cfg) and "AKIA1" not in repr(cfg)
+    assert cfg.storage.fsspec_options() == {"key": "AKIA1", "secret": "s3cr3t",
+                                            "client_kwargs": {"region_name": "x"}}
 
 
 def test_override_of_unknown_key_is_refused():

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from batchinfer.config import EngineConfig, config_from_dict
 from batchinfer.engines import get_engine_class
 from tests.engine_conformance import FRANCE, POEM, STORY, EngineConformance, LocalEngine
 
-ENGINE_FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+ENGINE_FIELDS = set(EngineConfig.model_fields)
 
 
 @pytest.fixture(scope="module")

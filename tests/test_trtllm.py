@@ -56,6 +56,7 @@ def trt(tmp_path, model_folder, **sections):
     }
     for name, values in sections.items():
         raw.setdefault(name, {}).update(values)
+    raw["engine"]["options"] = raw.pop("trtllm")  # the backend's own settings
     return config_from_dict(raw)
 
 
@@ -64,20 +65,20 @@ def trt(tmp_path, model_folder, **sections):
 
 @pytest.mark.parametrize("sections, message", [
     ({"run": {"gpus_per_worker": 0}}, "the trtllm backend needs one GPU per worker"),
-    ({"trtllm": {"max_input_len": 512}}, "trtllm.max_input_len (512) must be below engine.max_model_len (512)"),
+    ({"trtllm": {"max_input_len": 512}}, "engine.options.max_input_len (512) must be below engine.max_model_len (512)"),
     ({"sampling": {"max_tokens": 600}}, "sampling.max_tokens (600) must be below engine.max_model_len (512)"),
     ({"trtllm": {"enable_chunked_prefill": False, "max_num_tokens": 256}},
-     "trtllm.max_num_tokens (256) < trtllm.max_input_len (400) without chunked prefill"),
-    ({"trtllm": {"quantization": "fp8"}, "engine": {"dtype": "float32"}}, "engine.dtype float32 with trtllm.quantization fp8"),
-    ({"trtllm": {"quantization": "fp8"}}, "building an FP8 engine (trtllm.build_on_miss) needs calibration data"),
+     "engine.options.max_num_tokens (256) < engine.options.max_input_len (400) without chunked prefill"),
+    ({"trtllm": {"quantization": "fp8"}, "engine": {"dtype": "float32"}}, "engine.dtype float32 with engine.options.quantization fp8"),
+    ({"trtllm": {"quantization": "fp8"}}, "building an FP8 engine (engine.options.build_on_miss) needs calibration data"),
     ({"trtllm": {"calib_dataset": "/nonexistent/calib", "build_on_miss": False}},
-     "trtllm.calib_dataset: '/nonexistent/calib' does not exist"),
+     "engine.options.calib_dataset: '/nonexistent/calib' does not exist"),
     ({"trtllm": {"engine_dir": "/engines/x", "build_on_miss": False}},
-     "trtllm.engine_dir is set but engine.tokenizer is not"),
+     "engine.options.engine_dir is set but engine.tokenizer is not"),
     ({"trtllm": {"engine_dir": "/engines/x"}, "engine": {"tokenizer": "smollm2-135m"}},
-     "trtllm.engine_dir loads a prebuilt engine as is; build_on_miss does not apply"),
+     "engine.options.engine_dir loads a prebuilt engine as is; build_on_miss does not apply"),
     ({"trtllm": {"mode": "pytorch", "build_on_miss": False, "engine_cache": "s3://b/e"}},
-     "trtllm.engine_dir, engine_cache and build_on_miss are for mode: engine"),
+     "engine.options.engine_dir, engine_cache and build_on_miss are for mode: engine"),
     ({"trtllm": {"mode": "pytorch", "build_on_miss": False, "quantization": "fp8"}},
      "has no hf_quant_config.json (ModelOpt's marker)"),
 ])
@@ -91,7 +92,7 @@ def test_shipped_l40s_config_is_valid():
 
     cfg = load_config(REPO / "configs" / "l40s-llama-3.1-8b-fp8.yaml")
     assert cfg.engine.backend == "trtllm" and cfg.run.accelerator_type == "L40S"
-    assert cfg.run.gpus_per_worker == 1 and cfg.trtllm.quantization == "fp8"
+    assert cfg.run.gpus_per_worker == 1 and cfg.engine.options.quantization == "fp8"
     problems = [p for p in check_config(cfg) if "does not exist" not in p]  # paths of the target cluster
     assert problems == []
 

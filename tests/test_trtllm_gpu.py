@@ -45,9 +45,9 @@ def gpu_config(tmp_path, model_folder, **trtllm):
         "input": {"path": str(tmp_path / "prompts"), "id_column": "id"},
         "output": {"path": str(tmp_path / "out")},
         "engine": {"backend": "trtllm", "model": model_folder, "max_batch_size": 8, "max_model_len": 512,
-                   "dtype": "float16"},
-        "trtllm": {"max_input_len": 400, "max_num_tokens": 1024, "build_on_miss": True,
-                   "node_cache_dir": str(tmp_path / "engines"), **trtllm},
+                   "dtype": "float16",
+                   "options": {"max_input_len": 400, "max_num_tokens": 1024, "build_on_miss": True,
+                               "node_cache_dir": str(tmp_path / "engines"), **trtllm}},
         "sampling": {"max_tokens": 16},
         "run": {"num_workers": 1, "gpus_per_worker": 1, "rows_per_shard": 16},
     })

@@ -26,12 +26,28 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
-from batchinfer.config import Config
+from batchinfer.config import Config, EngineOptions
+
+T = TypeVar("T")
+
+
+class Cluster(Protocol):
+    """What a backend's driver-side step may ask of the cluster; the runner hands one in, so
+    a backend never imports the scheduler."""
+
+    def run_on_worker_node(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` once as a task with one worker's resources (its GPU and
+        accelerator type) and return its result; the task's exception is raised here."""
+
+
+class EngineSetupError(RuntimeError):
+    """A backend's setup that cannot succeed as configured (e.g. a missing or mismatched
+    compiled engine); the message says what to do. The run stops with exit 2."""
 
 
 @dataclass
@@ -76,12 +92,17 @@ class Result:
 class Engine(ABC):
     """One model replica owned by one worker. Constructed inside the worker process.
 
-    The constructor takes the whole run config (`config.engine`, `config.sampling`, and a
-    backend's own section); the class methods run on the driver, before any worker starts,
-    and must not import the engine library.
+    The constructor takes the whole run config (`config.engine`, its backend's own
+    `config.engine.options`, `config.sampling`); the class attributes and class methods
+    run on the driver, before any worker starts, and must not import the engine library.
+    A backend is one folder (or module) that defines its `Options`, and overrides the hooks
+    it needs: `check_config`, `fingerprint`, `prepare`, `build`.
     """
 
     name: ClassVar[str]
+    Options: ClassVar[type[EngineOptions]] = EngineOptions
+    """The backend's own settings model (`engine.options`): every field with a default, a
+    docstring and its fingerprint decision (`OUTPUT` or `Neutral(reason)`)."""
 
     def __init__(self, *, config: Config):
         self.cfg = config
@@ -96,8 +117,21 @@ class Engine(ABC):
         return []
 
     @classmethod
-    def prepare(cls, config: Config) -> None:  # noqa: B027 - optional hook, not abstract
-        """Driver-side work before workers start (e.g. build an engine once); default none."""
+    def fingerprint(cls, config: Config) -> dict[str, Any]:
+        """The backend's part of the run fingerprint: its options marked as changing outputs.
+        A backend that bakes a common setting into a compiled engine adds it here."""
+        return config.engine.options.fingerprinted()
+
+    @classmethod
+    def prepare(cls, config: Config, cluster: Cluster) -> None:  # noqa: B027 - optional hook
+        """Driver-side work before workers start (e.g. find or build an engine once); default none."""
+        return None
+
+    @classmethod
+    def build(cls, config: Config, cluster: Cluster) -> dict[str, str] | None:
+        """`batchinfer build-engine`: build and publish what the workers will load; returns the
+        lines to print, label -> text (e.g. {"engine": key, "stored": url}). A backend without a
+        build step keeps this default, and build-engine says so."""
         return None
 
     @property

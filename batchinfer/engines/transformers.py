@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+from typing import Annotated, Literal
 
 from batchinfer import models
-from batchinfer.config import Config
+from batchinfer.config import OUTPUT, Config, EngineOptions
 from batchinfer.engines.base import BatchEngine, Request, Result
 from batchinfer.prompts import load_tokenizer
 
@@ -25,8 +26,14 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes engine.dtype may give
 
 
+class TransformersOptions(EngineOptions):
+    device: Annotated[Literal["auto", "cpu", "cuda"], OUTPUT] = "auto"
+    """Where the model runs; auto = CUDA when available (and engine.dtype auto follows it)."""
+
+
 class TransformersEngine(BatchEngine):
     name = "transformers"
+    Options = TransformersOptions
 
     def __init__(self, *, config: Config):
         import torch
@@ -36,7 +43,7 @@ class TransformersEngine(BatchEngine):
         config = config.engine
         ref = models.resolve(config.model)
         folder = models.materialize(ref, config.cache_dir)
-        self.device = self._device(config.device)
+        self.device = self._device(config.options.device)
         dtype = (getattr(torch, config.dtype) if config.dtype in DTYPES
                  else torch.bfloat16 if self.device == "cuda" else torch.float32)
         self.tokenizer = load_tokenizer(config)
@@ -65,7 +72,7 @@ class TransformersEngine(BatchEngine):
         import torch
 
         if choice == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("engine.device is 'cuda' but torch sees no CUDA GPU here")
+            raise RuntimeError("engine.options.device is 'cuda' but torch sees no CUDA GPU here")
         if choice == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return choice

@@ -2,7 +2,7 @@
 
 An engine only runs on the GPU architecture and TensorRT-LLM version it was built with,
 for the build settings it was built with. So each engine has a key made of those plus
-the model's identity; built engines are published to `trtllm.engine_cache` (any fsspec
+the model's identity; built engines are published to `engine.options.engine_cache` (any fsspec
 URL) under that key, and each node keeps one verified local copy:
 
     <engine_cache>/<key>/manifest.json          written last, create-if-absent: first build wins
@@ -29,6 +29,8 @@ from typing import Any
 
 from batchinfer import atomic, cache, models, storage
 from batchinfer.config import Config
+from batchinfer.engines.base import EngineSetupError
+from batchinfer.engines.trtllm.options import build_settings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ MANIFEST = "manifest.json"
 GPU_IDENTITY_ENV = "BATCHINFER_GPU_IDENTITY"
 
 
-class EngineArtifactError(RuntimeError):
+class EngineArtifactError(EngineSetupError):
     """An engine that is missing or does not fit this worker; the message says what to do."""
 
 
@@ -68,23 +70,6 @@ def detect_gpu() -> GpuIdentity:
             "check run.gpus_per_worker (1) and run.accelerator_type")
     major, minor = torch.cuda.get_device_capability(0)
     return GpuIdentity(torch.cuda.get_device_name(0), f"sm_{major}{minor}")
-
-
-def build_settings(cfg: Config) -> dict[str, Any]:
-    """Everything a build bakes into the engine besides the model, GPU and version."""
-    t = cfg.trtllm
-    settings: dict[str, Any] = {
-        "dtype": cfg.engine.dtype,
-        "quantization": t.quantization,
-        "max_batch_size": cfg.engine.max_batch_size,
-        "max_num_tokens": t.max_num_tokens,
-        "max_input_len": t.max_input_len,
-        "max_seq_len": cfg.engine.max_model_len,
-    }
-    if t.quantization == "fp8":
-        settings["calibration"] = {"dataset": t.calib_dataset, "batches": t.calib_batches,
-                                   "max_seq_length": t.calib_max_seq_length}
-    return settings
 
 
 def engine_key(cfg: Config, gpu: GpuIdentity, version: str) -> str:
@@ -137,8 +122,8 @@ def check_compat(engine_dir: Path, gpu: GpuIdentity, version: str) -> dict[str, 
         raise EngineArtifactError(
             f"the engine at {engine_dir} was built for {' and '.join(problems)}; a TensorRT engine "
             "only runs on the GPU architecture and TensorRT-LLM version it was built with. "
-            "Rebuild it here with `batchinfer build-engine CONFIG` (or unset trtllm.engine_dir "
-            "and set trtllm.build_on_miss: true)")
+            "Rebuild it here with `batchinfer build-engine CONFIG` (or unset engine.options.engine_dir "
+            "and set engine.options.build_on_miss: true)")
     if built_for is None:
         log.warning("%s has no %s: cannot check which GPU it was built for", engine_dir, SIDECAR)
     return config
@@ -167,9 +152,9 @@ def _sha256(path: Path) -> str:
 
 def fetch(cfg: Config, key: str, dest: Path) -> bool:
     """Download the engine for `key` from the shared cache into `dest` and verify it; False on a miss."""
-    root = storage.locate(cfg.trtllm.engine_cache, cfg.storage)
+    root = storage.locate(cfg.engine.options.engine_cache, cfg.storage)
     manifest = root.child(key, MANIFEST)
-    with storage.errors(cfg.trtllm.engine_cache, "trtllm.engine_cache"):
+    with storage.errors(cfg.engine.options.engine_cache, "engine.options.engine_cache"):
         try:
             record = json.loads(root.fs.cat_file(manifest.path))
         except FileNotFoundError:
@@ -184,11 +169,11 @@ def fetch(cfg: Config, key: str, dest: Path) -> bool:
 
 def publish(cfg: Config, key: str, engine_dir: Path) -> str:
     """Upload a built engine; the first build published for a key stays, later ones are dropped."""
-    root = storage.locate(cfg.trtllm.engine_cache, cfg.storage)
+    root = storage.locate(cfg.engine.options.engine_cache, cfg.storage)
     build_id = f"build-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
     folder = root.child(key, build_id)
     record = json.loads((engine_dir / SIDECAR).read_text())
-    with storage.errors(cfg.trtllm.engine_cache, "trtllm.engine_cache"):
+    with storage.errors(cfg.engine.options.engine_cache, "engine.options.engine_cache"):
         if storage.is_local(root.fs):
             os.makedirs(folder.path, exist_ok=True)
         for name in [*record["files"], SIDECAR]:
@@ -203,10 +188,10 @@ def publish(cfg: Config, key: str, engine_dir: Path) -> str:
 
 def others_for_model(cfg: Config, key: str) -> list[str]:
     """Engines in the shared cache for the same model but another GPU, version or settings."""
-    if not cfg.trtllm.engine_cache:
+    if not cfg.engine.options.engine_cache:
         return []
     prefix = key.split("-sm_")[0] + "-"
-    root = storage.locate(cfg.trtllm.engine_cache, cfg.storage)
+    root = storage.locate(cfg.engine.options.engine_cache, cfg.storage)
     found = []
     try:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in root.fs.ls(root.path, detail=False)]
@@ -226,8 +211,8 @@ def resolve(cfg: Config, gpu: GpuIdentity, version: str,
             build: Callable[[Path], None]) -> tuple[Path, str, str]:
     """This node's copy of the engine `cfg` needs: (folder, key, how it got here).
 
-    `how` is node-cache (already here), downloaded (from trtllm.engine_cache) or built
-    (trtllm.build_on_miss); a built engine is published to the shared cache.
+    `how` is node-cache (already here), downloaded (from engine.options.engine_cache) or built
+    (engine.options.build_on_miss); a built engine is published to the shared cache.
     """
     key = engine_key(cfg, gpu, version)
     target = node_dir(cfg) / key
@@ -235,13 +220,13 @@ def resolve(cfg: Config, gpu: GpuIdentity, version: str,
 
     def fill(tmp: Path) -> dict[str, Any]:
         nonlocal how
-        if cfg.trtllm.engine_cache and fetch(cfg, key, tmp):
+        if cfg.engine.options.engine_cache and fetch(cfg, key, tmp):
             how = "downloaded"
-        elif cfg.trtllm.build_on_miss:
+        elif cfg.engine.options.build_on_miss:
             log.info("building engine %s on %s", key, gpu.describe())
             build(tmp)
             write_sidecar(tmp, cfg, gpu, version, key)
-            if cfg.trtllm.engine_cache:
+            if cfg.engine.options.engine_cache:
                 publish(cfg, key, tmp)
             how = "built"
         else:
@@ -254,17 +239,17 @@ def resolve(cfg: Config, gpu: GpuIdentity, version: str,
 
 def node_dir(cfg: Config) -> Path:
     """Where this node keeps its engine copies."""
-    if cfg.trtllm.node_cache_dir:
-        return Path(cfg.trtllm.node_cache_dir).expanduser()
+    if cfg.engine.options.node_cache_dir:
+        return Path(cfg.engine.options.node_cache_dir).expanduser()
     return cache.root(cfg.engine.cache_dir) / "engines"
 
 
 def missing_message(cfg: Config, key: str, gpu: GpuIdentity, version: str) -> str:
-    where = cfg.trtllm.engine_cache or "this node's cache (no trtllm.engine_cache set)"
+    where = cfg.engine.options.engine_cache or "this node's cache (no engine.options.engine_cache set)"
     text = (f"no TensorRT engine {key} in {where}: none was built for {gpu.describe()} with "
             f"TensorRT-LLM {version} and these settings. Build it once with `batchinfer "
             "build-engine CONFIG` (it runs on a GPU worker of this type), or set "
-            "trtllm.build_on_miss: true")
+            "engine.options.build_on_miss: true")
     others = others_for_model(cfg, key)
     if others:
         text += ". The cache has engines of this model for other GPUs, versions or settings, "

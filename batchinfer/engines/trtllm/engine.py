@@ -7,7 +7,7 @@ in, is listed in docs/trtllm-api.md.
 
 Two modes:
 - engine:  `tensorrt_llm._tensorrt_engine.LLM` loads a TensorRT engine folder: a prebuilt
-           one (`trtllm.engine_dir`) or the cached one for this GPU, version and settings,
+           one (`engine.options.engine_dir`) or the cached one for this GPU, version and settings,
            downloaded once per node or built with FP8 weights and FP8 KV cache.
 - pytorch: `tensorrt_llm.LLM` (the PyTorch runtime) on a pre-quantized FP8 checkpoint
            (ModelOpt `hf_quant_config.json`), FP8 KV cache via `KvCacheConfig(dtype="fp8")`.
@@ -25,10 +25,11 @@ import types
 from pathlib import Path
 from typing import Any
 
-from batchinfer import models
-from batchinfer.config import Config
-from batchinfer.engines.base import Engine, Request, Result
+from batchinfer import models, storage
+from batchinfer.config import Config, ConfigError
+from batchinfer.engines.base import Cluster, Engine, Request, Result
 from batchinfer.engines.trtllm import artifacts
+from batchinfer.engines.trtllm.options import COMMON_BAKED_IN, TrtllmOptions
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,25 @@ def import_api() -> types.SimpleNamespace:
 
 def check_config(cfg: Config) -> list[str]:
     """Impossible combinations, found before any GPU is touched."""
-    t, e, problems = cfg.trtllm, cfg.engine, []
+    t, e, problems = cfg.engine.options, cfg.engine, []
+    if t.engine_cache:  # gs:// without gcsfs: exit 2 with the pip command, before Ray
+        storage.check_installed(t.engine_cache, "engine.options.engine_cache")
     if cfg.run.gpus_per_worker < 1:
         problems.append(f"run.gpus_per_worker: got {cfg.run.gpus_per_worker:g}; the trtllm backend "
                         "needs one GPU per worker (set 1)")
     if e.max_model_len is not None:
         if t.max_input_len >= e.max_model_len:
-            problems.append(f"trtllm.max_input_len ({t.max_input_len}) must be below engine.max_model_len "
+            problems.append(f"engine.options.max_input_len ({t.max_input_len}) must be below engine.max_model_len "
                             f"({e.max_model_len}): the longest prompt needs room for at least one token")
         if cfg.sampling.max_tokens >= e.max_model_len:
             problems.append(f"sampling.max_tokens ({cfg.sampling.max_tokens}) must be below "
                             f"engine.max_model_len ({e.max_model_len})")
     if not t.enable_chunked_prefill and t.max_num_tokens < t.max_input_len:
-        problems.append(f"trtllm.max_num_tokens ({t.max_num_tokens}) < trtllm.max_input_len "
+        problems.append(f"engine.options.max_num_tokens ({t.max_num_tokens}) < engine.options.max_input_len "
                         f"({t.max_input_len}) without chunked prefill: the longest prompt could never "
                         "be scheduled; raise max_num_tokens or set enable_chunked_prefill: true")
     if e.dtype == "float32" and t.quantization == "fp8":
-        problems.append("engine.dtype float32 with trtllm.quantization fp8: use auto, bfloat16 or float16")
+        problems.append("engine.dtype float32 with engine.options.quantization fp8: use auto, bfloat16 or float16")
     if t.mode == "pytorch":
         problems += _check_pytorch(cfg)
     else:
@@ -94,39 +97,39 @@ def check_config(cfg: Config) -> list[str]:
 
 
 def _check_pytorch(cfg: Config) -> list[str]:
-    t, problems = cfg.trtllm, []
+    t, problems = cfg.engine.options, []
     if t.engine_dir or t.engine_cache or t.build_on_miss:
-        problems.append("trtllm.engine_dir, engine_cache and build_on_miss are for mode: engine; "
+        problems.append("engine.options.engine_dir, engine_cache and build_on_miss are for mode: engine; "
                         "mode: pytorch runs the checkpoint in engine.model directly")
     if t.quantization == "fp8":
         folder = Path(cfg.engine.model)
         if folder.is_dir() and not (folder / "hf_quant_config.json").is_file():
             problems.append(
-                f"trtllm.mode pytorch with quantization fp8 runs a pre-quantized FP8 checkpoint, but "
+                f"engine.options.mode pytorch with quantization fp8 runs a pre-quantized FP8 checkpoint, but "
                 f"{folder} has no hf_quant_config.json (ModelOpt's marker); quantize it with NVIDIA "
                 "ModelOpt, or use mode: engine to build an FP8 engine from this checkpoint")
     return problems
 
 
 def _check_engine(cfg: Config) -> list[str]:
-    t, problems = cfg.trtllm, []
+    t, problems = cfg.engine.options, []
     if t.engine_dir:
         if not cfg.engine.tokenizer:
-            problems.append("trtllm.engine_dir is set but engine.tokenizer is not: an engine folder has "
+            problems.append("engine.options.engine_dir is set but engine.tokenizer is not: an engine folder has "
                             "no tokenizer; point engine.tokenizer at the model's Hugging Face folder")
         if t.build_on_miss:
-            problems.append("trtllm.engine_dir loads a prebuilt engine as is; build_on_miss does not apply")
+            problems.append("engine.options.engine_dir loads a prebuilt engine as is; build_on_miss does not apply")
     elif t.build_on_miss and t.quantization == "fp8" and not t.calib_dataset:
-        problems.append("building an FP8 engine (trtllm.build_on_miss) needs calibration data: set "
-                        "trtllm.calib_dataset to a local dataset path (no hub is reached)")
+        problems.append("building an FP8 engine (engine.options.build_on_miss) needs calibration data: set "
+                        "engine.options.calib_dataset to a local dataset path (no hub is reached)")
     elif t.calib_dataset and not Path(t.calib_dataset).exists():
-        problems.append(f"trtllm.calib_dataset: {t.calib_dataset!r} does not exist")
+        problems.append(f"engine.options.calib_dataset: {t.calib_dataset!r} does not exist")
     return problems
 
 
 def runtime_args(cfg: Config, api: Any) -> dict[str, Any]:
     """LLM constructor arguments shared by both modes (runtime knobs, no build settings)."""
-    t = cfg.trtllm
+    t = cfg.engine.options
     kv: dict[str, Any] = {"free_gpu_memory_fraction": t.kv_cache_free_gpu_memory_fraction,
                           "enable_block_reuse": t.enable_block_reuse}
     if t.mode == "pytorch" and t.quantization == "fp8":
@@ -149,7 +152,7 @@ def runtime_args(cfg: Config, api: Any) -> dict[str, Any]:
 
 def build_args(cfg: Config, api: Any) -> dict[str, Any]:
     """Extra arguments of the TensorRT backend's LLM when it builds an engine from a checkpoint."""
-    t = cfg.trtllm
+    t = cfg.engine.options
     args: dict[str, Any] = {"build_config": api.BuildConfig(
         max_batch_size=cfg.engine.max_batch_size, max_num_tokens=t.max_num_tokens,
         max_input_len=t.max_input_len, max_seq_len=cfg.engine.max_model_len)}
@@ -203,25 +206,50 @@ def rejected(error: Exception, prompt_tokens: int) -> Result:
 
 class TrtLlmEngine(Engine):
     name = "trtllm"
+    Options = TrtllmOptions
 
     @classmethod
     def check_config(cls, config: Config) -> list[str]:
         return check_config(config)
 
     @classmethod
-    def prepare(cls, config: Config) -> None:
+    def fingerprint(cls, config: Config) -> dict[str, Any]:
+        """The options that change outputs plus the common settings a build compiles in (one
+        list with the engine key: `options.build_settings`)."""
+        return {**config.engine.options.fingerprinted(),
+                **{name: getattr(config.engine, name) for name in COMMON_BAKED_IN}}
+
+    @classmethod
+    def prepare(cls, config: Config, cluster: Cluster) -> None:
         """Engine mode: once, on a GPU node of the workers' type, find (or build) the engine,
         so a missing or mismatched engine stops the run before any worker starts."""
-        if config.trtllm.mode != "engine":
+        if config.engine.options.mode != "engine":
             return
-        info = ensure_engine_on_cluster(config)
+        info = cluster.run_on_worker_node(ensure_engine, config)
         log.info("engine %s: %s (%s)", info["key"], info["how"], info["gpu"])
+
+    @classmethod
+    def build(cls, config: Config, cluster: Cluster) -> dict[str, str]:
+        """Find or build the engine on a GPU node of the workers' type and publish it to
+        engine.options.engine_cache; ConfigError when this config loads no built engine.
+        Returns what `batchinfer build-engine` prints: engine key, status, where it is stored."""
+        t = config.engine.options
+        if t.mode != "engine" or t.engine_dir:
+            raise ConfigError("build-engine needs engine.options.mode: engine and no engine.options.engine_dir "
+                              f"(got mode {t.mode!r}, engine_dir {t.engine_dir!r}): mode pytorch runs the "
+                              "checkpoint as is, and engine_dir is an engine already built")
+        t.build_on_miss = True
+        info = cluster.run_on_worker_node(ensure_engine, config)
+        stored = (f"{t.engine_cache.rstrip('/')}/{info['key']}" if t.engine_cache else
+                  f"{info['folder']} (node-local only: set engine.options.engine_cache to share it)")
+        return {"engine": info["key"], "status": f"{info['how']} on {info['gpu']}", "stored": stored,
+                "local": info["folder"]}
 
     def __init__(self, *, config: Config):
         super().__init__(config=config)
         api = import_api()
         self.api = api
-        t = config.trtllm
+        t = config.engine.options
         if t.mode == "pytorch":
             model = models.resolve(config.engine.model).path
             self.llm = api.TorchLLM(model=model, **runtime_args(config, api))
@@ -255,7 +283,7 @@ class TrtLlmEngine(Engine):
     @property
     def max_prompt_len(self) -> int:
         limit = min(self._max_input_len, self._max_model_len - 1)
-        t = self.cfg.trtllm
+        t = self.cfg.engine.options
         if t.mode == "pytorch" and not t.enable_chunked_prefill:
             limit = min(limit, t.max_num_tokens)  # generate_async refuses longer prompts
         return limit
@@ -314,11 +342,11 @@ def _context_length(cfg: Config) -> int:
 
 
 def find_engine(cfg: Config, api: Any, gpu: artifacts.GpuIdentity) -> tuple[Path, str, str, dict]:
-    """The engine folder for this node (trtllm.engine_dir, or the cached engine fetched or
+    """The engine folder for this node (engine.options.engine_dir, or the cached engine fetched or
     built on a miss), its key, how it got here, and its config.json, checked against this
     GPU and TensorRT-LLM version."""
-    if cfg.trtllm.engine_dir:
-        folder, key, how = Path(cfg.trtllm.engine_dir), cfg.trtllm.engine_dir, "engine_dir"
+    if cfg.engine.options.engine_dir:
+        folder, key, how = Path(cfg.engine.options.engine_dir), cfg.engine.options.engine_dir, "engine_dir"
     else:
         folder, key, how = artifacts.resolve(cfg, gpu, api.version,
                                              build=lambda out: build_engine(cfg, api, out))
@@ -341,15 +369,6 @@ def ensure_engine(cfg: Config) -> dict[str, str]:
     gpu = artifacts.detect_gpu()
     folder, key, how, _ = find_engine(cfg, api, gpu)
     info = {"key": key, "how": how, "gpu": gpu.describe()}
-    if not cfg.trtllm.engine_dir:
+    if not cfg.engine.options.engine_dir:
         info["folder"] = str(folder)
     return info
-
-
-def ensure_engine_on_cluster(cfg: Config) -> dict[str, str]:
-    """Run `ensure_engine` as a Ray task on a GPU of the workers' type and return its answer."""
-    import ray
-
-    from batchinfer.scheduler import gpu_task_options
-
-    return ray.get(ray.remote(ensure_engine).options(**gpu_task_options(cfg)).remote(cfg))

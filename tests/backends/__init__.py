@@ -1,0 +1,1 @@
+"""Engine backends defined entirely under tests/, to prove a backend is one folder."""
