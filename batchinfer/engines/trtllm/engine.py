@@ -28,7 +28,7 @@ from typing import Any
 from batchinfer import models
 from batchinfer.config import Config
 from batchinfer.engines.base import Engine, Request, Result
-from batchinfer.engines.trtllm import artifacts
+from batchinfer.engines.trtllm import artifacts, calibration
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,8 @@ def _check_engine(cfg: Config) -> list[str]:
     elif t.build_on_miss and t.quantization == "fp8" and not t.calib_dataset:
         problems.append("building an FP8 engine (trtllm.build_on_miss) needs calibration data: set "
                         "trtllm.calib_dataset to a local dataset path (no hub is reached)")
+    elif t.quantization == "fp8" and t.calib_dataset:  # an FP8 build may calibrate on it
+        problems += calibration.check_calib_dataset(t.calib_dataset)
     elif t.calib_dataset and not Path(t.calib_dataset).exists():
         problems.append(f"trtllm.calib_dataset: {t.calib_dataset!r} does not exist")
     return problems
