@@ -194,7 +194,9 @@ def to_result(output: Any) -> Result:
 
 
 def rejected(error: Exception, prompt_tokens: int) -> Result:
-    """A request refused by generate_async (ValueError; RequestError in later releases)."""
+    """A request refused by generate_async: ValueError (TensorRT backend's length check, bad
+    sampling parameters) or RequestError (PyTorch backend's length check; a failure building
+    the executor request, raised at once in single-process mode)."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     code = "prompt_too_long" if "should not exceed" in message else "rejected"
     return Result.failed(code, message, prompt_tokens)
