@@ -495,7 +495,8 @@ def test_job_on_trtllm_workers_downloads_the_engine_once_per_node(tmp_path, mode
 def test_build_engine_cli(tmp_path, model_folder, trtllm_double, ray_cluster):
     write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=2)
     calib = tmp_path / "calib"
-    calib.mkdir()
+    calib.mkdir()  # the layout TensorRT-LLM calibrates on: a train split with a text column
+    pd.DataFrame({"text": ["The quick brown fox.", "Jumps over the lazy dog."]}).to_parquet(calib / "train.parquet")
     cfg = trt(tmp_path, model_folder, trtllm={"quantization": "fp8", "calib_dataset": str(calib),
                                                "engine_cache": str(tmp_path / "shared")},
               run={"runtime_env": trtllm_double})
@@ -509,7 +510,9 @@ def test_build_engine_cli(tmp_path, model_folder, trtllm_double, ray_cluster):
     manifest = json.loads((tmp_path / "shared" / key / "manifest.json").read_text())
     assert manifest["build"]["quantization"] == "fp8" and manifest["tensorrt_llm"] == "1.2.1"
     engine_config = json.loads((tmp_path / "shared" / key / manifest["build_id"] / "config.json").read_text())
-    assert engine_config["pretrained_config"]["quantization"] == {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8"}
+    quantization = engine_config["pretrained_config"]["quantization"]  # QuantConfig.to_dict(): ten keys
+    assert (quantization["quant_algo"], quantization["kv_cache_quant_algo"]) == ("FP8", "FP8")
+    assert {"group_size", "exclude_modules", "mamba_ssm_cache_dtype"} <= set(quantization)
     time.sleep(0.1)
     second = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "status   node-cache" in second.stdout

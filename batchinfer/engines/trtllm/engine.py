@@ -28,7 +28,7 @@ from typing import Any
 from batchinfer import models, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.engines.base import Cluster, Engine, Request, Result
-from batchinfer.engines.trtllm import artifacts
+from batchinfer.engines.trtllm import artifacts, calibration
 from batchinfer.engines.trtllm.options import COMMON_BAKED_IN, TrtllmOptions
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,8 @@ def _check_engine(cfg: Config) -> list[str]:
     elif t.build_on_miss and t.quantization == "fp8" and not t.calib_dataset:
         problems.append("building an FP8 engine (engine.options.build_on_miss) needs calibration data: set "
                         "engine.options.calib_dataset to a local dataset path (no hub is reached)")
+    elif t.quantization == "fp8" and t.calib_dataset:  # an FP8 build may calibrate on it
+        problems += calibration.check_calib_dataset(t.calib_dataset)
     elif t.calib_dataset and not Path(t.calib_dataset).exists():
         problems.append(f"engine.options.calib_dataset: {t.calib_dataset!r} does not exist")
     return problems
@@ -195,7 +197,9 @@ def to_result(output: Any) -> Result:
 
 
 def rejected(error: Exception, prompt_tokens: int) -> Result:
-    """A request refused by generate_async (ValueError; RequestError in later releases)."""
+    """A request refused by generate_async: ValueError (TensorRT backend's length check, bad
+    sampling parameters) or RequestError (PyTorch backend's length check; a failure building
+    the executor request, raised at once in single-process mode)."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     code = "prompt_too_long" if "should not exceed" in message else "rejected"
     return Result.failed(code, message, prompt_tokens)

@@ -17,11 +17,13 @@ from typing import Any, List, Optional, Union
 
 from tensorrt_llm.builder import BuildConfig
 from tensorrt_llm.executor.result import GenerationResult
+from tensorrt_llm.executor.utils import RequestError
 from tensorrt_llm.llmapi import _runtime
 from tensorrt_llm.llmapi.llm_args import (
-    TORCH_ONLY_FIELDS, TRT_ONLY_FIELDS, KvCacheConfig, SchedulerConfig, TorchLlmArgs_fields,
-    TrtLlmArgs_fields,
+    TORCH_ONLY_FIELDS, TRT_ONLY_FIELDS, TorchLlmArgs, TorchLlmArgs_fields, TrtLlmArgs, TrtLlmArgs_fields,
 )
+from tensorrt_llm.llmapi.utils import enable_worker_single_process_for_tp1
+from tensorrt_llm.quantization.quantize_by_modelopt import get_calib_dataloader
 from tensorrt_llm.sampling_params import SamplingParams
 from tensorrt_llm.version import __version__
 
@@ -34,6 +36,7 @@ class RequestOutput(GenerationResult):
 
 class BaseLLM:
     _valid_fields: set = set()
+    _args_cls: Any = None
 
     def __init__(self, model: Union[str, Path], tokenizer=None, tokenizer_mode="auto",
                  skip_tokenizer_init: bool = False, trust_remote_code: bool = False,
@@ -43,17 +46,21 @@ class BaseLLM:
         for key in kwargs:
             if key not in valid:
                 raise ValueError(f"{self.__class__.__name__} got invalid argument: {key}")
-        self.args = {"model": str(model), "tokenizer": tokenizer, "dtype": dtype,
-                     "trust_remote_code": trust_remote_code, **kwargs}
-        self.kv_cache_config = kwargs.get("kv_cache_config") or KvCacheConfig()
-        self.scheduler_config = kwargs.get("scheduler_config") or SchedulerConfig()
-        self.enable_chunked_prefill = kwargs.get("enable_chunked_prefill", False)
-        self.max_batch_size = kwargs.get("max_batch_size") or 2048
-        self.max_num_tokens = kwargs.get("max_num_tokens") or 8192
+        # pydantic: a failing validator (the TensorRT backend's KV-cache dtype assert included)
+        # raises pydantic.ValidationError here, as the real args class does.
+        self.args = self._args_cls(model=str(model), tokenizer=tokenizer, dtype=dtype,
+                                   trust_remote_code=trust_remote_code, **kwargs)
+        self.kv_cache_config = self.args.kv_cache_config
+        self.scheduler_config = self.args.scheduler_config
+        self.enable_chunked_prefill = self.args.enable_chunked_prefill
+        self.max_batch_size = self.args.max_batch_size or 2048  # BuildConfig's default
+        self.max_num_tokens = self.args.max_num_tokens or 8192
         self._next_id = 0
         self._runtime: Optional[_runtime.CpuRuntime] = None
 
     def _start(self, checkpoint: str, tokenizer: Optional[str]) -> None:
+        # GenerationExecutor.create reads TLLM_WORKER_USE_SINGLE_PROCESS here, not at import.
+        self._single_process = enable_worker_single_process_for_tp1()
         self._runtime = _runtime.CpuRuntime(checkpoint, tokenizer or checkpoint, self.max_batch_size)
 
     @property
@@ -75,10 +82,16 @@ class BaseLLM:
         sampling_params = sampling_params or SamplingParams()
         if sampling_params.end_id is None:
             sampling_params._setup(self.tokenizer, None, None)
-        sampling_params._get_stop_words()  # as the executor request does: refuses a params copy never set up
         self._check_arguments(len(prompt_token_ids), 0, sampling_params, is_gen_only=False)
         result = RequestOutput(self._next_id, prompt_token_ids, sampling_params)
         self._next_id += 1
+        try:  # executor/base_worker.py _enqueue_request: building the executor request
+            sampling_params._get_stop_words()  # refuses a params copy never set up
+        except Exception as e:  # ... wraps any failure: `raise RequestError(str(e)) from e`
+            if self._single_process:  # the worker runs in this process: submit() raises
+                raise RequestError(str(e)) from e
+            result._deliver("", [], None, error=str(e))  # proxy: an error response for this request
+            return result
         self._runtime.submit(result, sampling_params, self._max_input_len())
         return result
 
@@ -106,6 +119,7 @@ class BaseLLM:
 
 class _TorchLLM(BaseLLM):
     _valid_fields = TorchLlmArgs_fields
+    _args_cls = TorchLlmArgs
 
     def __init__(self, model, tokenizer=None, **kwargs):
         trt_args = [k for k in kwargs if k in TRT_ONLY_FIELDS and k not in TORCH_ONLY_FIELDS]
@@ -120,8 +134,9 @@ class _TorchLLM(BaseLLM):
 
     def _check_arguments(self, prompt_len, query_len, sampling_params, is_gen_only) -> None:
         if not self.enable_chunked_prefill and self.max_num_tokens and prompt_len + query_len > self.max_num_tokens:
-            raise ValueError(f"The sum of prompt length ({prompt_len}), query length ({query_len}) should "
-                             f"not exceed max_num_tokens ({self.max_num_tokens})")
+            # PyTorch backend: RequestError (the TensorRT backend below still raises ValueError)
+            raise RequestError(f"The sum of prompt length ({prompt_len}), query length ({query_len}) should "
+                               f"not exceed max_num_tokens ({self.max_num_tokens})")
 
 
 class LLM(_TorchLLM):
@@ -130,11 +145,10 @@ class LLM(_TorchLLM):
 
 class _TrtLLM(BaseLLM):
     _valid_fields = TrtLlmArgs_fields
+    _args_cls = TrtLlmArgs
 
     def __init__(self, model, tokenizer=None, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
-        assert self.kv_cache_config.dtype == "auto", \
-            "KvCacheConfig.dtype is not supported by the TensorRT backend."
         config_file = Path(model) / "config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         if "pretrained_config" in config and "build_config" in config:  # an engine folder
@@ -156,17 +170,16 @@ class _TrtLLM(BaseLLM):
         hf = json.loads((checkpoint / "config.json").read_text())
         if build.max_seq_len is None:
             build.max_seq_len = hf.get("max_position_embeddings", 2048)
-        quant = kwargs.get("quant_config")
-        if quant is not None and quant.quant_algo is not None:
-            calib = kwargs.get("calib_config")
-            dataset = calib.calib_dataset if calib else "cnn_dailymail"
-            if not Path(dataset).exists():  # the real build would download it from the hub
-                raise OSError(f"calibration dataset {dataset!r} not found locally and hub access is off")
-        quantization = {"quant_algo": quant.quant_algo if quant else None,
-                        "kv_cache_quant_algo": quant.kv_cache_quant_algo if quant else None}
+        quant, calib = self.args.quant_config, self.args.calib_config
+        if quant.quant_algo is not None or quant.kv_cache_quant_algo is not None:
+            # ModelLoader -> quantize_and_export -> get_calib_dataloader (modelopt calibration)
+            get_calib_dataloader(calib.calib_dataset, batch_size=calib.calib_batch_size,
+                                 calib_size=calib.calib_batches * calib.calib_batch_size,
+                                 block_size=calib.calib_max_seq_length)
+        quantization = quant.to_dict()  # PretrainedConfig.to_dict: QuantConfig as a dict
         config = {"version": __version__,
                   "pretrained_config": {"architecture": hf.get("architectures", ["?"])[0],
-                                        "dtype": self.args["dtype"], "quantization": quantization,
+                                        "dtype": self.args.dtype, "quantization": quantization,
                                         "mapping": {"world_size": 1, "tp_size": 1, "pp_size": 1}},
                   "build_config": build.to_dict()}
         (self._engine_dir / "config.json").write_text(json.dumps(config, indent=4))

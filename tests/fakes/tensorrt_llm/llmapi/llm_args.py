@@ -1,15 +1,26 @@
 """TEST DOUBLE of the config classes in tensorrt_llm/llmapi/llm_args.py and of the field
-names BaseLLM.__init__ checks kwargs against (TorchLlmArgs / TrtLlmArgs model_fields)."""
-import dataclasses
+names BaseLLM.__init__ checks kwargs against (TorchLlmArgs / TrtLlmArgs model_fields).
+
+Like the real ones these are pydantic models that forbid unknown fields, so a refusal in a
+validator (even an `assert`) reaches the caller as a pydantic ValidationError. The LLM args
+models type only the fields batchinfer passes (tests/fakes/trtllm_1_2_api.json lists them);
+the other field names are in the sets below."""
 from enum import StrEnum
-from typing import Literal, Optional
+from typing import Any, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tensorrt_llm.models.modeling_utils import QuantConfig
 
 
-@dataclasses.dataclass(kw_only=True)
-class KvCacheConfig:
+class StrictBaseModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class KvCacheConfig(StrictBaseModel):
     enable_block_reuse: bool = True
     max_tokens: Optional[int] = None
-    max_attention_window: Optional[list] = None
+    max_attention_window: Optional[List[int]] = None
     sink_token_length: Optional[int] = None
     free_gpu_memory_fraction: Optional[float] = 0.9
     host_cache_size: Optional[int] = None
@@ -17,6 +28,7 @@ class KvCacheConfig:
     cross_kv_cache_fraction: Optional[float] = None
     secondary_offload_min_priority: Optional[int] = None
     event_buffer_max_size: int = 0
+    attention_dp_events_gather_period_ms: int = 5
     enable_partial_reuse: bool = True
     copy_on_partial_reuse: bool = True
     use_uvm: bool = False
@@ -25,10 +37,12 @@ class KvCacheConfig:
     mamba_ssm_cache_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     tokens_per_block: int = 32
 
-    def __post_init__(self):
-        f = self.free_gpu_memory_fraction
-        if f is not None and not 0 <= f <= 1:
+    @field_validator("free_gpu_memory_fraction")
+    @classmethod
+    def validate_free_gpu_memory_fraction(cls, v):
+        if not 0 <= v <= 1:
             raise ValueError("kv_cache_config.free_gpu_memory_fraction must be a float between 0 and 1")
+        return v
 
 
 class CapacitySchedulerPolicy(StrEnum):
@@ -42,15 +56,13 @@ class ContextChunkingPolicy(StrEnum):
     EQUAL_PROGRESS = "EQUAL_PROGRESS"
 
 
-@dataclasses.dataclass(kw_only=True)
-class SchedulerConfig:
+class SchedulerConfig(StrictBaseModel):
     capacity_scheduler_policy: CapacitySchedulerPolicy = CapacitySchedulerPolicy.GUARANTEED_NO_EVICT
     context_chunking_policy: Optional[ContextChunkingPolicy] = None
-    dynamic_batch_config: Optional[object] = None
+    dynamic_batch_config: Optional[Any] = None
 
 
-@dataclasses.dataclass(kw_only=True)
-class CalibConfig:
+class CalibConfig(StrictBaseModel):
     device: Literal["cuda", "cpu"] = "cuda"
     calib_dataset: str = "cnn_dailymail"
     calib_batches: int = 512
@@ -87,3 +99,47 @@ TORCH_ONLY_FIELDS = {
 }
 TorchLlmArgs_fields = BASE_FIELDS | TORCH_ONLY_FIELDS
 TrtLlmArgs_fields = BASE_FIELDS | TRT_ONLY_FIELDS
+
+
+class BaseLlmArgs(StrictBaseModel):
+    """The BaseLlmArgs fields batchinfer passes, with the real defaults; the rest are allowed
+    by name (BASE_FIELDS) and checked by BaseLLM.__init__, as the real constructor does."""
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="allow")
+
+    model: Any
+    tokenizer: Optional[Any] = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)
+    enable_chunked_prefill: bool = False
+    scheduler_config: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    max_batch_size: Optional[int] = None
+    max_input_len: Optional[int] = None
+    max_seq_len: Optional[int] = None
+    max_num_tokens: Optional[int] = 8192
+
+
+class TrtLlmArgs(BaseLlmArgs):
+    calib_config: Optional[CalibConfig] = Field(default=None, validate_default=True)
+    quant_config: Optional[QuantConfig] = Field(default=None, validate_default=True)
+    build_config: Optional[object] = None
+
+    @field_validator("calib_config", mode="before")
+    @classmethod
+    def init_calib_config(cls, v):
+        return CalibConfig() if v is None else v
+
+    @field_validator("quant_config", mode="before")
+    @classmethod
+    def validate_quant_config(cls, v):
+        return QuantConfig() if v is None else v
+
+    @model_validator(mode="after")
+    def validate_kv_cache_dtype(self):
+        assert self.kv_cache_config.dtype == "auto", "KvCacheConfig.dtype is not supported by the TensorRT backend."
+        return self
+
+
+class TorchLlmArgs(BaseLlmArgs):
+    build_config: Optional[object] = None
+

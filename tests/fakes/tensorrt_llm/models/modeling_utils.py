@@ -1,4 +1,6 @@
-"""TEST DOUBLE of QuantConfig in tensorrt_llm/models/modeling_utils.py (fields and defaults)."""
+"""TEST DOUBLE of QuantConfig in tensorrt_llm/models/modeling_utils.py: the same ten fields and
+defaults, and to_dict = dataclasses.asdict, which PretrainedConfig.to_dict writes into an
+engine's config.json as pretrained_config.quantization."""
 import dataclasses
 from typing import List, Optional
 
@@ -16,3 +18,11 @@ class QuantConfig:
     has_zero_point: bool = False
     pre_quant_scale: bool = False
     exclude_modules: Optional[List[str]] = None
+    mamba_ssm_cache_dtype: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "QuantConfig":
+        return cls(**config)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
