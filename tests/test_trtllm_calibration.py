@@ -173,8 +173,8 @@ def _validation_only(tmp_path):
 def trt(tmp_path, model_folder, **trtllm):
     return config_from_dict({
         "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
-        "engine": {"backend": "trtllm", "model": model_folder, "max_model_len": 512},
-        "trtllm": {"max_input_len": 400, "max_num_tokens": 1024, "build_on_miss": True, **trtllm},
+        "engine": {"backend": "trtllm", "model": model_folder, "max_model_len": 512,
+                   "options": {"max_input_len": 400, "max_num_tokens": 1024, "build_on_miss": True, **trtllm}},
         "run": {"gpus_per_worker": 1}})
 
 

@@ -122,8 +122,9 @@ def recording_api(calls):
 def config(tmp_path, model_folder, **trtllm):
     return config_from_dict({
         "input": {"path": str(tmp_path / "in")}, "output": {"path": str(tmp_path / "out")},
-        "engine": {"backend": "trtllm", "model": model_folder, "max_batch_size": 8, "max_model_len": 512},
-        "trtllm": {"max_input_len": 400, "max_num_tokens": 1024, "calib_dataset": str(tmp_path), **trtllm},
+        "engine": {"backend": "trtllm", "model": model_folder, "max_batch_size": 8, "max_model_len": 512,
+                   "options": {"max_input_len": 400, "max_num_tokens": 1024, "calib_dataset": str(tmp_path),
+                               **trtllm}},
         "sampling": {"max_tokens": 4, "stop": ["###"], "temperature": 0.5},
         "run": {"gpus_per_worker": 1}})
 
