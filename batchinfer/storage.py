@@ -129,20 +129,20 @@ def open_parquet(url: str, cfg: StorageConfig | None = None) -> pq.ParquetFile:
     """Open a Parquet file for footer and column reads through pyarrow's native I/O.
 
     S3 goes through pyarrow's own S3 client (ranged GETs, pre-buffered row groups) with the
-    credentials in force at this call (`arrow_s3`), local files through the OS; anything
+    credentials in force at this call (`_arrow_s3_now`), local files through the OS; anything
     else through its fsspec filesystem.
     """
     protocol = protocol_of(url)
     if protocol in S3_PROTOCOLS:
         path = fsspec.core.split_protocol(url)[1]
-        return pq.ParquetFile(path, filesystem=arrow_s3(cfg), pre_buffer=True)
+        return pq.ParquetFile(path, filesystem=_arrow_s3_now(cfg), pre_buffer=True)
     loc = locate(url, cfg)
     if is_local(loc.fs):
         return pq.ParquetFile(loc.path, pre_buffer=True)
     return pq.ParquetFile(loc.fs.open(loc.path, "rb"), pre_buffer=True)
 
 
-def arrow_s3(cfg: StorageConfig | None) -> pafs.S3FileSystem:
+def _arrow_s3_now(cfg: StorageConfig | None) -> pafs.S3FileSystem:
     """A pyarrow S3 client configured like the fsspec one, signing with the credentials in
     force now; take one per file opened, not one per process.
 
