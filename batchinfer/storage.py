@@ -127,17 +127,38 @@ def fsspec_options(protocol: str, cfg: StorageConfig | None) -> dict[str, Any]:
 def open_parquet(url: str, cfg: StorageConfig | None = None) -> pq.ParquetFile:
     """Open a Parquet file for footer and column reads through pyarrow's native I/O.
 
-    S3 goes through pyarrow's own S3 client (ranged GETs, pre-buffered row groups),
-    local files through the OS; anything else through its fsspec filesystem.
+    S3 goes through pyarrow's own S3 client (ranged GETs, pre-buffered row groups) with the
+    credentials in force at this call (`_arrow_s3_now`), local files through the OS; anything
+    else through its fsspec filesystem.
     """
     protocol = protocol_of(url)
     if protocol in S3_PROTOCOLS:
         path = fsspec.core.split_protocol(url)[1]
-        return pq.ParquetFile(path, filesystem=_arrow_s3(_freeze(cfg)), pre_buffer=True)
+        return pq.ParquetFile(path, filesystem=_arrow_s3_now(cfg), pre_buffer=True)
     loc = locate(url, cfg)
     if is_local(loc.fs):
         return pq.ParquetFile(loc.path, pre_buffer=True)
     return pq.ParquetFile(loc.fs.open(loc.path, "rb"), pre_buffer=True)
+
+
+def _arrow_s3_now(cfg: StorageConfig | None) -> pafs.S3FileSystem:
+    """A pyarrow S3 client configured like the fsspec one, signing with the credentials in
+    force now; take one per file opened, not one per process.
+
+    pyarrow keeps the keys it is given for the life of the filesystem
+    (apache/arrow python/pyarrow/_s3fs.pyx: explicit keys become
+    `S3Options.FromAccessKey`), and it has no setting for an AWS profile, so the credentials
+    come from botocore's chain, the one s3fs signs its own requests with (s3fs/core.py,
+    `set_session`: an `AioSession(profile=...)` when no key is given). Temporary credentials
+    there (credential_process, assumed roles, web identity/IRSA, container and instance
+    roles) are botocore `RefreshableCredentials`, renewed by `get_frozen_credentials()` from
+    15 minutes before they expire (botocore/credentials.py, `_DEFAULT_ADVISORY_REFRESH_TIMEOUT`),
+    so each call here sees current ones, and a new snapshot gets a new pyarrow client (cached
+    per snapshot). A file opened already keeps its client: its reads must end within the
+    10 minutes botocore leaves before the old credentials expire.
+    """
+    frozen = _freeze(cfg)
+    return _arrow_s3(frozen, _credentials_now(frozen))
 
 
 def _freeze(cfg: StorageConfig | None) -> str:
@@ -145,9 +166,40 @@ def _freeze(cfg: StorageConfig | None) -> str:
     return json.dumps(plain, sort_keys=True, default=str)
 
 
+def _credentials_now(frozen: str) -> tuple[str, str, str] | None:
+    """(key, secret, token) for pyarrow to sign with now; None for anonymous access.
+
+    Keys given in storage.options are used as given, static, as s3fs uses them; anything
+    else is a snapshot of botocore's chain for the configured profile, taken now.
+    """
+    cfg = json.loads(frozen)
+    opts = cfg.get("options", {})
+    if cfg.get("anon") or opts.get("anon"):
+        return None
+    if opts.get("key") and opts.get("secret"):
+        return opts["key"], opts["secret"], opts.get("token") or ""
+    creds = _botocore_session(cfg.get("profile") or opts.get("profile")).get_credentials()
+    if creds is None:
+        import botocore.exceptions
+
+        raise botocore.exceptions.NoCredentialsError()
+    now = creds.get_frozen_credentials()  # refreshes first when botocore says it is due
+    return now.access_key, now.secret_key, now.token or ""
+
+
 @functools.lru_cache(maxsize=8)
-def _arrow_s3(frozen: str) -> pafs.S3FileSystem:
-    """A pyarrow S3 client configured like the fsspec one (cached per process)."""
+def _botocore_session(profile: str | None) -> Any:
+    """One botocore session per profile and process: it holds the chain's credentials
+    object, which refreshes itself, so caching it caches no keys."""
+    import botocore.session
+
+    return botocore.session.Session(profile=profile)
+
+
+@functools.lru_cache(maxsize=8)
+def _arrow_s3(frozen: str, credentials: tuple[str, str, str] | None) -> pafs.S3FileSystem:
+    """A pyarrow S3 client for one config and one credential snapshot; a rotation makes a new
+    one and the oldest fall out of the cache."""
     cfg = json.loads(frozen)
     opts = cfg.get("options", {})
     client = opts.get("client_kwargs", {})
@@ -162,20 +214,11 @@ def _arrow_s3(frozen: str) -> pafs.S3FileSystem:
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    if cfg.get("anon") or opts.get("anon"):
+    if credentials is None:
         kwargs["anonymous"] = True
-    elif opts.get("key") and opts.get("secret"):
-        kwargs.update(access_key=opts["key"], secret_key=opts["secret"])
-        if opts.get("token"):
-            kwargs["session_token"] = opts["token"]
-    elif cfg.get("profile") or opts.get("profile"):
-        import botocore.session
-
-        session = botocore.session.Session(profile=cfg.get("profile") or opts.get("profile"))
-        creds = session.get_credentials().get_frozen_credentials()
-        kwargs.update(access_key=creds.access_key, secret_key=creds.secret_key)
-        if creds.token:
-            kwargs["session_token"] = creds.token
+    else:
+        key, secret, token = credentials
+        kwargs.update(access_key=key, secret_key=secret, session_token=token)
     return pafs.S3FileSystem(**kwargs)
 
 
