@@ -5,10 +5,9 @@ gets the next from the queue, so fast workers take more shards and nobody waits 
 static split. Only shard indexes go out and small summaries come back: the driver's
 state is O(shards), never O(rows).
 
-A shard whose worker died is retried alone on a worker, so that another death is its own
-and not a neighbour's. A shard whose worker died twice is narrowed (batchinfer/narrowing.py):
-probes of its rows, each alone on a worker, find the rows that kill a worker alone, and the
-shard runs once more with those rows recorded as `worker_died` row errors.
+What to hand out, retry, narrow, race or replace is decided by batchinfer/lease_book.py
+(pure, unit-tested without Ray); this module starts, polls and replaces the Ray actors,
+carries out the book's decisions and logs them.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +25,29 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from batchinfer import faults, storage
 from batchinfer.config import Config
 from batchinfer.lease import LeaseLost
-from batchinfer.narrowing import Narrowing
+from batchinfer.lease_book import (
+    Cancel,
+    Commit,
+    Decision,
+    Fail,
+    GiveUp,
+    Lease,
+    LeaseBook,
+    Narrow,
+    Poisoned,
+    Race,
+    Replace,
+    Retry,
+    Rules,
+    Start,
+    hang_limit,
+)
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
 from batchinfer.worker import ShardWorker
+
+__all__ = ["Outcome", "Scheduler", "WorkerStartError", "gpu_task_options", "hang_limit",
+           "worker_options"]
 
 log = logging.getLogger(__name__)
 
@@ -62,53 +79,28 @@ class Outcome:
 
 @dataclass
 class _Slot:
-    """One worker position; its actor is replaced when it dies or hangs."""
+    """One worker position's actor and its pending calls; its actor is replaced when it
+    dies or hangs (the book keeps what is known of the position)."""
 
     index: int
     actor: Any
-    leases: set = field(default_factory=set)
-    """Refs of the shards this worker holds."""
     ready_ref: Any = None
     """The pending ready() call of a replacement actor; None once the actor is ready."""
-    created: float = field(default_factory=time.monotonic)
-    replacements: int = 0
     progress_ref: Any = None
     next_poll: float = 0.0
-    heartbeat: Any = None
-    last_progress: float = field(default_factory=time.monotonic)
-    """When the engine last moved (or got work while idle); the hang watchdog reads this."""
-    busy: dict[str, Any] = field(default_factory=dict)
-    """The engine's last `busy()` report: whether it is inside a step, and its prompt tokens."""
-    context: int = 0
-    """The engine's max_model_len, the unit of prompt tokens one hang_timeout_s allows."""
 
     @property
     def ready(self) -> bool:
         return self.ready_ref is None
 
 
-@dataclass
-class _Lease:
-    slot: _Slot
-    actor: Any
-    index: int
-    attempt: int
-    started: float = field(default_factory=time.monotonic)
-    speculative: bool = False
-    probe: list[int] | None = None
-    """For a narrowing probe: the shard's rows it runs (nothing is committed)."""
-    solo: bool = False
-    """Runs alone on its worker: a probe, or a retry after its worker died."""
-    killed: str | None = None
-    """Why the driver stopped its worker (a hang), if it did."""
-
-
 class Scheduler:
-    """Leases shards to workers. A lease ends when the shard commits, when its worker dies,
-    or when its worker's engine stops making progress for run.hang_timeout_s (the worker
-    is then replaced). A shard whose lease ended without a commit goes back to the queue
-    for another attempt, up to run.max_attempts; then it is recorded as failed. A shard
-    whose worker died twice, with an attempt left, is narrowed first."""
+    """Leases shards to workers, as a LeaseBook decides. A lease ends when the shard
+    commits, when its worker dies, or when its worker's engine stops making progress for
+    run.hang_timeout_s (the worker is then replaced). A shard whose lease ended without a
+    commit goes back to the queue for another attempt, up to run.max_attempts; then it is
+    recorded as failed. A shard whose worker died twice, with an attempt left, is narrowed
+    first."""
 
     def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event, generation: int,
                  on_commit: Callable[[dict[str, Any]], None] = lambda s: None):
@@ -168,61 +160,35 @@ class Scheduler:
                 pass
         self.slots = []
 
-    def _replace(self, slot: _Slot, reason: str, counted: bool = True) -> None:
-        """Swap a dead or hung worker for a fresh one; the shards it held come back as failed
-        attempts. Workers lost to narrowing probes (expected deaths) are not `counted`
-        towards the limit that stops a crash loop."""
-        if counted:
-            if slot.replacements >= self.cfg.run.max_attempts * 2:
-                raise WorkerStartError(f"worker {slot.index} was replaced {slot.replacements} times; "
-                                       f"last: {reason}")
-            slot.replacements += 1
-        log.warning("worker %d: %s; starting a replacement (%s)", slot.index, reason,
-                    f"{slot.replacements} so far" if counted else "lost to a narrowing probe, not counted")
-        try:
-            ray.kill(slot.actor, no_restart=True)
-        except Exception:
-            pass
-        slot.actor = self._new_actor(slot.index)
-        slot.ready_ref, slot.created = slot.actor.ready.remote(), time.monotonic()
-        slot.progress_ref, slot.heartbeat, slot.busy = None, None, {}
-
     # ------------------------------------------------------------------ the loop
 
     def run(self, pending: list[int], progress: Progress) -> Outcome:
-        self.queue: deque[int] = deque(pending)
-        self.attempts: dict[int, int] = {}
-        self.leases: dict[Any, _Lease] = {}
-        self.outcome = Outcome()
+        self.book = LeaseBook(rules=Rules.from_run(self.cfg.run),
+                              rows=[shard.num_rows for shard in self.plan.shards],
+                              pending=pending, slots=len(self.slots), now=time.monotonic())
+        self.outcome = Outcome(committed=self.book.committed, failed=self.book.failed)
         self.live: dict[int, dict[str, int]] = {}
-        self.deaths: dict[int, int] = {}
-        self.narrowings: dict[int, Narrowing] = {}
-        self.solo: deque[tuple[int, list[int] | None]] = deque()
-        """Work that runs alone on a worker: (shard, None) retries a shard whose worker
-        died, (shard, rows) probes some of its rows."""
-        self.skips: dict[int, dict[int, str]] = {}
-        """Rows of a narrowed shard that killed a worker alone, for its next attempt."""
-        stop_deadline = None
-        while self.queue or self.leases or self.solo:
+        while self.book.unfinished:
+            now = time.monotonic()
             if self.stop.is_set():
-                if stop_deadline is None:
-                    stop_deadline = time.monotonic() + self.cfg.run.stop_grace_s
+                if self.book.stop(now):
                     log.warning("stop requested: no new shards; waiting up to %ss for %d in flight",
-                                self.cfg.run.stop_grace_s, len(self.leases))
-                if not self.leases or time.monotonic() > stop_deadline:
+                                self.cfg.run.stop_grace_s, len(self.book.leases))
+                if self.book.interrupted(now):
                     self.outcome.interrupted = True
                     break
             else:
-                self._fill()
-                self._speculate()
+                first = not self.book.leases and not self.book.committed
+                self._carry_out(self.book.fill(now), first_of_run=first)
+                self._carry_out(self.book.speculate(now))
             self._wait_and_dispatch()
             self._poll_progress()
-            self._watchdog()
+            self._carry_out(self.book.watchdog(time.monotonic()))
             progress.update(self.outcome.committed, self.live, len(self.outcome.failed))
         return self.outcome
 
     def _wait_and_dispatch(self) -> None:
-        waiting = {**{ref: "lease" for ref in self.leases},
+        waiting = {**{lease.ticket: ("lease", lease.id) for lease in self.book.leases.values()},
                    **{s.progress_ref: ("progress", s) for s in self.slots if s.progress_ref is not None},
                    **{s.ready_ref: ("ready", s) for s in self.slots if s.ready_ref is not None}}
         if not waiting:
@@ -230,147 +196,32 @@ class Scheduler:
             return
         done, _ = ray.wait(list(waiting), num_returns=1, timeout=POLL_S)
         for ref in done:
-            kind = waiting[ref]
+            kind, what = waiting[ref]
             if kind == "lease":
-                self._settle(ref)
-            elif kind[0] == "progress":
-                self._record_progress(kind[1], ref)
+                self._settle(what, ref)
+            elif kind == "progress":
+                self._record_progress(what, ref)
             else:
-                self._record_ready(kind[1], ref)
+                self._record_ready(what, ref)
 
-    def _fill(self) -> None:
-        # Solo work goes to an idle worker, and nothing joins it there, so that its death is
-        # its own; while some waits, the least busy worker takes no new shards until idle.
-        for slot in self.slots:
-            if self.solo and not slot.leases:
-                index, rows = self.solo.popleft()
-                if rows is None:
-                    self.attempts[index] += 1
-                self._lease(slot, index, self.attempts[index], speculative=False, probe=rows, solo=True)
-        draining = min(self.slots, key=lambda s: len(s.leases)) if self.solo else None
-        for slot in self.slots:
-            if slot is draining or any(self.leases[ref].solo for ref in slot.leases):
-                continue
-            while self.queue and len(slot.leases) < self.cfg.run.shards_per_worker:
-                index = self.queue.popleft()
-                self.attempts[index] = self.attempts.get(index, 0) + 1
-                self._lease(slot, index, self.attempts[index], speculative=False)
-                if len(self.leases) == 1 and not self.outcome.committed:
-                    faults.point("first-shard")
-
-    def _lease(self, slot: _Slot, index: int, attempt: int, speculative: bool,
-               probe: list[int] | None = None, solo: bool = False) -> None:
-        if not slot.leases:  # an idle worker's clock starts with its new work
-            slot.last_progress = time.monotonic()
-        if probe is None:
-            ref = slot.actor.process.remote(index, attempt, self.skips.get(index))
-        else:
-            ref = slot.actor.probe.remote(index, probe)
-        slot.leases.add(ref)
-        self.leases[ref] = _Lease(slot, slot.actor, index, attempt, speculative=speculative,
-                                  probe=probe, solo=solo)
-
-    def _probing(self, slot: _Slot) -> bool:
-        return any(self.leases[ref].probe is not None for ref in slot.leases)
-
-    def _speculate(self) -> None:
-        """With nothing left to hand out, let idle workers race the stragglers."""
-        if not self.cfg.run.speculative or self.queue:
+    def _settle(self, lease_id: int, ref) -> None:
+        lease = self.book.leases.get(lease_id)
+        if lease is None:  # a copy cancelled since: its result does not count
             return
-        idle = [s for s in self.slots if s.ready and not s.leases]
-        if not idle:
-            return
-        durations = sorted(s["generate_s"] for s in self.outcome.committed.values())
-        median = durations[len(durations) // 2] if durations else 0.0
-        threshold = max(self.cfg.run.speculate_after_s, 2 * median)
-        now = time.monotonic()
-        copies = {lease.index for lease in self.leases.values() if lease.speculative}
-        stragglers = sorted((lease for lease in self.leases.values() if not lease.solo
-                             and lease.index not in copies and now - lease.started > threshold),
-                            key=lambda lease: lease.started)
-        for slot, lease in zip(idle, stragglers, strict=False):
-            log.warning("shard %s has run %.0fs (median %.0fs): racing a copy on worker %d; "
-                        "the first commit wins", self.plan.shards[lease.index].name,
-                        now - lease.started, median, slot.index)
-            self._lease(slot, lease.index, lease.attempt, speculative=True)
-
-    def _settle(self, ref) -> None:
-        lease = self.leases.pop(ref)
-        lease.slot.leases.discard(ref)
-        index = lease.index
-        cause = None  # why its worker died, if it did
         try:
             summary = ray.get(ref)
         except RayActorError as e:
-            cause = lease.killed or _reason(e).split(" Some common causes")[0]  # Ray's advice is long
-            reason = f"worker {lease.slot.index} {'was replaced' if lease.killed else 'died'}: {cause}"
-            if lease.slot.actor is lease.actor:  # the first of its shards to report; replace it once
-                self._replace(lease.slot, "died", counted=lease.probe is None)
+            error = _reason(e).split(" Some common causes")[0]  # Ray's advice is long
+            decisions = self.book.died(lease_id, error, time.monotonic())
         except RayTaskError as e:
-            reason = _reason(e)
             if isinstance(e.cause, FATAL_ERRORS):
-                self._halt(index, e.cause)
+                self.book.drop(lease_id)
+                self._halt(lease.shard, e.cause)
                 return
+            decisions = self.book.errored(lease_id, _reason(e))
         else:
-            if lease.probe is None:
-                self._committed(index, summary)
-            else:
-                self._probed(lease, None)
-            return
-        if lease.probe is not None:  # only a death counts against a probe's rows, not a task error
-            self._probed(lease, cause)
-            return
-        if index in self.outcome.committed or any(other.index == index for other in self.leases.values()):
-            return  # another copy of this shard committed or is still running
-        self._retry_or_fail(index, reason, cause)
-
-    def _retry_or_fail(self, index: int, reason: str, cause: str | None) -> None:
-        """A shard attempt ended without a commit (`cause`: why its worker died, if it did):
-        narrow it, queue it again, or record it as failed once out of attempts."""
-        shard = self.plan.shards[index].name
-        if cause is not None:
-            self.deaths[index] = self.deaths.get(index, 0) + 1
-            if self._narrow(index, cause):
-                return
-        if self.attempts[index] >= self.cfg.run.max_attempts:
-            log.error("shard %s failed after %d attempts: %s", shard, self.attempts[index], reason)
-            self.outcome.failed[index] = reason
-        else:
-            log.warning("shard %s attempt %d failed, retrying: %s", shard, self.attempts[index], reason)
-            if index in self.deaths:
-                self.solo.appendleft((index, None))
-            else:
-                self.queue.appendleft(index)
-
-    def _narrow(self, index: int, cause: str) -> bool:
-        """Start narrowing a shard that killed its worker twice, if it has an attempt left
-        for the run without its poison rows; False if it is not (or no longer) narrowed."""
-        run = self.cfg.run
-        if self.deaths[index] < 2 or index in self.narrowings or self.attempts[index] >= run.max_attempts:
-            return False
-        log.warning("shard %s: its worker died %d times (last: %s); probing its rows for the ones "
-                    "that kill a worker alone", self.plan.shards[index].name, self.deaths[index], cause)
-        self.narrowings[index] = Narrowing(self.plan.shards[index].num_rows)
-        self._next_probes(index)
-        return True
-
-    def _probed(self, lease: _Lease, cause: str | None) -> None:
-        narrowing = self.narrowings[lease.index]
-        if cause is None:
-            narrowing.passed(lease.probe)
-        else:
-            narrowing.died(lease.probe, cause)
-        self._next_probes(lease.index)
-
-    def _next_probes(self, index: int) -> None:
-        narrowing = self.narrowings[index]
-        self.solo.extend((index, rows) for rows in narrowing.take())
-        if narrowing.done:  # the shard's last attempt runs without its poison rows
-            self.skips[index] = narrowing.poison
-            log.warning("shard %s: %d row(s) kill a worker alone %s; they become worker_died row "
-                        "errors and the shard runs again", self.plan.shards[index].name,
-                        len(narrowing.poison), sorted(narrowing.poison))
-            self.solo.appendleft((index, None))
+            decisions = self.book.succeeded(lease_id, summary)
+        self._carry_out(decisions)
 
     def _halt(self, index: int, error: BaseException) -> None:
         """Stop handing out shards: `error` would fail every attempt of every shard."""
@@ -380,17 +231,49 @@ class Scheduler:
             self.outcome.fatal = error
         self.stop.set()
 
-    def _committed(self, index: int, summary: dict[str, Any]) -> None:
-        if index in self.outcome.committed:
-            return
-        self.outcome.committed[index] = summary
-        self.on_commit(summary)
+    # ------------------------------------------------------------------ carrying out decisions
+
+    def _carry_out(self, decisions: list[Decision], first_of_run: bool = False) -> None:
+        for decision in decisions:
+            _HANDLERS[type(decision)](self, decision)
+            if first_of_run:  # the first shard of the run was just handed out
+                first_of_run = False
+                if isinstance(decision, Start) and not decision.lease.solo:
+                    faults.point("first-shard")
+
+    def _start(self, lease: Lease) -> None:
+        actor = self.slots[lease.slot].actor
+        if lease.probe is None:
+            lease.ticket = actor.process.remote(lease.shard, lease.attempt, lease.skip)
+        else:
+            lease.ticket = actor.probe.remote(lease.shard, lease.probe)
+
+    def _race(self, race: Race) -> None:
+        log.warning("shard %s has run %.0fs (median %.0fs): racing a copy on worker %d; "
+                    "the first commit wins", self._name(race.lease.shard), race.ran_s,
+                    race.median_s, race.lease.slot)
+        self._start(race.lease)
+
+    def _commit(self, commit: Commit) -> None:
+        self.on_commit(commit.summary)
         faults.point("committed")
-        for ref, other in list(self.leases.items()):  # a raced copy lost: stop it
-            if other.index == index and other.probe is None:
-                ray.cancel(ref)
-                del self.leases[ref]
-                other.slot.leases.discard(ref)
+
+    def _replace(self, replace: Replace) -> None:
+        """Swap a dead or hung worker for a fresh one; the shards it held come back as failed
+        attempts (the book already counts them)."""
+        slot = self.slots[replace.slot]
+        log.warning("worker %d: %s; starting a replacement (%s)", slot.index, replace.reason,
+                    f"{replace.replacements} so far" if replace.counted
+                    else "lost to a narrowing probe, not counted")
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:
+            pass
+        slot.actor = self._new_actor(slot.index)
+        slot.ready_ref, slot.progress_ref = slot.actor.ready.remote(), None
+
+    def _name(self, index: int) -> str:
+        return self.plan.shards[index].name
 
     # ------------------------------------------------------------------ liveness
 
@@ -407,45 +290,51 @@ class Scheduler:
         if info is None:
             return
         self.live[slot.index] = info
-        slot.busy, slot.context = info.get("busy") or {}, info.get("max_model_len") or 0
-        if info["heartbeat"] != slot.heartbeat:
-            slot.heartbeat = info["heartbeat"]
-            slot.last_progress = time.monotonic()
+        self.book.observe(slot.index, heartbeat=info["heartbeat"], busy=info.get("busy"),
+                          context=info.get("max_model_len"), now=time.monotonic())
 
     def _record_ready(self, slot: _Slot, ref) -> None:
         slot.ready_ref = None
         try:
             ray.get(ref)
         except (RayActorError, RayTaskError) as e:
-            self._replace(slot, f"the replacement failed to start: {_reason(e)}")
+            self._carry_out([self.book.replace(slot.index, f"the replacement failed to start: "
+                                                           f"{_reason(e)}", time.monotonic())])
             return
-        slot.last_progress = time.monotonic()
-
-    def _watchdog(self) -> None:
-        now = time.monotonic()
-        for slot in self.slots:
-            if not slot.ready:
-                if now - slot.created > self.cfg.run.worker_start_timeout_s:
-                    raise WorkerStartError(f"worker {slot.index}'s replacement was not ready after "
-                                           f"{self.cfg.run.worker_start_timeout_s:.0f}s")
-                continue
-            stalled = now - slot.last_progress
-            limit = hang_limit(self.cfg.run.hang_timeout_s, slot.busy, slot.context)
-            if slot.leases and stalled > limit:
-                reason = (f"its engine made no progress for {stalled:.0f}s (limit {limit:.0f}s) with "
-                          f"{len(slot.leases)} shard(s) in hand (run.hang_timeout_s)")
-                for ref in slot.leases:
-                    self.leases[ref].killed = reason
-                self._replace(slot, reason, counted=not self._probing(slot))
+        self.book.ready(slot.index, time.monotonic())
 
 
-def hang_limit(timeout_s: float, busy: dict[str, Any], context: int) -> float:
-    """Seconds without progress before a worker is called hung: run.hang_timeout_s per
-    context's worth of prompt tokens in the engine's current step, and at least once. A
-    step that prefills N full-length prompts is legal work that may take N times as long."""
-    if not busy.get("in_step") or not context:
-        return timeout_s
-    return timeout_s * max(1.0, busy["step_tokens"] / context)
+def _give_up(_: Scheduler, give_up: GiveUp) -> None:
+    raise WorkerStartError(give_up.message)
+
+
+def _note(level: int, message: str, *fields: str) -> Callable[[Scheduler, Any], None]:
+    """A decision the scheduler only logs: `message` with the shard's name, then `fields`."""
+    def handler(scheduler: Scheduler, decision: Any) -> None:
+        log.log(level, message, scheduler._name(decision.shard),
+                *(getattr(decision, f) for f in fields))
+    return handler
+
+
+def _poisoned(scheduler: Scheduler, poisoned: Poisoned) -> None:
+    log.warning("shard %s: %d row(s) kill a worker alone %s; they become worker_died row "
+                "errors and the shard runs again", scheduler._name(poisoned.shard),
+                len(poisoned.rows), sorted(poisoned.rows))
+
+
+_HANDLERS: dict[type, Callable[[Scheduler, Any], None]] = {
+    Start: lambda s, d: s._start(d.lease),
+    Race: Scheduler._race,
+    Commit: Scheduler._commit,
+    Cancel: lambda s, d: ray.cancel(d.lease.ticket),
+    Replace: Scheduler._replace,
+    GiveUp: _give_up,
+    Retry: _note(logging.WARNING, "shard %s attempt %d failed, retrying: %s", "attempt", "reason"),
+    Fail: _note(logging.ERROR, "shard %s failed after %d attempts: %s", "attempts", "reason"),
+    Narrow: _note(logging.WARNING, "shard %s: its worker died %d times (last: %s); probing its "
+                  "rows for the ones that kill a worker alone", "deaths", "cause"),
+    Poisoned: _poisoned,
+}
 
 
 def worker_options(cfg: Config) -> dict[str, Any]:
