@@ -1,8 +1,8 @@
 """The plan: which input files, which shards, and the fingerprint of everything that shapes results.
 
 `cut_shards` is a pure, deterministic function of file row-group sizes; `make_plan` adds
-the I/O (listing, footer reads, through the input format's reader, see readers/) around it. A plan is made once per run, saved in the run
-directory and reused on resume.
+the I/O (listing, footer reads: the input format's reader, see readers/) around it. A plan
+is made once per run, saved in the run directory and reused on resume.
 """
 
 from __future__ import annotations
