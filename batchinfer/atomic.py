@@ -3,7 +3,7 @@
 - `put_if_absent`: create-if-absent (part commits, the first driver lease);
 - `put`: replace in one step (records, status);
 - `read_versioned` / `replace_if_version`: a compare-and-swap (the driver lease);
-- `read_input_file`: a read pinned to the version of an input file the plan recorded.
+- `read_pinned`: a read pinned to the version of an input file the plan recorded.
 
 Local disks use hard links, renames and a file lock; S3 uses conditional requests
 (`If-None-Match: *`, `If-Match: <ETag>`). Other filesystems are refused for run
@@ -18,9 +18,8 @@ import hashlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import IO, Any, TypeVar
 
-import pyarrow.parquet as pq
 from filelock import FileLock
 
 from batchinfer.config import StorageConfig
@@ -33,7 +32,6 @@ from batchinfer.storage import (
     is_local,
     is_s3,
     locate,
-    open_parquet,
     protocol_of,
     version_tag,
 )
@@ -196,15 +194,15 @@ def replace_if_version(loc: Location, data: bytes, version: str, staging: Locati
         raise
 
 
-def read_input_file(url: str, version: str, cfg: StorageConfig | None,
-                    read: Callable[[pq.ParquetFile], T]) -> T:
-    """`read(parquet_file)` on exactly the version of an input file the plan recorded.
+def read_pinned(url: str, version: str, cfg: StorageConfig | None,
+                read: Callable[[str | IO[bytes]], T]) -> T:
+    """`read(source)` on exactly the version of an input file the plan recorded.
 
-    S3: the file is opened through s3fs, whose ranged reads all carry `If-Match` with the
-    ETag seen at open, and that ETag must be the recorded one; a replacement mid-read fails
-    with 412, so no check around the read is needed. Local (and anything else): the version
-    tag (size, mtime, inode) is checked before and after the read. Raises InputChanged
-    naming the file.
+    S3: `source` is the file opened through s3fs, whose ranged reads all carry `If-Match`
+    with the ETag seen at open, and that ETag must be the recorded one; a replacement
+    mid-read fails with 412, so no check around the read is needed. Local (and anything
+    else): `source` is the URL, which `read` opens its own way, and the version tag (size,
+    mtime, inode) is checked before and after the read. Raises InputChanged naming the file.
     """
     loc = locate(url, cfg)
     fs = loc.fs
@@ -230,9 +228,8 @@ def read_input_file(url: str, version: str, cfg: StorageConfig | None,
             with fs.open(loc.path, "rb") as f:
                 if version_tag(f.details) != version:
                     raise changed(version_tag(f.details))
-                return read(pq.ParquetFile(f, pre_buffer=True))
-        with open_parquet(url, cfg) as pf:
-            result = read(pf)
+                return read(f)
+        result = read(url)
     except InputChanged:
         raise
     except Exception as e:  # a file rewritten (or deleted) under a read fails in many ways; was it that?
@@ -242,3 +239,15 @@ def read_input_file(url: str, version: str, cfg: StorageConfig | None,
     if (now := current()) != version:
         raise changed(now)
     return result
+
+
+def read_input_file(url: str, version: str, cfg: StorageConfig | None, read: Callable[[Any], T]) -> T:
+    """`read(parquet_file)` on exactly the version of a Parquet input file the plan recorded
+    (see `read_pinned`; readers/parquet.py opens the file)."""
+    from batchinfer.readers.parquet import open_parquet
+
+    def opened(source: str | IO[bytes]) -> T:
+        with open_parquet(source, cfg) as pf:
+            return read(pf)
+
+    return read_pinned(url, version, cfg, opened)

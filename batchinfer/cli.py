@@ -131,7 +131,7 @@ def format_summary(m: dict[str, Any], *, did_work: bool = True) -> str:
 def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     """Show the files, rows and shards CONFIG would run, and one rendered prompt.
 
-    Reads Parquet footers, the first rows of the first files (to check they become
+    Reads the input files' footers, the first rows of the first files (to check they become
     prompts), and with input.id_column the ids (to check they are present and unique);
     starts no engine and writes nothing.
     """
@@ -167,13 +167,12 @@ def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
 
 
 def _first_prompt(cfg: config_mod.Config, p) -> str:
-    from batchinfer import storage
+    from batchinfer.plan import input_reader
     from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 
     first = p.files[p.shards[0].pieces[0].file]
     column = cfg.input.prompt_column or cfg.input.messages_column
-    with storage.open_parquet(first.url, cfg.storage) as pf:
-        cell = pf.read_row_group(0, columns=[column]).column(0)[0].as_py()
+    cell = input_reader(cfg).first_rows(first, [column], 1).column(0)[0].as_py()
     try:
         builder = PromptBuilder(load_tokenizer(cfg.engine), cfg.input)
     except ImportError as e:

@@ -1,8 +1,8 @@
 """The plan: which input files, which shards, and the fingerprint of everything that shapes results.
 
 `cut_shards` is a pure, deterministic function of file row-group sizes; `make_plan` adds
-the I/O (listing, footer reads) around it. A plan is made once per run, saved in the run
-directory and reused on resume.
+the I/O (listing, footer reads: the input format's reader, see readers/) around it. A plan
+is made once per run, saved in the run directory and reused on resume.
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from batchinfer import models, registry, storage
+from batchinfer import models, readers, registry, storage
 from batchinfer.config import Config
+from batchinfer.readers import FileFacts, InputError, Reader  # InputError: also plan.InputError
 
 PLAN_VERSION = 2
-FOOTER_READ_THREADS = 32
-
-
-class InputError(ValueError):
-    """Input files that cannot be used as planned; the message names the file and column."""
+ID_READ_THREADS = 32
 
 
 @dataclass(frozen=True)
@@ -200,40 +196,49 @@ def needed_columns(cfg: Config) -> list[str]:
     return list(dict.fromkeys(c for c in cols if c))
 
 
-def list_inputs(cfg: Config) -> list[dict[str, Any]]:
+def input_reader(cfg: Config) -> Reader:
+    """The reader of the run's input format (planning, workers, previews).
+
+    Always readers.DEFAULT_FORMAT (Parquet) until the config names a format (input.format)."""
+    return readers.reader_for(readers.DEFAULT_FORMAT, storage=cfg.storage)
+
+
+def list_inputs(cfg: Config, *, reader: Reader | None = None) -> list[dict[str, Any]]:
     """Info dicts (name, relative, size, version...) of every input file, sorted."""
+    reader = reader or input_reader(cfg)
     with storage.errors(cfg.input.path, "input.path"):
-        _, infos = storage.list_parquet(cfg.input.path, cfg.storage)
+        _, infos = reader.list_files(cfg.input.path)
     return infos
 
 
-def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
-    """List inputs, read their footers in parallel, check columns, cut shards.
+def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
+              reader: Reader | None = None) -> Plan:
+    """List inputs, read their facts (Parquet: footers) in parallel, check columns, cut shards.
 
     Files with 0 rows stay in `files` (so resuming sees the same inputs) but are not
     checked: an empty file contributes no shard whatever its columns and types.
+    `reader` defaults to `input_reader(cfg)`.
     """
-    infos = infos if infos is not None else list_inputs(cfg)
+    reader = reader or input_reader(cfg)
+    infos = infos if infos is not None else list_inputs(cfg, reader=reader)
     loc = storage.locate(cfg.input.path, cfg.storage)
     urls = [storage.join_protocol(loc.fs, info["name"]) for info in infos]
-    with ThreadPoolExecutor(min(FOOTER_READ_THREADS, len(infos))) as pool:
-        footers = list(pool.map(lambda url: _read_footer(url, cfg), urls))
+    all_facts = reader.read_facts(urls)
     columns = needed_columns(cfg)
-    files, metas, schemas = [], [], []
-    for info, url, (meta, file_schema) in zip(infos, urls, footers, strict=True):
-        if meta.num_rows:
-            schemas.append((url, _select(file_schema, columns, url, cfg)))
-            metas.append(meta)
+    files, facts, schemas = [], [], []
+    for info, url, fact in zip(infos, urls, all_facts, strict=True):
+        if fact.num_rows:
+            schemas.append((url, _select(fact.schema, columns, url, cfg)))
+            facts.append(fact)
         files.append(InputFile(
             url=url, name=info["relative"], version=storage.version_tag(info),
-            size=info["size"], num_rows=meta.num_rows,
-            row_groups=tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups)),
+            size=info["size"], num_rows=fact.num_rows, row_groups=fact.units,
         ))
     if not schemas:  # an empty file alone just contributes no shard
         raise InputError(f"every input file under {cfg.input.path!r} is empty (0 rows); nothing to do")
     schema = _unify(schemas)
     if cfg.input.id_column:
-        check_ids(cfg, [f for f in files if f.num_rows], metas)
+        check_ids(cfg, [f for f in files if f.num_rows], facts, reader)
     return Plan(
         files=files,
         shards=cut_shards(files, cfg.run.rows_per_shard),
@@ -243,36 +248,20 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None) -> Plan:
     )
 
 
-def check_ids(cfg: Config, files: list[InputFile], metas: list[pq.FileMetaData]) -> None:
+def check_ids(cfg: Config, files: list[InputFile], facts: list[FileFacts], reader: Reader) -> None:
     """Refuse null ids, and unless input.allow_duplicate_ids, repeated ones.
 
     Reads the id column of every file; with duplicates allowed, only of the files whose
-    footer statistics do not rule out nulls.
+    facts (Parquet: footer statistics) do not rule out nulls.
     """
     column = cfg.input.id_column
     if cfg.input.allow_duplicate_ids:
-        files = [f for f, m in zip(files, metas, strict=True) if _may_hold_nulls(m, column)]
-
-    def ids(f: InputFile) -> pa.ChunkedArray:
-        with storage.errors(f.url, "input.path"), storage.open_parquet(f.url, cfg.storage) as pf:
-            return pf.read(columns=[column]).column(0)
-
-    with ThreadPoolExecutor(min(FOOTER_READ_THREADS, max(len(files), 1))) as pool:
-        per_file = list(pool.map(ids, files))
+        files = [f for f, x in zip(files, facts, strict=True) if column not in x.null_free]
+    with ThreadPoolExecutor(min(ID_READ_THREADS, max(len(files), 1))) as pool:
+        per_file = list(pool.map(lambda f: reader.read_column(f, column), files))
     _refuse_null_ids(column, files, per_file)
     if not cfg.input.allow_duplicate_ids:
         _refuse_repeated_ids(column, files, per_file)
-
-
-def _may_hold_nulls(meta: pq.FileMetaData, column: str) -> bool:
-    for i in range(meta.num_row_groups):
-        group = meta.row_group(i)
-        chunk = next((group.column(j) for j in range(group.num_columns)
-                      if group.column(j).path_in_schema == column), None)
-        stats = chunk.statistics if chunk is not None else None
-        if stats is None or not stats.has_null_count or stats.null_count:
-            return True
-    return False
 
 
 def _refuse_null_ids(column: str, files: list[InputFile], per_file: list[pa.ChunkedArray]) -> None:
@@ -311,17 +300,6 @@ def _refuse_repeated_ids(column: str, files: list[InputFile], per_file: list[pa.
         f"input.id_column {column!r} repeats {len(repeated)} value(s), e.g. {'; '.join(examples)}; "
         "each row needs its own id for exactly-once results. Fix the inputs, or set "
         "input.allow_duplicate_ids: true to accept them")
-
-
-def _read_footer(url: str, cfg: Config) -> tuple[pq.FileMetaData, pa.Schema]:
-    """One file's footer: a ranged read of its tail, no row data."""
-    try:
-        with storage.errors(url, "input.path"), storage.open_parquet(url, cfg.storage) as pf:
-            return pf.metadata, pf.schema_arrow
-    except pa.ArrowInvalid as e:
-        raise InputError(
-            f"input file {url!r} is not a readable Parquet file ({e}); expected a complete Parquet file"
-        ) from None
 
 
 def _unified_type(t: pa.DataType) -> pa.DataType:

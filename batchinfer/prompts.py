@@ -12,9 +12,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from batchinfer import models, storage
+from batchinfer import models
 from batchinfer.config import Config, ConfigError, EngineConfig, InputConfig
-from batchinfer.plan import InputError, Plan
+from batchinfer.plan import InputError, Plan, input_reader
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,10 @@ def check_sample(cfg: Config, plan: Plan) -> None:
         raise ConfigError(str(e)) from None
     column = cfg.input.prompt_column or cfg.input.messages_column
     setting = "input.prompt_column" if cfg.input.prompt_column else "input.messages_column"
+    reader = input_reader(cfg)
     for f in [f for f in plan.files if f.num_rows][:SAMPLE_FILES]:
-        group = next(i for i, n in enumerate(f.row_groups) if n)
-        with storage.errors(f.url, "input.path"), storage.open_parquet(f.url, cfg.storage) as pf:
-            batch = next(pf.iter_batches(batch_size=SAMPLE_ROWS, row_groups=[group], columns=[column]))
+        # Rows of the first read unit (Parquet: row group) only, so the check reads one unit.
+        batch = reader.first_rows(f, [column], min(SAMPLE_ROWS, next(n for n in f.row_groups if n)))
         errors = []
         for cell in batch.column(0).to_pylist():
             try:

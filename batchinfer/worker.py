@@ -15,24 +15,21 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 
-from batchinfer import atomic, storage
+from batchinfer import storage
 from batchinfer.config import Config
 from batchinfer.engines import Engine, Request, Result, get_engine_class, row_seed
 from batchinfer.lease import LeaseStale
-from batchinfer.plan import Piece, Plan, Shard
+from batchinfer.plan import Plan, Shard, input_reader
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 from batchinfer.results import RowOutcome, build_table, output_schema, summarize, to_parquet
 from batchinfer.store import RunStore
 
 log = logging.getLogger(__name__)
-PIECE_READ_THREADS = 8
-"""Files of one shard read at once (a shard may span many small files)."""
 
 
 class EngineFailed(RuntimeError):
@@ -48,6 +45,7 @@ class ShardWorker:
         """The driver lease generation this worker commits for (see lease.py)."""
         self.store = RunStore(config.output.path, config.storage)
         self.input_schema = plan.schema()
+        self.reader = input_reader(config)
         self.schema = output_schema(self.input_schema, config)
         started = time.perf_counter()
         self.engine_cls = get_engine_class(config.engine.backend)
@@ -267,25 +265,8 @@ class ShardWorker:
 
     def _read(self, shard: Shard) -> pa.Table:
         """The shard's rows, each file read at exactly the version the plan recorded
-        (storage.InputChanged otherwise, which stops the run). A shard of many small files
-        reads them a few at a time."""
-        if len(shard.pieces) == 1:
-            return self._read_piece(shard, shard.pieces[0])
-        with ThreadPoolExecutor(min(PIECE_READ_THREADS, len(shard.pieces))) as pool:
-            return pa.concat_tables(pool.map(lambda piece: self._read_piece(shard, piece), shard.pieces))
-
-    def _read_piece(self, shard: Shard, piece: Piece) -> pa.Table:
-        file = self.plan.files[piece.file]
-        groups, skip = file.row_groups_for(piece.row_start, piece.num_rows)
-        table = atomic.read_input_file(
-            file.url, file.version, self.cfg.storage,
-            lambda pf: pf.read_row_groups(groups, columns=list(self.input_schema.names)))
-        table = table.slice(skip, piece.num_rows)
-        if table.num_rows != piece.num_rows:
-            raise storage.InputChanged(
-                f"input file {file.url!r} has {table.num_rows} rows from row {piece.row_start} where "
-                f"shard {shard.name} expects {piece.num_rows}; it changed since the plan was made")
-        return table.cast(self.input_schema)
+        (storage.InputChanged otherwise, which stops the run)."""
+        return self.reader.read_shard(self.plan.files, shard, self.input_schema)
 
     def _ids(self, table: pa.Table, shard: Shard) -> pa.Array:
         if self.cfg.input.id_column:

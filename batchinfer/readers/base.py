@@ -1,0 +1,207 @@
+"""The input-format seam: one `Reader` per file format, found by name in `batchinfer.readers`.
+
+A reader lists the input files a URL names, reports each file's row counts and columns for
+planning, and reads the rows of a shard. Subclasses only need to implement `facts` and
+`read_rows`, and name their file suffixes; listing (run directories skipped, version tags),
+threading, pinned reads, row-count checks and error wrapping are done here, the same way for
+every format.
+
+Rows are always Arrow tables; the planner unifies column types across files (plan.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+
+from batchinfer import atomic, storage
+
+if TYPE_CHECKING:  # plan.py imports readers; these are only annotations here
+    from batchinfer.config import StorageConfig
+    from batchinfer.plan import InputFile, Piece, Shard
+
+FACTS_READ_THREADS = 32
+"""Files whose facts (footers) are read at once while planning."""
+PIECE_READ_THREADS = 8
+"""Files of one shard read at once (a shard may span many small files)."""
+
+
+class InputError(ValueError):
+    """Input files that cannot be used as planned; the message names the file and column."""
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What planning needs to know of one input file, read without reading its rows where
+    the format allows it (Parquet: the footer)."""
+
+    num_rows: int
+    units: tuple[int, ...]
+    """Rows in each unit the file is read in (Parquet: row groups), in order; they sum to
+    `num_rows`. Shards are cut at unit boundaries, and a unit much larger than the shard
+    target is split into row ranges (plan.cut_shards), so a format without such units gives
+    one unit of `num_rows` (or none for an empty file)."""
+    schema: pa.Schema
+    """The file's columns as written; the planner checks and unifies their types."""
+    null_free: frozenset[str] = frozenset()
+    """Columns the file's own metadata proves hold no null (Parquet column statistics):
+    the id check need not read them when duplicate ids are allowed."""
+
+
+class Reader:
+    """Reads one input file format. Subclasses only need to implement `facts` and
+    `read_rows`, and set `name`, `label` and `suffixes`.
+
+    `source`, in the methods to implement, is either the file's URL (open it through
+    `open_binary` or `storage`, with `self.storage` settings) or an already open binary file
+    (an S3 object pinned to the planned version, see `atomic.read_pinned`); do not close a
+    file you were given.
+    """
+
+    name: ClassVar[str] = ""
+    """The registry name (`batchinfer.readers.READERS`)."""
+    label: ClassVar[str] = ""
+    """The format as messages name it ("Parquet")."""
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    """File name endings listed as input under a folder or glob (".parquet")."""
+
+    def __init__(self, *, storage: StorageConfig | None = None):
+        self.storage = storage
+
+    # ------------------------------------------------------------------ to implement
+
+    def facts(self, source: str | IO[bytes]) -> FileFacts:
+        """Row counts, read units and columns of one file.
+
+        Raises InputError when the file is not of this format (name the file and say what
+        was expected); storage errors propagate (the caller names the setting).
+        """
+        raise NotImplementedError
+
+    def read_rows(self, source: str | IO[bytes], file: InputFile, start: int, num_rows: int,
+                  columns: Sequence[str]) -> pa.Table:
+        """Rows [start, start + num_rows) of `file` (its facts are in `file.row_groups`), with
+        only `columns`, in that order, as written (no type unification). Fewer rows than
+        asked means the file changed; the caller reports it."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ provided
+
+    def list_files(self, url: str) -> tuple[storage.Location, list[dict[str, Any]]]:
+        """Every input file a URL names (a file, a folder/prefix or a glob), sorted, with its
+        fsspec info dict plus `name` (full path) and `relative` (to the returned root, used in
+        synthesized ids); `storage.version_tag(info)` is its version.
+
+        Under a folder or glob only names ending in `suffixes` count; names starting with "_"
+        or "." are skipped, as Parquet dataset readers do, and so is every file in or under a
+        batchinfer run directory (a folder holding `_batchinfer/`): results are never read as
+        prompts. An input that is itself a run directory is refused. Raises StorageError.
+        """
+        loc = storage.locate(url, self.storage)
+        loc.fs.invalidate_cache()  # s3fs caches listings per process; inputs must be seen as they are now
+        root, infos, run_dirs, pattern = self._find(url, loc)
+        if root in run_dirs:
+            raise storage.StorageError(
+                f"input.path {url!r} reads a batchinfer run directory "
+                f"({storage.join_protocol(loc.fs, root)!r} holds {storage.RUN_META_DIR}/): its part "
+                f"files are results, not prompts; expected a folder (or glob) of prompt {self.label} files")
+        files = []
+        for path, info in sorted(infos.items()):
+            rel = path[len(root):].lstrip("/") if path.startswith(root) else path
+            if info.get("type") == "directory" or any(part.startswith(("_", ".")) for part in rel.split("/")):
+                continue
+            if run_dirs and storage.in_run_directory(path, run_dirs):
+                continue
+            files.append({**info, "name": path, "relative": rel or path.rsplit("/", 1)[-1]})
+        if not files:
+            skipped = f"; skipped the run directories {sorted(run_dirs)}" if run_dirs else ""
+            glob = "taken as a glob pattern, as no file or folder has that name; " if pattern else ""
+            looked = ", ".join(f"*{s}" for s in self.suffixes)
+            raise storage.StorageError(f"no {self.label} files matched {url!r} ({glob}looked for "
+                                       f"{looked}{skipped})")
+        return storage.Location(loc.fs, root), files
+
+    def _find(self, url: str, loc: storage.Location
+              ) -> tuple[str, dict[str, dict[str, Any]], set[str], bool]:
+        """(root, infos by path, run directories reached, taken as a glob) for a URL."""
+        fs = loc.fs
+        # A path that exists is that path, even with glob characters in its name (`data[2026]/`);
+        # only one that does not is expanded as a glob.
+        if fs.isdir(loc.path):
+            found = fs.find(loc.path, detail=True)
+            return (loc.path, {p: i for p, i in found.items() if p.endswith(self.suffixes)},
+                    storage.run_directories(found), False)
+        if fs.exists(loc.path):  # a file named on its own is read as named, wherever it lies
+            return loc.path.rsplit("/", 1)[0], {loc.path: fs.info(loc.path)}, set(), False
+        if any(ch in loc.path for ch in storage.GLOB_CHARS):
+            # The glob's matches hold no `_batchinfer/` entries: one more glob, same shape, finds
+            # the run directories it reaches (`in/**/*.parquet` -> `in/**/_batchinfer`).
+            folder, last = loc.path.rsplit("/", 1)
+            markers = fs.glob(f"{folder}{'/**' if '**' in last else ''}/{storage.RUN_META_DIR}")
+            return (storage._glob_root(loc.path), fs.glob(loc.path, detail=True),
+                    {p.rstrip("/").rsplit("/", 1)[0] for p in markers}, True)
+        if not storage.is_local(fs) and not fs.exists(bucket := loc.path.split("/", 1)[0]):
+            raise storage.StorageError(f"input.path {url!r}: " + storage.MISSING_BUCKET.format(bucket=bucket))
+        raise storage.StorageError(f"input path {url!r} does not exist "
+                                   f"(expected a {self.label} file, a folder, or a glob)")
+
+    def read_facts(self, urls: Sequence[str]) -> list[FileFacts]:
+        """`facts` of many files, read in parallel (FACTS_READ_THREADS), in order; storage
+        errors become StorageError naming the file and input.path."""
+        def one(url: str) -> FileFacts:
+            with storage.errors(url, "input.path"):
+                return self.facts(url)
+
+        with ThreadPoolExecutor(min(FACTS_READ_THREADS, max(len(urls), 1))) as pool:
+            return list(pool.map(one, urls))
+
+    def read_column(self, file: InputFile, column: str) -> pa.ChunkedArray:
+        """One column of a whole file, as written (the planner's id checks)."""
+        with storage.errors(file.url, "input.path"):
+            return self.read_rows(file.url, file, 0, file.num_rows, [column]).column(0)
+
+    def first_rows(self, file: InputFile, columns: Sequence[str], n: int) -> pa.Table:
+        """Up to `n` first rows of a file, with `columns` as written (previews, prompt checks)."""
+        with storage.errors(file.url, "input.path"):
+            return self.read_rows(file.url, file, 0, min(n, file.num_rows), columns)
+
+    def read_shard(self, files: Sequence[InputFile], shard: Shard, schema: pa.Schema) -> pa.Table:
+        """A shard's rows with the columns of `schema`, cast to it (the plan's unified types).
+
+        Each file is read at exactly the version the plan recorded (storage.InputChanged
+        otherwise, which stops the run); a shard of many small files reads them
+        PIECE_READ_THREADS at a time.
+        """
+        if len(shard.pieces) == 1:
+            return self._read_piece(files, shard, shard.pieces[0], schema)
+        with ThreadPoolExecutor(min(PIECE_READ_THREADS, len(shard.pieces))) as pool:
+            return pa.concat_tables(pool.map(lambda p: self._read_piece(files, shard, p, schema),
+                                             shard.pieces))
+
+    def _read_piece(self, files: Sequence[InputFile], shard: Shard, piece: Piece,
+                    schema: pa.Schema) -> pa.Table:
+        file = files[piece.file]
+        table = atomic.read_pinned(
+            file.url, file.version, self.storage,
+            lambda source: self.read_rows(source, file, piece.row_start, piece.num_rows, schema.names))
+        if table.num_rows != piece.num_rows:
+            raise storage.InputChanged(
+                f"input file {file.url!r} has {table.num_rows} rows from row {piece.row_start} where "
+                f"shard {shard.name} expects {piece.num_rows}; it changed since the plan was made")
+        return table.cast(schema)
+
+    @contextlib.contextmanager
+    def open_binary(self, source: str | IO[bytes]) -> Iterator[IO[bytes]]:
+        """A binary file for `source`: the one given, or the URL opened through fsspec
+        (closed afterwards). For formats read as a byte stream."""
+        if not isinstance(source, str):
+            yield source
+            return
+        loc = storage.locate(source, self.storage)
+        with loc.fs.open(loc.path, "rb") as f:
+            yield f
