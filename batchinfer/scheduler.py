@@ -26,10 +26,12 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from batchinfer import faults, storage
 from batchinfer.config import Config
+from batchinfer.errors import describe
 from batchinfer.lease import LeaseLost
 from batchinfer.narrowing import Narrowing
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
+from batchinfer.records import ShardSummary, WorkerInfo, WorkerProgress
 from batchinfer.worker import ShardWorker
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class WorkerStartError(RuntimeError):
 
 @dataclass
 class Outcome:
-    committed: dict[int, dict[str, Any]] = field(default_factory=dict)
+    committed: dict[int, ShardSummary] = field(default_factory=dict)
     """Summaries of shards committed by this run, by shard index."""
     failed: dict[int, str] = field(default_factory=dict)
     """Shards that used up their attempts, with the last reason."""
@@ -111,7 +113,7 @@ class Scheduler:
     whose worker died twice, with an attempt left, is narrowed first."""
 
     def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event, generation: int,
-                 on_commit: Callable[[dict[str, Any]], None] = lambda s: None):
+                 on_commit: Callable[[ShardSummary], None] = lambda s: None):
         self.cfg = cfg
         self.plan = plan
         self.stop = stop
@@ -127,7 +129,7 @@ class Scheduler:
         return ray.remote(ShardWorker).options(**opts).remote(
             config=self.cfg, plan=self.plan_ref, worker_index=index, generation=self.generation)
 
-    def start_workers(self, timeout_s: float) -> list[dict[str, Any]]:
+    def start_workers(self, timeout_s: float) -> list[WorkerInfo]:
         """Start every worker and wait until each engine is loaded; fail with a worker's error."""
         self.slots = [_Slot(i, self._new_actor(i)) for i in range(self.cfg.run.num_workers)]
         refs = {slot.actor.ready.remote(): slot for slot in self.slots}
@@ -141,7 +143,7 @@ class Scheduler:
                 try:
                     infos.append(ray.get(ref))
                 except (RayActorError, RayTaskError) as e:
-                    raise WorkerStartError(f"worker {slot.index} failed to start: {_reason(e)}") from None
+                    raise WorkerStartError(f"worker {slot.index} failed to start: {describe(e)}") from None
             now = time.monotonic()
             if refs and now > deadline:
                 raise WorkerStartError(
@@ -151,7 +153,7 @@ class Scheduler:
                 log.warning("waiting for workers: %d/%d ready (each asks for %s)",
                             len(infos), len(self.slots), self._resources())
                 next_note = now + 30
-        return sorted(infos, key=lambda i: i["worker"])
+        return sorted(infos, key=lambda i: i.worker)
 
     def _resources(self) -> str:
         run = self.cfg.run
@@ -194,7 +196,7 @@ class Scheduler:
         self.attempts: dict[int, int] = {}
         self.leases: dict[Any, _Lease] = {}
         self.outcome = Outcome()
-        self.live: dict[int, dict[str, int]] = {}
+        self.live: dict[int, WorkerProgress] = {}
         self.deaths: dict[int, int] = {}
         self.narrowings: dict[int, Narrowing] = {}
         self.solo: deque[tuple[int, list[int] | None]] = deque()
@@ -280,7 +282,7 @@ class Scheduler:
         idle = [s for s in self.slots if s.ready and not s.leases]
         if not idle:
             return
-        durations = sorted(s["generate_s"] for s in self.outcome.committed.values())
+        durations = sorted(s.generate_s for s in self.outcome.committed.values())
         median = durations[len(durations) // 2] if durations else 0.0
         threshold = max(self.cfg.run.speculate_after_s, 2 * median)
         now = time.monotonic()
@@ -300,20 +302,20 @@ class Scheduler:
         index = lease.index
         cause = None  # why its worker died, if it did
         try:
-            summary = ray.get(ref)
+            result = ray.get(ref)  # a ShardAttempt, or a probe's row count
         except RayActorError as e:
-            cause = lease.killed or _reason(e).split(" Some common causes")[0]  # Ray's advice is long
+            cause = lease.killed or describe(e).split(" Some common causes")[0]  # Ray's advice is long
             reason = f"worker {lease.slot.index} {'was replaced' if lease.killed else 'died'}: {cause}"
             if lease.slot.actor is lease.actor:  # the first of its shards to report; replace it once
                 self._replace(lease.slot, "died", counted=lease.probe is None)
         except RayTaskError as e:
-            reason = _reason(e)
+            reason = describe(e)
             if isinstance(e.cause, FATAL_ERRORS):
                 self._halt(index, e.cause)
                 return
         else:
             if lease.probe is None:
-                self._committed(index, summary)
+                self._committed(index, result.summary)
             else:
                 self._probed(lease, None)
             return
@@ -380,7 +382,7 @@ class Scheduler:
             self.outcome.fatal = error
         self.stop.set()
 
-    def _committed(self, index: int, summary: dict[str, Any]) -> None:
+    def _committed(self, index: int, summary: ShardSummary) -> None:
         if index in self.outcome.committed:
             return
         self.outcome.committed[index] = summary
@@ -407,9 +409,9 @@ class Scheduler:
         if info is None:
             return
         self.live[slot.index] = info
-        slot.busy, slot.context = info.get("busy") or {}, info.get("max_model_len") or 0
-        if info["heartbeat"] != slot.heartbeat:
-            slot.heartbeat = info["heartbeat"]
+        slot.busy, slot.context = info.busy, info.max_model_len
+        if info.heartbeat != slot.heartbeat:
+            slot.heartbeat = info.heartbeat
             slot.last_progress = time.monotonic()
 
     def _record_ready(self, slot: _Slot, ref) -> None:
@@ -417,7 +419,7 @@ class Scheduler:
         try:
             ray.get(ref)
         except (RayActorError, RayTaskError) as e:
-            self._replace(slot, f"the replacement failed to start: {_reason(e)}")
+            self._replace(slot, f"the replacement failed to start: {describe(e)}")
             return
         slot.last_progress = time.monotonic()
 
@@ -470,12 +472,3 @@ def _get_or_none(ref) -> Any:
         return ray.get(ref, timeout=0)
     except (RayActorError, RayTaskError, GetTimeoutError):
         return None
-
-
-def _reason(e: BaseException) -> str:
-    """The last meaningful line of a Ray error: the worker's own exception message."""
-    cause = getattr(e, "cause", None)
-    if cause is not None and not isinstance(cause, (RayActorError, RayTaskError)):
-        return f"{type(cause).__name__}: {cause}"
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__
