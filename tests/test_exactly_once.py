@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinfer import atomic, cli, lease, runner, storage
-from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,
     assert_exactly_once,

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinfer import runner
-from batchinfer.samples import write_sample_prompts
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,
     assert_exactly_once,
@@ -64,7 +64,7 @@ def long_prompt(tokens: int) -> str:
 
 def prompts_with(tmp_path, special: dict[int, str], n: int = 20, group: int = 5) -> None:
     """n sample prompts, some replaced by `special` texts (by row number)."""
-    from batchinfer.samples import prompt
+    from scripts.sample_prompts import prompt
 
     os.makedirs(tmp_path / "prompts", exist_ok=True)
     texts = [special.get(i, prompt(i)) for i in range(n)]

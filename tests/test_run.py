@@ -16,8 +16,8 @@ from batchinfer import runner
 from batchinfer.plan import InputError
 from batchinfer.records import RowTotals, ShardTotals
 from batchinfer.runner import RunRefused
-from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,
     assert_exactly_once,

@@ -35,7 +35,7 @@ from batchinfer.engines.trtllm.engine import (
     sampling_params,
     to_result,
 )
-from batchinfer.samples import prompt, write_sample_prompts
+from scripts.sample_prompts import prompt, write_sample_prompts
 from tests.conftest import REPO, TRTLLM_DOUBLE_ENV, hold_run, ids_of, write_yaml
 from tests.engine_conformance import EngineConformance, RayEngine, generate_all
 

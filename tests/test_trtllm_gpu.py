@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from batchinfer.config import config_from_dict
-from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import hold_run
 
 
