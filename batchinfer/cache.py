@@ -6,7 +6,6 @@ while the others wait, and the folder appears by an atomic rename only once comp
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -14,6 +13,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 DONE = "done.json"
 
@@ -35,8 +36,8 @@ def ensure(target: Path, fill: Callable[[Path], dict[str, Any]]) -> Path:
     if is_ready(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if we die
+    # An OS lock (flock on Unix): released when its holder exits, also if it dies.
+    with FileLock(target.parent / f".{target.name}.lock"):
         if is_ready(target):
             return target
         tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"

@@ -11,13 +11,16 @@ import json
 import logging
 import sys
 import traceback
-from typing import Any
 
 import click
 
-from batchinfer import config as config_mod, runner
+from batchinfer import config as config_mod, engines, lease, plan as planning, runner, storage
+from batchinfer.errors import describe
 from batchinfer.lease import LeaseLost, RunBusy, RunLapsed
+from batchinfer.prompts import check_sample
+from batchinfer.records import Manifest, RunStatus
 from batchinfer.runner import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from batchinfer.store import RunStore
 
 log = logging.getLogger("batchinfer")
 
@@ -94,32 +97,31 @@ def run_job(cfg: config_mod.Config, *, new_run: bool = False, progress: bool = T
         return EXIT_FAILED
     except Exception as e:
         traceback.print_exc()
-        click.echo(f"error: run failed: {type(e).__name__}: {e}\n"
+        click.echo(f"error: run failed: {describe(e)}\n"
                    "rerun the same command to resume after fixing the cause", err=True)
         return EXIT_FAILED
     click.echo(format_summary(report.manifest, did_work=report.did_work))
     return report.exit_code
 
 
-def format_summary(m: dict[str, Any], *, did_work: bool = True) -> str:
-    rows, tokens, this = m["rows"], m["tokens"], m["this_run"]
-    lines = [f"batchinfer: {m['status']}" + ("" if did_work else " (already done; nothing to do)")]
-    lines.append(f"  rows     {rows['ok']:,} ok, {rows['failed']:,} failed, "
-                 f"{rows['missing']:,} not done, of {rows['total']:,}")
-    shards = m["shards"]
-    lines.append(f"  shards   {shards['committed']}/{shards['total']} committed"
-                 + (f", {shards['failed']} failed" if shards["failed"] else ""))
-    if m["errors"]:
-        lines.append("  errors   " + ", ".join(f"{k}: {v}" for k, v in sorted(m["errors"].items())))
-    lines.append(f"  tokens   {tokens['prompt']:,} in, {tokens['completion']:,} out")
+def format_summary(m: Manifest, *, did_work: bool = True) -> str:
+    rows, tokens, this, shards = m.rows, m.tokens, m.this_run, m.shards
+    lines = [f"batchinfer: {m.status}" + ("" if did_work else " (already done; nothing to do)")]
+    lines.append(f"  rows     {rows.ok:,} ok, {rows.failed:,} failed, "
+                 f"{rows.missing:,} not done, of {rows.total:,}")
+    lines.append(f"  shards   {shards.committed}/{shards.total} committed"
+                 + (f", {shards.failed} failed" if shards.failed else ""))
+    if m.errors:
+        lines.append("  errors   " + ", ".join(f"{k}: {v}" for k, v in sorted(m.errors.items())))
+    lines.append(f"  tokens   {tokens.prompt:,} in, {tokens.completion:,} out")
     if did_work:
-        lines.append(f"  this run {this['rows']:,} rows in {this['wall_s']:.1f} s wall "
-                     f"({this['generate_s']:.1f} s generating on {this['workers']} workers): "
-                     f"{this['rows_per_s']:.2f} rows/s, {this['tokens_per_s']:.1f} tokens/s")
-    for f in m.get("failed_shards", []):
-        lines.append(f"  failed   {f['part']}: {f['reason']}")
-    lines.append(f"  output   {m['output']}  (pandas.read_parquet reads it as one table)")
-    if m["status"] == "interrupted":
+        lines.append(f"  this run {this.rows:,} rows in {this.wall_s:.1f} s wall "
+                     f"({this.generate_s:.1f} s generating on {this.workers} workers): "
+                     f"{this.rows_per_s:.2f} rows/s, {this.tokens_per_s:.1f} tokens/s")
+    for f in m.failed_shards:
+        lines.append(f"  failed   {f.part}: {f.reason}")
+    lines.append(f"  output   {m.output}  (pandas.read_parquet reads it as one table)")
+    if m.status == "interrupted":
         lines.append("  rerun the same command to finish the remaining shards")
     return "\n".join(lines)
 
@@ -135,10 +137,6 @@ def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     prompts), and with input.id_column the ids (to check they are present and unique);
     starts no engine and writes nothing.
     """
-    from batchinfer import plan as planning
-    from batchinfer.prompts import check_sample
-    from batchinfer.store import RunStore
-
     cfg = load_or_exit(config_path, sets, date)
     try:
         runner.preflight(cfg)
@@ -198,9 +196,6 @@ def status(output_path: str, as_json: bool, config_path: str | None) -> None:
     Exit codes: 0 complete, 3 partial, 4 running, 1 stale/interrupted/failed/
     not started (rerun to resume), 2 no run at OUTPUT_PATH.
     """
-    from batchinfer import lease, storage
-    from batchinfer.store import RunStore
-
     storage_cfg = load_or_exit(config_path, ()).storage if config_path else None
     store = RunStore(output_path, storage_cfg)
     try:
@@ -208,20 +203,20 @@ def status(output_path: str, as_json: bool, config_path: str | None) -> None:
             plan = store.read_plan()
             committed = store.committed() if plan is not None else {}
             manifest = store.read_manifest()
-            record = store.read_status() or {}
+            record = store.read_status()
             holder = lease.read_holder(store.meta)
     except storage.StorageError as e:
         _fail(EXIT_USAGE, str(e))
     if plan is None:
         _fail(EXIT_USAGE, f"no run at {store.url} (expected {store.meta.url}/plan.json)")
     state, detail = run_state(plan, committed, manifest, record, holder)
-    rows_done = sum(s["rows"] for s in committed.values())
+    rows_done = sum(s.rows for s in committed.values())
     info = {
         "output": store.url, "state": state, "detail": detail,
         "shards": {"done": len(committed), "total": len(plan.shards)},
         "rows": {"done": rows_done, "total": plan.total_rows,
-                 "failed": sum(s["rows_failed"] for s in committed.values())},
-        "updated_at": record.get("updated_at"),
+                 "failed": sum(s.rows_failed for s in committed.values())},
+        "updated_at": record.updated_at if record is not None else None,
         "driver": None if holder is None else {
             "host": holder.host, "pid": holder.pid, "generation": holder.generation,
             "last_heartbeat_s": round(holder.age_s(), 1), "released": holder.released},
@@ -238,27 +233,26 @@ def status(output_path: str, as_json: bool, config_path: str | None) -> None:
     sys.exit(runner.exit_code_for(state))
 
 
-def run_state(plan, committed: dict, manifest: dict | None, record: dict[str, Any],
+def run_state(plan, committed: dict, manifest: Manifest | None, record: RunStatus | None,
               holder) -> tuple[str, str]:
     """(state, detail) of a run from its records: a live driver lease (running); else a
     failure or interruption recorded after the last manifest; else the manifest if it
     describes the parts on record; else the lease (expired or its driver gone: stale)."""
     if holder is not None and holder.is_live():
         return "running", holder.describe()
-    finished = manifest is not None and manifest.get("fingerprint") == plan.fingerprint \
-        and manifest["shards"]["committed"] == len(committed)
-    if record.get("state") in ("failed", "interrupted") and (
-            not finished or (record.get("updated_at") or "") > (manifest.get("finished_at") or "")):
-        why = record.get("reason") or "no reason recorded"
-        fixed = " once the cause is fixed" if record["state"] == "failed" else ""
+    finished = manifest is not None and manifest.describes(plan.fingerprint, len(committed))
+    if record is not None and record.state in ("failed", "interrupted") and (
+            not finished or (record.updated_at or "") > manifest.finished_at):
+        why = record.reason or "no reason recorded"
+        fixed = " once the cause is fixed" if record.state == "failed" else ""
         after = f"rerun the same command to resume{fixed}"
-        return record["state"], f"{why}; {after}"
+        return record.state, f"{why}; {after}"
     if finished:
-        return manifest["status"], ""
+        return manifest.status, ""
     if holder is not None and not holder.released:
         return "stale", (f"driver on {holder.host} (pid {holder.pid}) last seen "
                          f"{_ago(holder.age_s())} ago; rerun to resume")
-    return ("stale", "no driver is running it; rerun to resume") if committed or record \
+    return ("stale", "no driver is running it; rerun to resume") if committed or record is not None \
         else ("not started", "")
 
 
@@ -286,7 +280,7 @@ def build_engine(config_path: str, sets: tuple[str, ...]) -> None:
         _fail(EXIT_USAGE, str(e))
     except Exception as e:
         traceback.print_exc()
-        _fail(EXIT_FAILED, f"engine build failed: {type(e).__name__}: {e}")
+        _fail(EXIT_FAILED, f"engine build failed: {describe(e)}")
     for label, value in info.items():
         click.echo(f"{label:<8} {value}")
 
@@ -300,8 +294,6 @@ def validate(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
 
     Also checks that the engine backend is installed and the model can be found.
     """
-    from batchinfer import engines
-
     cfg = load_or_exit(config_path, sets, date)
     click.echo(config_mod.to_commented_yaml(cfg), nl=False)
     try:

@@ -27,6 +27,7 @@ from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, ValidationError
 
 from batchinfer import registry
+from batchinfer.results import RESULT_COLUMNS
 
 
 class ConfigError(ValueError):
@@ -70,11 +71,6 @@ class Section(BaseModel):
 
 class EngineOptions(Section):
     """A backend's own settings (`engine.options`); a backend without any uses this empty one."""
-
-
-RESULT_COLUMNS = (
-    "output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s", "error",
-)
 
 
 class InputConfig(Section):

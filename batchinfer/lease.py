@@ -24,10 +24,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from batchinfer import atomic, storage
+from batchinfer.records import now_iso
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +223,7 @@ class DriverLease:
         return Holder(generation=generation, token=uuid.uuid4().hex, host=socket.gethostname(),
                       pid=os.getpid(), pid_started=process_start_time(os.getpid()) or 0.0,
                       boot_id=boot_id(), pid_ns=pid_namespace(),
-                      acquired_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      acquired_at=now_iso(),
                       renewed_at=now, lease_s=self.lease_s)
 
     def _read_version(self) -> str | None:

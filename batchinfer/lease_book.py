@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from batchinfer.narrowing import Narrowing
+from batchinfer.records import ShardSummary
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ class Commit:
     """The shard's first commit: this summary is the one that counts."""
 
     shard: int
-    summary: dict[str, Any]
+    summary: ShardSummary
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,7 @@ class LeaseBook:
         idle = [s for s in self.slots if s.ready and not self.held(s.index)]
         if not idle:
             return []
-        durations = sorted(s["generate_s"] for s in self.committed.values())
+        durations = sorted(s.generate_s for s in self.committed.values())
         median = durations[len(durations) // 2] if durations else 0.0
         threshold = max(self.rules.speculate_after_s, 2 * median)
         copies = {lease.shard for lease in self.leases.values() if lease.speculative}
@@ -277,7 +278,7 @@ class LeaseBook:
 
     # ------------------------------------------------------------------ how a lease ended
 
-    def succeeded(self, lease_id: int, summary: dict[str, Any] | None) -> list[Decision]:
+    def succeeded(self, lease_id: int, summary: ShardSummary | None) -> list[Decision]:
         """The call returned: a shard's summary (committed, by this or an earlier attempt),
         or a probe that did not kill its worker. Unknown ids (cancelled copies) are ignored."""
         lease = self.leases.pop(lease_id, None)

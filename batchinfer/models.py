@@ -14,8 +14,12 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from batchinfer import cache
+
+if TYPE_CHECKING:
+    from batchinfer.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,12 @@ def materialize(ref: ModelRef, cache_dir: str | None) -> str:
     key = hashlib.sha256(ref.identity.encode()).hexdigest()[:16]
     target = cache.root(cache_dir) / "models" / f"{ref.name}-{key}"
     return str(cache.ensure(target, lambda tmp: _convert_gguf(ref, tmp)))
+
+
+def tokenizer_folder(engine: EngineConfig) -> str:
+    """The folder the tokenizer loads from, for every backend: engine.tokenizer if set, else
+    the model's; an embedded GGUF model's cached conversion."""
+    return materialize(resolve(engine.tokenizer or engine.model), engine.cache_dir)
 
 
 def _convert_gguf(ref: ModelRef, out: Path) -> dict[str, str]:

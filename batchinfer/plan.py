@@ -13,7 +13,6 @@ import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
@@ -22,6 +21,7 @@ import pyarrow.compute as pc
 from batchinfer import models, readers, registry, storage
 from batchinfer.config import Config
 from batchinfer.readers import FileFacts, InputError, Reader  # InputError: also plan.InputError
+from batchinfer.records import now_iso
 
 PLAN_VERSION = 2
 ID_READ_THREADS = 32
@@ -88,7 +88,7 @@ class Plan:
     """Arrow schema (IPC, base64) of the input columns the run reads."""
     rows_per_shard: int
     """The target the shards were cut for."""
-    created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created_at: str = field(default_factory=now_iso)
     version: int = PLAN_VERSION
 
     @property

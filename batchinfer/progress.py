@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from typing import TextIO
 
 from tqdm import tqdm
+
+from batchinfer.records import ShardSummary, WorkerProgress
 
 
 class Progress:
@@ -29,12 +31,12 @@ class Progress:
         self.shards = done_shards
         self.failed = 0
 
-    def update(self, committed: dict[int, dict[str, Any]], live: dict[int, dict[str, int]],
+    def update(self, committed: dict[int, ShardSummary], live: dict[int, WorkerProgress],
                failed: int) -> None:
-        committed_rows = sum(s["rows"] for s in committed.values())
-        live_rows = sum(p.get("rows", 0) for p in live.values())
+        committed_rows = sum(s.rows for s in committed.values())
+        live_rows = sum(p.rows for p in live.values())
         self.rows = min(self.total_rows, self.done_rows + max(committed_rows, live_rows))
-        self.tokens = sum(p.get("completion_tokens", 0) for p in live.values())
+        self.tokens = sum(p.completion_tokens for p in live.values())
         self.shards = self.done_shards + len(committed)
         self.failed = failed
         if self.bar is not None:

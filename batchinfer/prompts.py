@@ -38,12 +38,8 @@ def load_tokenizer(engine: EngineConfig):
     """The Hugging Face tokenizer (with its chat template) for the configured model."""
     from transformers import AutoTokenizer
 
-    name = engine.tokenizer or engine.model
-    ref = models.resolve(name)
-    if ref.gguf_file is not None:
-        cached = models.materialize(ref, engine.cache_dir)
-        return AutoTokenizer.from_pretrained(cached)
-    return AutoTokenizer.from_pretrained(ref.path, trust_remote_code=engine.trust_remote_code)
+    return AutoTokenizer.from_pretrained(models.tokenizer_folder(engine),
+                                         trust_remote_code=engine.trust_remote_code)
 
 
 class PromptBuilder:

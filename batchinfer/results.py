@@ -8,18 +8,22 @@ key-value metadata so a part describes itself.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchinfer.config import Config
-from batchinfer.engines.base import Result
+from batchinfer.records import RowCounts, ShardSummary
+
+if TYPE_CHECKING:  # annotations only: config.py imports RESULT_COLUMNS from here
+    from batchinfer.config import Config
+    from batchinfer.engines.base import Result
 
 SUMMARY_KEY = b"batchinfer.shard"
 
+# The result columns, the one list of them: the output schema, and the names that
+# input.passthrough_columns must not take (RESULT_COLUMNS).
 RESULT_FIELDS = [
     pa.field("output", pa.string()),
     pa.field("finish_reason", pa.string()),
@@ -58,25 +62,29 @@ def build_table(schema: pa.Schema, ids: pa.Array, passthrough: dict[str, pa.Arra
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def summarize(rows: list[RowOutcome]) -> dict[str, Any]:
+RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS)
+"""The result columns' names (an input column of one of these names cannot pass through)."""
+
+
+def summarize(rows: list[RowOutcome]) -> RowCounts:
     errors: dict[str, int] = {}
     for r in rows:
         if r.result.error:
             code = r.result.error.split(":", 1)[0]
             errors[code] = errors.get(code, 0) + 1
-    return {
-        "rows": len(rows),
-        "rows_ok": sum(1 for r in rows if r.result.error is None),
-        "rows_failed": sum(errors.values()),
-        "prompt_tokens": sum(r.result.prompt_tokens or 0 for r in rows),
-        "completion_tokens": sum(r.result.completion_tokens or 0 for r in rows),
-        "errors": errors,
-    }
+    return RowCounts(
+        rows=len(rows),
+        rows_ok=sum(1 for r in rows if r.result.error is None),
+        rows_failed=sum(errors.values()),
+        prompt_tokens=sum(r.result.prompt_tokens or 0 for r in rows),
+        completion_tokens=sum(r.result.completion_tokens or 0 for r in rows),
+        errors=errors,
+    )
 
 
-def to_parquet(table: pa.Table, summary: dict[str, Any], compression: str) -> bytes:
+def to_parquet(table: pa.Table, summary: ShardSummary, compression: str) -> bytes:
     meta = dict(table.schema.metadata or {})
-    meta[SUMMARY_KEY] = json.dumps(summary).encode()
+    meta[SUMMARY_KEY] = summary.to_json(indent=None).encode()
     buf = io.BytesIO()
     pq.write_table(table.replace_schema_metadata(meta), buf,
                    compression=None if compression == "none" else compression)

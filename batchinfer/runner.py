@@ -13,14 +13,26 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 from batchinfer import atomic, engines, faults, models, plan as planning, prompts, storage
 from batchinfer.config import Config, ConfigError
+from batchinfer.errors import describe
 from batchinfer.lease import DriverLease, LeaseLost, RunBusy, RunLapsed
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
+from batchinfer.records import (
+    FailedShard,
+    Manifest,
+    RowTotals,
+    RunStatus,
+    ShardSummary,
+    ShardTotals,
+    ThisRun,
+    TokenTotals,
+    WorkerInfo,
+    now_iso,
+)
 from batchinfer.signals import SignalWatch
 from batchinfer.store import RunStore
 
@@ -44,12 +56,8 @@ class RunReport:
     status: str
     """complete | partial | interrupted | failed"""
     exit_code: int
-    manifest: dict[str, Any]
+    manifest: Manifest
     did_work: bool
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def preflight(cfg: Config) -> None:
@@ -118,7 +126,7 @@ def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool,
     return existing
 
 
-def verify_committed(plan: Plan, committed: dict[int, dict[str, Any]], store: RunStore) -> None:
+def verify_committed(plan: Plan, committed: dict[int, ShardSummary], store: RunStore) -> None:
     """Every committed part must be one of this plan's shards, with its rows: a part written
     for another plan (or a run directory changed by hand) is refused, never counted."""
     problems = []
@@ -126,10 +134,10 @@ def verify_committed(plan: Plan, committed: dict[int, dict[str, Any]], store: Ru
         name = f"part-{index:06d}.parquet"
         if index >= len(plan.shards):
             problems.append(f"{name} is not in the plan ({len(plan.shards)} shards)")
-        elif summary.get("fingerprint", plan.fingerprint) != plan.fingerprint:
-            problems.append(f"{name} was written for another plan ({summary['fingerprint']})")
-        elif summary["rows"] != plan.shards[index].num_rows:
-            problems.append(f"{name} has {summary['rows']} rows where the plan has "
+        elif summary.fingerprint not in (None, plan.fingerprint):
+            problems.append(f"{name} was written for another plan ({summary.fingerprint})")
+        elif summary.rows != plan.shards[index].num_rows:
+            problems.append(f"{name} has {summary.rows} rows where the plan has "
                             f"{plan.shards[index].num_rows}")
     if problems:
         raise RunRefused(
@@ -179,7 +187,7 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
         state = None  # another driver holds the run: nothing here is ours to record
         raise
     except BaseException as e:
-        reason = f"{type(e).__name__}: {e}"
+        reason = describe(e)
         raise
     finally:
         if state is not None and held.holder is not None:
@@ -217,12 +225,12 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
     pending = [s.index for s in plan.shards if s.index not in committed]
     if not pending:
         manifest = store.read_manifest()
-        if manifest is None or manifest.get("fingerprint") != plan.fingerprint:
+        if manifest is None or not manifest.describes(plan.fingerprint, len(committed)):
             manifest = build_manifest(plan, store, committed, {}, {}, started, started, 0, None)
             with storage.errors(cfg.output.path, "output.path"):
                 store.write_manifest(manifest, success=True)
         log.info("run at %s is already complete: nothing to do", store.url)
-        return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, False)
+        return RunReport(manifest.status, exit_code_for(manifest.status), manifest, False)
     if stop.is_set():
         raise KeyboardInterrupt
 
@@ -249,13 +257,13 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
         _prepare_engine(cfg)
         workers = scheduler.start_workers(cfg.run.worker_start_timeout_s)
         log.info("%d workers ready (engine load %s s)", len(workers),
-                 ", ".join(str(w["load_s"]) for w in workers))
-        status.workers = [{k: w[k] for k in ("worker", "host", "pid")} for w in workers]
+                 ", ".join(str(w.load_s) for w in workers))
+        status.workers = workers
         status.write("running", force=True)
         generate_started = time.time()
         bar = Progress(total_shards=len(plan.shards), total_rows=plan.total_rows,
                        done_shards=len(committed),
-                       done_rows=sum(s["rows"] for s in committed.values()), enabled=progress,
+                       done_rows=sum(s.rows for s in committed.values()), enabled=progress,
                        interval_s=cfg.run.progress_interval_s)
         outcome = scheduler.run(pending, bar)
     finally:
@@ -282,8 +290,8 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
         return RunReport("interrupted", EXIT_FAILED, manifest, True)
     with storage.errors(cfg.output.path, "output.path"):
         store.write_manifest(manifest, success=len(committed) == len(plan.shards))
-    status.write(manifest["status"], force=True)
-    return RunReport(manifest["status"], exit_code_for(manifest["status"]), manifest, True)
+    status.write(manifest.status, force=True)
+    return RunReport(manifest.status, exit_code_for(manifest.status), manifest, True)
 
 
 def _prepare_engine(cfg: Config) -> None:
@@ -344,9 +352,9 @@ def exit_code_for(status: str) -> int:
     return {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "running": EXIT_BUSY}.get(status, EXIT_FAILED)
 
 
-def build_manifest(plan: Plan, store: RunStore, committed: dict[int, dict[str, Any]],
-                   new: dict[int, dict[str, Any]], failed: dict[int, str], started: float,
-                   generate_started: float, workers: int, status: str | None) -> dict[str, Any]:
+def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummary],
+                   new: dict[int, ShardSummary], failed: dict[int, str], started: float,
+                   generate_started: float, workers: int, status: str | None) -> Manifest:
     """The final report: status, counts, tokens, throughput, and every shard's summary.
 
     `committed` holds every committed shard, `new` those this invocation committed.
@@ -355,44 +363,44 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, dict[str, A
     summaries = [committed[i] for i in sorted(committed)]
     errors: dict[str, int] = {}
     for s in summaries:
-        for code, n in s.get("errors", {}).items():
+        for code, n in s.errors.items():
             errors[code] = errors.get(code, 0) + n
-    rows_ok = sum(s["rows_ok"] for s in summaries)
-    rows_failed = sum(s["rows_failed"] for s in summaries)
+    rows_ok = sum(s.rows_ok for s in summaries)
+    rows_failed = sum(s.rows_failed for s in summaries)
     this_run = list(new.values())
-    run_rows = sum(s["rows"] for s in this_run)
-    run_tokens = sum(s["completion_tokens"] for s in this_run)
+    run_rows = sum(s.rows for s in this_run)
+    run_tokens = sum(s.completion_tokens for s in this_run)
     gen_s = max(finished - generate_started, 1e-9)
     if status is None:
         # complete: every planned row has exactly one committed row, and none failed
         done = len(committed) == len(plan.shards) and rows_ok + rows_failed == plan.total_rows
         status = "complete" if done and not rows_failed else "partial"
-    return {
-        "status": status,
-        "output": store.url,
-        "fingerprint": plan.fingerprint,
-        "plan_created_at": plan.created_at,
-        "finished_at": now_iso(),
-        "shards": {"total": len(plan.shards), "committed": len(committed), "failed": len(failed)},
-        "rows": {"total": plan.total_rows, "ok": rows_ok, "failed": rows_failed,
-                 "missing": plan.total_rows - rows_ok - rows_failed},
-        "errors": errors,
-        "tokens": {"prompt": sum(s["prompt_tokens"] for s in summaries),
-                   "completion": sum(s["completion_tokens"] for s in summaries)},
-        "this_run": {
-            "wall_s": round(finished - started, 2),
-            "generate_s": round(gen_s, 2) if run_rows else 0.0,
-            "workers": workers,
-            "shards": len(this_run),
-            "rows": run_rows,
-            "completion_tokens": run_tokens,
-            "rows_per_s": round(run_rows / gen_s, 3) if run_rows else 0.0,
-            "tokens_per_s": round(run_tokens / gen_s, 2) if run_rows else 0.0,
-        },
-        "failed_shards": [{"shard": i, "part": f"{plan.shards[i].name}.parquet", "reason": r}
-                          for i, r in sorted(failed.items())],
-        "shard_summaries": summaries,
-    }
+    return Manifest(
+        status=status,
+        output=store.url,
+        fingerprint=plan.fingerprint,
+        plan_created_at=plan.created_at,
+        finished_at=now_iso(),
+        shards=ShardTotals(total=len(plan.shards), committed=len(committed), failed=len(failed)),
+        rows=RowTotals(total=plan.total_rows, ok=rows_ok, failed=rows_failed,
+                       missing=plan.total_rows - rows_ok - rows_failed),
+        errors=errors,
+        tokens=TokenTotals(prompt=sum(s.prompt_tokens for s in summaries),
+                           completion=sum(s.completion_tokens for s in summaries)),
+        this_run=ThisRun(
+            wall_s=round(finished - started, 2),
+            generate_s=round(gen_s, 2) if run_rows else 0.0,
+            workers=workers,
+            shards=len(this_run),
+            rows=run_rows,
+            completion_tokens=run_tokens,
+            rows_per_s=round(run_rows / gen_s, 3) if run_rows else 0.0,
+            tokens_per_s=round(run_tokens / gen_s, 2) if run_rows else 0.0,
+        ),
+        failed_shards=[FailedShard(shard=i, part=f"{plan.shards[i].name}.parquet", reason=r)
+                       for i, r in sorted(failed.items())],
+        shard_summaries=summaries,
+    )
 
 
 class _Status:
@@ -407,13 +415,13 @@ class _Status:
         self.state = "starting"
         self.plan: Plan | None = None
         self.done = 0
-        self.workers: list[dict[str, Any]] = []
+        self.workers: list[WorkerInfo] = []
 
     def start(self, plan: Plan, done: int) -> None:
         self.plan, self.done = plan, done
         self.write("starting", force=True)
 
-    def commit(self, summary: dict[str, Any]) -> None:
+    def commit(self, summary: ShardSummary) -> None:
         self.done += 1
         self.write(self.state)
 
@@ -423,12 +431,12 @@ class _Status:
             return
         self.last = time.monotonic()
         try:
-            self.store.write_status({
-                "state": state, "reason": reason, "started_at": self.started_at,
-                "updated_at": now_iso(), "host": socket.gethostname(), "pid": os.getpid(),
-                "shards_done": self.done, "shards_total": len(self.plan.shards),
-                "fingerprint": self.plan.fingerprint, "workers": self.workers,
-            })
+            self.store.write_status(RunStatus(
+                state=state, reason=reason, started_at=self.started_at, updated_at=now_iso(),
+                host=socket.gethostname(), pid=os.getpid(), shards_done=self.done,
+                shards_total=len(self.plan.shards), fingerprint=self.plan.fingerprint,
+                workers=self.workers,
+            ))
         except Exception as e:  # advisory (the output may be full): never fail a run over it
             log.warning("could not write status.json: %s", e)
 

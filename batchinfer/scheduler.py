@@ -24,6 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from batchinfer import faults, storage
 from batchinfer.config import Config
+from batchinfer.errors import describe
 from batchinfer.lease import LeaseLost
 from batchinfer.lease_book import (
     Cancel,
@@ -44,6 +45,7 @@ from batchinfer.lease_book import (
 )
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
+from batchinfer.records import ShardSummary, WorkerInfo, WorkerProgress
 from batchinfer.worker import ShardWorker
 
 __all__ = ["Outcome", "Scheduler", "WorkerStartError", "gpu_task_options", "hang_limit",
@@ -67,7 +69,7 @@ class WorkerStartError(RuntimeError):
 
 @dataclass
 class Outcome:
-    committed: dict[int, dict[str, Any]] = field(default_factory=dict)
+    committed: dict[int, ShardSummary] = field(default_factory=dict)
     """Summaries of shards committed by this run, by shard index."""
     failed: dict[int, str] = field(default_factory=dict)
     """Shards that used up their attempts, with the last reason."""
@@ -103,7 +105,7 @@ class Scheduler:
     first."""
 
     def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event, generation: int,
-                 on_commit: Callable[[dict[str, Any]], None] = lambda s: None):
+                 on_commit: Callable[[ShardSummary], None] = lambda s: None):
         self.cfg = cfg
         self.plan = plan
         self.stop = stop
@@ -119,7 +121,7 @@ class Scheduler:
         return ray.remote(ShardWorker).options(**opts).remote(
             config=self.cfg, plan=self.plan_ref, worker_index=index, generation=self.generation)
 
-    def start_workers(self, timeout_s: float) -> list[dict[str, Any]]:
+    def start_workers(self, timeout_s: float) -> list[WorkerInfo]:
         """Start every worker and wait until each engine is loaded; fail with a worker's error."""
         self.slots = [_Slot(i, self._new_actor(i)) for i in range(self.cfg.run.num_workers)]
         refs = {slot.actor.ready.remote(): slot for slot in self.slots}
@@ -133,7 +135,7 @@ class Scheduler:
                 try:
                     infos.append(ray.get(ref))
                 except (RayActorError, RayTaskError) as e:
-                    raise WorkerStartError(f"worker {slot.index} failed to start: {_reason(e)}") from None
+                    raise WorkerStartError(f"worker {slot.index} failed to start: {describe(e)}") from None
             now = time.monotonic()
             if refs and now > deadline:
                 raise WorkerStartError(
@@ -143,7 +145,7 @@ class Scheduler:
                 log.warning("waiting for workers: %d/%d ready (each asks for %s)",
                             len(infos), len(self.slots), self._resources())
                 next_note = now + 30
-        return sorted(infos, key=lambda i: i["worker"])
+        return sorted(infos, key=lambda i: i.worker)
 
     def _resources(self) -> str:
         run = self.cfg.run
@@ -167,7 +169,7 @@ class Scheduler:
                               rows=[shard.num_rows for shard in self.plan.shards],
                               pending=pending, slots=len(self.slots), now=time.monotonic())
         self.outcome = Outcome(committed=self.book.committed, failed=self.book.failed)
-        self.live: dict[int, dict[str, int]] = {}
+        self.live: dict[int, WorkerProgress] = {}
         while self.book.unfinished:
             now = time.monotonic()
             if self.stop.is_set():
@@ -209,18 +211,18 @@ class Scheduler:
         if lease is None:  # a copy cancelled since: its result does not count
             return
         try:
-            summary = ray.get(ref)
+            result = ray.get(ref)  # a ShardAttempt, or a probe's row count
         except RayActorError as e:
-            error = _reason(e).split(" Some common causes")[0]  # Ray's advice is long
+            error = describe(e).split(" Some common causes")[0]  # Ray's advice is long
             decisions = self.book.died(lease_id, error, time.monotonic())
         except RayTaskError as e:
             if isinstance(e.cause, FATAL_ERRORS):
                 self.book.drop(lease_id)
                 self._halt(lease.shard, e.cause)
                 return
-            decisions = self.book.errored(lease_id, _reason(e))
+            decisions = self.book.errored(lease_id, describe(e))
         else:
-            decisions = self.book.succeeded(lease_id, summary)
+            decisions = self.book.succeeded(lease_id, result.summary if lease.probe is None else None)
         self._carry_out(decisions)
 
     def _halt(self, index: int, error: BaseException) -> None:
@@ -290,8 +292,8 @@ class Scheduler:
         if info is None:
             return
         self.live[slot.index] = info
-        self.book.observe(slot.index, heartbeat=info["heartbeat"], busy=info.get("busy"),
-                          context=info.get("max_model_len"), now=time.monotonic())
+        self.book.observe(slot.index, heartbeat=info.heartbeat, busy=info.busy,
+                          context=info.max_model_len, now=time.monotonic())
 
     def _record_ready(self, slot: _Slot, ref) -> None:
         slot.ready_ref = None
@@ -299,7 +301,7 @@ class Scheduler:
             ray.get(ref)
         except (RayActorError, RayTaskError) as e:
             self._carry_out([self.book.replace(slot.index, f"the replacement failed to start: "
-                                                           f"{_reason(e)}", time.monotonic())])
+                                                           f"{describe(e)}", time.monotonic())])
             return
         self.book.ready(slot.index, time.monotonic())
 
@@ -359,12 +361,3 @@ def _get_or_none(ref) -> Any:
         return ray.get(ref, timeout=0)
     except (RayActorError, RayTaskError, GetTimeoutError):
         return None
-
-
-def _reason(e: BaseException) -> str:
-    """The last meaningful line of a Ray error: the worker's own exception message."""
-    cause = getattr(e, "cause", None)
-    if cause is not None and not isinstance(cause, (RayActorError, RayTaskError)):
-        return f"{type(cause).__name__}: {cause}"
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1] if lines else type(e).__name__

@@ -18,16 +18,15 @@ metadata too, so a commit record lost to a crash is rebuilt from the part.
 
 from __future__ import annotations
 
-import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pyarrow.parquet as pq
 
 from batchinfer import atomic, faults, lease, storage
 from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
+from batchinfer.records import Manifest, Record, RunStatus, ShardSummary
 from batchinfer.results import SUMMARY_KEY
 
 META_DIR = storage.RUN_META_DIR
@@ -61,7 +60,7 @@ class RunStore:
     def part(self, shard_name: str) -> storage.Location:
         return self.root.child(f"{shard_name}.parquet")
 
-    def commit(self, shard_name: str, data: bytes, summary: dict[str, Any], generation: int) -> bool:
+    def commit(self, shard_name: str, data: bytes, summary: ShardSummary, generation: int) -> bool:
         """Make a shard's part visible unless another attempt did first; True if this one won.
 
         Fenced: raises lease.LeaseLost, committing nothing, unless the driver `generation`
@@ -72,26 +71,26 @@ class RunStore:
         won = atomic.put_if_absent(self.part(shard_name), data, self._staging())
         if won:
             faults.point("part-committed")
-            self._write_json(self._record(shard_name), summary)
+            self._write(self._record(shard_name), summary)
         return won
 
-    def committed(self) -> dict[int, dict[str, Any]]:
+    def committed(self) -> dict[int, ShardSummary]:
         """Summaries of every committed shard, by shard index; rebuilds records lost to a crash."""
         parts = self._ls(self.root)
         indexes = {int(m.group(1)): name for name in parts if (m := PART_RE.match(name))}
         records = {n.removesuffix(".json") for n in self._ls(self.meta.child("commits"))}
 
-        def summary(item: tuple[int, str]) -> tuple[int, dict[str, Any]]:
+        def summary(item: tuple[int, str]) -> tuple[int, ShardSummary]:
             index, name = item
             shard_name = name.removesuffix(".parquet")
             if shard_name in records:
-                try:
-                    return index, json.loads(self._read_text(self._record(shard_name)))
-                except (ValueError, TypeError):
-                    pass  # a record cut short by a crash: the part itself knows the summary
+                found = self._read(self._record(shard_name), ShardSummary)
+                if found is not None:
+                    return index, found
+                # a record cut short by a crash (or gone): the part itself knows the summary
             found = self.summary_from_part(shard_name)
             try:
-                self._write_json(self._record(shard_name), found)
+                self._write(self._record(shard_name), found)
             except OSError:  # a full or read-only output: the part itself stays the record
                 pass
             return index, found
@@ -99,31 +98,30 @@ class RunStore:
         with ThreadPoolExecutor(16) as pool:
             return dict(pool.map(summary, sorted(indexes.items())))
 
-    def summary_from_part(self, shard_name: str) -> dict[str, Any]:
+    def summary_from_part(self, shard_name: str) -> ShardSummary:
         with self.fs.open(self.part(shard_name).path, "rb") as f:
             meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-        return json.loads(meta[SUMMARY_KEY])
+        return ShardSummary.from_json(meta[SUMMARY_KEY])
 
     def _record(self, shard_name: str) -> storage.Location:
         return self.meta.child("commits", f"{shard_name}.json")
 
     # ------------------------------------------------------------------ status and manifest
 
-    def write_status(self, status: dict[str, Any]) -> None:
-        loc = self.meta.child("status.json")
-        atomic.put(loc, json.dumps(status, indent=1, default=str).encode(), self._staging(),
-                    small_record=True)
+    def write_status(self, status: RunStatus) -> None:
+        atomic.put(self.meta.child("status.json"), status.to_json().encode(), self._staging(),
+                   small_record=True)
 
-    def read_status(self) -> dict[str, Any] | None:
-        return self._read_json(self.meta.child("status.json"))
+    def read_status(self) -> RunStatus | None:
+        return self._read(self.meta.child("status.json"), RunStatus)
 
-    def write_manifest(self, manifest: dict[str, Any], success: bool) -> None:
-        self._write_json(self.meta.child("manifest.json"), manifest)
+    def write_manifest(self, manifest: Manifest, success: bool) -> None:
+        self._write(self.meta.child("manifest.json"), manifest)
         if success:
             atomic.put(self.root.child("_SUCCESS"), b"", self._staging())
 
-    def read_manifest(self) -> dict[str, Any] | None:
-        return self._read_json(self.meta.child("manifest.json"))
+    def read_manifest(self) -> Manifest | None:
+        return self._read(self.meta.child("manifest.json"), Manifest)
 
     def clear(self) -> None:
         """Remove a previous run's parts and metadata (for an explicit new run), keeping the
@@ -155,14 +153,15 @@ class RunStore:
         except FileNotFoundError:
             return None
 
-    def _read_json(self, loc: storage.Location) -> dict[str, Any] | None:
-        """A record, or None if absent or cut short (by a crash, or caught mid-rewrite in place
-        on a full disk): the status is advisory and a manifest is rebuilt from the parts."""
+    def _read(self, loc: storage.Location, kind: type[Record]):
+        """A record, or None if absent or not one: cut short (by a crash, or caught mid-rewrite
+        in place on a full disk) or of another layout. The status is advisory, a manifest is
+        rebuilt from the parts, and a commit record from its part."""
         text = self._read_text(loc)
         try:
-            return json.loads(text) if text is not None else None
-        except ValueError:
+            return kind.from_json(text) if text is not None else None
+        except ValueError:  # pydantic's ValidationError is one
             return None
 
-    def _write_json(self, loc: storage.Location, value: dict[str, Any]) -> None:
-        atomic.put(loc, json.dumps(value, indent=1, default=str).encode(), self._staging())
+    def _write(self, loc: storage.Location, record: Record) -> None:
+        atomic.put(loc, record.to_json().encode(), self._staging())

@@ -15,17 +15,17 @@ import logging
 import os
 import socket
 import time
-from datetime import datetime, timezone
-from typing import Any
 
 import pyarrow as pa
 
 from batchinfer import storage
 from batchinfer.config import Config
 from batchinfer.engines import Engine, Request, Result, get_engine_class, row_seed
+from batchinfer.errors import describe
 from batchinfer.lease import LeaseStale
 from batchinfer.plan import Plan, Shard, input_reader
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
+from batchinfer.records import ShardAttempt, ShardSummary, WorkerInfo, WorkerProgress, now_iso
 from batchinfer.results import RowOutcome, build_table, output_schema, summarize, to_parquet
 from batchinfer.store import RunStore
 
@@ -63,21 +63,21 @@ class ShardWorker:
         self.engine_restarts = 0
         self._beats_before = 0  # heartbeats of engines replaced by restarts
 
-    async def ready(self) -> dict[str, Any]:
+    async def ready(self) -> WorkerInfo:
         """Called once by the driver: the engine is loaded when this returns."""
-        return {"worker": self.worker_index, "pid": os.getpid(), "host": socket.gethostname(),
-                "load_s": round(self.load_s, 2), "max_model_len": self.engine.max_model_len,
-                "engine_source": getattr(self.engine, "engine_source", None)}
+        return WorkerInfo(worker=self.worker_index, pid=os.getpid(), host=socket.gethostname(),
+                          load_s=round(self.load_s, 2),
+                          engine_source=getattr(self.engine, "engine_source", None))
 
-    async def progress(self) -> dict[str, Any]:
-        return {"rows": self.rows_done, "completion_tokens": self.tokens_out,
-                "heartbeat": self._beats_before + self.engine.heartbeat,
-                "busy": self.engine.busy(), "max_model_len": self.engine.max_model_len,
-                "engine_restarts": self.engine_restarts}
+    async def progress(self) -> WorkerProgress:
+        return WorkerProgress(rows=self.rows_done, completion_tokens=self.tokens_out,
+                              heartbeat=self._beats_before + self.engine.heartbeat,
+                              busy=self.engine.busy(), max_model_len=self.engine.max_model_len)
 
     async def process(self, shard_index: int, attempt: int,
-                      skip: dict[int, str] | None = None) -> dict[str, Any]:
-        """Read, generate, write and commit one shard; return its summary. Rows in `skip`
+                      skip: dict[int, str] | None = None) -> ShardAttempt:
+        """Read, generate, write and commit one shard; return its summary (the winner's, if
+        another attempt committed first) and whether this attempt won. Rows in `skip`
         (row in shard -> reason) killed a worker on their own: they are not run but recorded
         as `worker_died` row errors."""
         shard = self.plan.shards[shard_index]
@@ -99,22 +99,21 @@ class ShardWorker:
             await self._end_turn(ticket)
         rows = await self._finish(encoded, seeds, first)
         generate_s = time.perf_counter() - started
-        summary = {
-            "shard": shard.index, "part": f"{shard.name}.parquet", "attempt": attempt,
-            "worker": self.worker_index, **summarize(rows), "generate_s": round(generate_s, 3),
-            "engine_restarts": self.engine_restarts - restarts_before,
-            "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "fingerprint": self.plan.fingerprint, "generation": self.generation,
-        }
+        summary = ShardSummary(
+            shard=shard.index, part=f"{shard.name}.parquet", attempt=attempt,
+            worker=self.worker_index, **summarize(rows).model_dump(),
+            generate_s=round(generate_s, 3), engine_restarts=self.engine_restarts - restarts_before,
+            committed_at=now_iso(), fingerprint=self.plan.fingerprint, generation=self.generation,
+        )
         out = build_table(self.schema, ids,
                           {c: table.column(c) for c in self.cfg.input.passthrough_columns}, rows)
         data = await asyncio.to_thread(to_parquet, out, summary, self.cfg.output.compression)
         won = await asyncio.to_thread(self._commit, shard.name, data, summary)
         if not won:  # another attempt committed first; its result is the one that counts
             summary = await asyncio.to_thread(self.store.summary_from_part, shard.name)
-        return {**summary, "won": won}
+        return ShardAttempt(summary=summary, won=won)
 
-    def _commit(self, shard_name: str, data: bytes, summary: dict[str, Any]) -> bool:
+    def _commit(self, shard_name: str, data: bytes, summary: ShardSummary) -> bool:
         """Commit, turning errors no retry can fix (no space, read-only, permission) into a
         StorageError that names the path; the driver stops the run on it.
 
@@ -140,9 +139,6 @@ class ShardWorker:
         tasks = self._submit(encoded, seeds, [i for i in rows if not isinstance(encoded[i], RowError)])
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         return len(tasks)
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
 
     async def _load(self, shard_index: int) -> tuple[pa.Table, pa.Array, list, list[int]]:
         """A shard's input rows, their ids, their encoded prompts (token ids, or a RowError
@@ -231,7 +227,8 @@ class ShardWorker:
                                            self.cfg.run.request_timeout_s)
             return check.error is None
         except Exception as e:
-            log.warning("worker %d: the restarted engine failed its check: %s", self.worker_index, _describe(e))
+            log.warning("worker %d: the restarted engine failed its check: %s", self.worker_index,
+                        _describe(e))
             return False
 
     # ------------------------------------------------------------------ internals
@@ -276,10 +273,10 @@ class ShardWorker:
 
 
 def _describe(error: BaseException) -> str:
+    """A failed request's error; a timeout is this worker's own, so it names the setting."""
     if isinstance(error, asyncio.TimeoutError):
         return "no result within run.request_timeout_s"
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    return describe(error)
 
 
 def _row_failure(error: BaseException, prompt_tokens: int) -> RowOutcome:

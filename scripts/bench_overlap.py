@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from batchinfer import runner  # noqa: E402
 from batchinfer.config import config_from_dict  # noqa: E402
-from batchinfer.samples import write_sample_prompts  # noqa: E402
+from scripts.sample_prompts import write_sample_prompts  # noqa: E402
 
 
 def one_run(workdir: Path, shards_per_worker: int, rows: int, tag: str) -> dict:

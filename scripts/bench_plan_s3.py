@@ -32,7 +32,7 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from batchinfer import plan as planning  # noqa: E402
 from batchinfer.config import config_from_dict  # noqa: E402
-from batchinfer.samples import prompt  # noqa: E402
+from scripts.sample_prompts import prompt  # noqa: E402
 
 
 def serve(port: int, latency_ms: float) -> None:

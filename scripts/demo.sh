@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
 
 if [[ ! -d data/prompts ]]; then
-  .venv/bin/python -c "from batchinfer.samples import write_sample_prompts as w; w('data/prompts', files=2, rows_per_file=100)"
+  .venv/bin/python scripts/sample_prompts.py data/prompts --files 2 --rows-per-file 100
   echo "demo: wrote 200 sample prompts to data/prompts/"
 fi
 

@@ -32,7 +32,7 @@ command -v trtllm-bench >/dev/null || die "trtllm-bench not found (it comes with
 MODEL=$("$PY" -c "from batchinfer.config import load_config; print(load_config('$CONFIG').engine.model)")
 echo "model: $MODEL; work folder: $WORK"
 
-"$PY" -c "from batchinfer.samples import write_sample_prompts as w; w('$WORK/prompts', files=1, rows_per_file=$ROWS, row_group_size=50)"
+"$PY" scripts/sample_prompts.py "$WORK/prompts" --files 1 --rows-per-file "$ROWS" --row-group-size 50
 SETS=(--set "input.path=$WORK/prompts/" --set "input.id_column=id" --set "input.passthrough_columns=[]"
       --set "output.path=$WORK/out/" --set "run.num_workers=$GPUS" --set "run.rows_per_shard=50"
       --set "sampling.max_tokens=128" --set "run.ray_address=null")

@@ -25,7 +25,7 @@ import pytest
 
 from batchinfer import faults, runner, storage
 from batchinfer.config import StorageConfig
-from batchinfer.samples import write_sample_prompts
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import BUCKET, REPO, assert_exactly_once, ids_of, make_config
 
 TTL_S = 2

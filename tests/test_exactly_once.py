@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinfer import atomic, cli, lease, runner, storage
-from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,
     assert_exactly_once,
@@ -124,7 +124,7 @@ def test_a_driver_that_loses_its_lease_stops_and_lands_no_more_commits(tmp_path,
     late = [p for p in parts if os.stat(out / p).st_mtime > took_over + 0.5]
     assert late == [], "no commit lands after the takeover was visible"
     summaries = RunStore(str(out)).committed()
-    assert {s["generation"] for s in summaries.values()} == {record["generation"]}
+    assert {s.generation for s in summaries.values()} == {record["generation"]}
     assert_exactly_once(out, ids_in_parts(out))  # what landed, landed once
     code, info = status_of(str(out))  # the run is the other driver's now
     assert (code, info["state"], info["driver"]["host"]) == (4, "running", "other-node")

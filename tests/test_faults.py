@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinfer import runner
-from batchinfer.samples import write_sample_prompts
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,
     assert_exactly_once,
@@ -64,7 +64,7 @@ def long_prompt(tokens: int) -> str:
 
 def prompts_with(tmp_path, special: dict[int, str], n: int = 20, group: int = 5) -> None:
     """n sample prompts, some replaced by `special` texts (by row number)."""
-    from batchinfer.samples import prompt
+    from scripts.sample_prompts import prompt
 
     os.makedirs(tmp_path / "prompts", exist_ok=True)
     texts = [special.get(i, prompt(i)) for i in range(n)]
@@ -90,7 +90,7 @@ def test_worker_sigkilled_mid_shard(tmp_path, ray_cluster):
     report = result[0]
     assert (report.status, report.exit_code) == ("complete", 0)
     assert_exactly_once(tmp_path / "out", 40)
-    assert max(s["attempt"] for s in report.manifest["shard_summaries"]) >= 2  # the killed worker's shards
+    assert max(s.attempt for s in report.manifest.shard_summaries) >= 2  # the killed worker's shards
 
 
 def test_engine_that_hangs_is_detected_and_the_run_completes(tmp_path, ray_cluster, caplog):
@@ -121,7 +121,7 @@ def test_long_prompt_whose_prefill_outlasts_hang_timeout_is_not_a_hang(tmp_path,
         report = runner.run(cfg, progress=False)
     assert (report.status, report.exit_code) == ("complete", 0), report.manifest
     assert "starting a replacement" not in caplog.text
-    assert [s["attempt"] for s in report.manifest["shard_summaries"]] == [1]
+    assert [s.attempt for s in report.manifest.shard_summaries] == [1]
     df = assert_read_exactly_once(tmp_path / "out", 5).set_index("id")
     assert df.error.isna().all() and (df.output.str.len() > 0).all()
     assert df.loc["q000001", "prompt_tokens"] > 5500
@@ -152,8 +152,8 @@ def test_row_that_kills_its_worker_is_narrowed_to_a_row_error(tmp_path, ray_clus
     assert pd.isna(poison.output)
     others = df.drop(index="q000002")
     assert others.error.isna().all() and (others.output.str.len() > 0).all()
-    assert report.manifest["errors"] == {"worker_died": 1}
-    assert report.manifest["failed_shards"] == [] and report.manifest["rows"]["missing"] == 0
+    assert report.manifest.errors == {"worker_died": 1}
+    assert report.manifest.failed_shards == [] and report.manifest.rows.missing == 0
 
 
 def test_poison_rows_in_one_row_shards_are_narrowed_and_their_neighbours_survive(tmp_path, ray_cluster):
@@ -167,8 +167,8 @@ def test_poison_rows_in_one_row_shards_are_narrowed_and_their_neighbours_survive
     assert df.loc[["q000001", "q000002"]].error.str.startswith("worker_died: ").all()
     assert df.loc[["q000000", "q000003"]].error.isna().all()
     assert (df.loc[["q000000", "q000003"]].output.str.len() > 0).all()
-    assert report.manifest["errors"] == {"worker_died": 2}
-    assert len(report.manifest["shard_summaries"]) == 4 and report.manifest["failed_shards"] == []
+    assert report.manifest.errors == {"worker_died": 2}
+    assert len(report.manifest.shard_summaries) == 4 and report.manifest.failed_shards == []
 
 
 def test_engine_that_fails_on_one_row_isolates_that_row(tmp_path, ray_cluster):
@@ -181,7 +181,7 @@ def test_engine_that_fails_on_one_row_isolates_that_row(tmp_path, ray_cluster):
                                           "access was encountered (test engine)")
     others = df.drop(index="q000007")
     assert others.error.isna().all() and (others.output.str.len() > 0).all()
-    assert report.manifest["errors"] == {"engine_error": 1}
+    assert report.manifest.errors == {"engine_error": 1}
 
 
 def test_engine_that_breaks_is_restarted_in_place(tmp_path, ray_cluster):
@@ -190,10 +190,10 @@ def test_engine_that_breaks_is_restarted_in_place(tmp_path, ray_cluster):
     report = runner.run(cfg, progress=False)
     assert (report.status, report.exit_code) == ("complete", 0)
     assert_exactly_once(tmp_path / "out", 10)
-    summaries = report.manifest["shard_summaries"]
+    summaries = report.manifest.shard_summaries
     # One restart in place, seen by the shards in flight at the time; no shard went back.
-    assert max(s["engine_restarts"] for s in summaries) == 1
-    assert all(s["attempt"] == 1 for s in summaries)
+    assert max(s.engine_restarts for s in summaries) == 1
+    assert all(s.attempt == 1 for s in summaries)
 
 
 def test_request_past_its_deadline_is_a_row_error(tmp_path, ray_cluster):
@@ -229,9 +229,9 @@ def test_shard_that_always_fails_ends_partial_and_a_rerun_retries_only_it(tmp_pa
                         run={"num_workers": 2, "shards_per_worker": 1, "max_attempts": 2})
     report = runner.run(cfg, progress=False)
     assert (report.status, report.exit_code) == ("partial", 3)
-    assert [f["part"] for f in report.manifest["failed_shards"]] == ["part-000002.parquet"]
-    assert "died" in report.manifest["failed_shards"][0]["reason"]
-    assert report.manifest["rows"]["missing"] == 5
+    assert [f.part for f in report.manifest.failed_shards] == ["part-000002.parquet"]
+    assert "died" in report.manifest.failed_shards[0].reason
+    assert report.manifest.rows.missing == 5
     assert not (tmp_path / "out" / "_SUCCESS").exists()
     before = part_stats(tmp_path / "out")
     assert len(before) == 3
@@ -239,7 +239,7 @@ def test_shard_that_always_fails_ends_partial_and_a_rerun_retries_only_it(tmp_pa
     marker.unlink()  # the cause is fixed
     rerun = runner.run(cfg, progress=False)
     assert (rerun.status, rerun.exit_code) == ("complete", 0)
-    assert rerun.manifest["this_run"]["shards"] == 1
+    assert rerun.manifest.this_run.shards == 1
     after = part_stats(tmp_path / "out")
     assert {k: after[k] for k in before} == before
     assert_exactly_once(tmp_path / "out", 20)

@@ -117,7 +117,7 @@ def test_commits_are_fenced_by_generation_and_heartbeat(tmp_path):
     store = RunStore(str(tmp_path / "run"))
     held = DriverLease(store.meta, lease_s=10)
     generation = held.acquire().generation
-    data, summary = part_bytes(0, "x")
+    data, summary = part_bytes(0, 0)
     with pytest.raises(LeaseLost, match="generation 7"):
         store.commit("part-000000", data, summary, 7)
     age_record(store.meta, 6)  # renewed more than half a lease ago: its driver may be gone
@@ -177,17 +177,20 @@ def test_a_lost_lease_is_exit_4_only_when_another_driver_holds_the_run(tmp_path)
 
 def test_status_prefers_a_live_driver_and_a_later_failure_over_an_old_manifest(tmp_path):
     from batchinfer.cli import run_state
+    from batchinfer.records import Manifest, RunStatus, ShardTotals
 
     store = RunStore(str(tmp_path / "run"))
     plan = type("P", (), {"fingerprint": "sha256:x"})()
-    manifest = {"fingerprint": "sha256:x", "status": "partial", "shards": {"committed": 2},
-                "finished_at": "2026-11-29T01:00:00+00:00"}
+    manifest = Manifest.model_construct(fingerprint="sha256:x", status="partial",
+                                        shards=ShardTotals(total=3, committed=2, failed=1),
+                                        finished_at="2026-11-29T01:00:00+00:00")
     committed = {0: {}, 1: {}}
-    assert run_state(plan, committed, manifest, {}, None) == ("partial", "")
+    assert run_state(plan, committed, manifest, None, None) == ("partial", "")
     held = DriverLease(store.meta, lease_s=60)
     held.acquire()
-    assert run_state(plan, committed, manifest, {}, read_holder(store.meta))[0] == "running"
+    assert run_state(plan, committed, manifest, None, read_holder(store.meta))[0] == "running"
     held.release("failed")
-    failed = {"state": "failed", "reason": "StorageError: no space", "updated_at": "2026-11-29T02:00:00+00:00"}
+    failed = RunStatus(state="failed", reason="StorageError: no space",
+                       updated_at="2026-11-29T02:00:00+00:00")
     state, detail = run_state(plan, committed, manifest, failed, read_holder(store.meta))
     assert state == "failed" and detail.startswith("StorageError: no space; rerun")

@@ -43,6 +43,7 @@ from batchinfer.lease_book import (
     Start,
     hang_limit,
 )
+from batchinfer.records import ShardSummary
 
 
 def make_book(shards: int = 4, *, slots: int = 1, rows: int = 5, now: float = 0.0, **rules) -> LeaseBook:
@@ -54,9 +55,17 @@ def started(decisions) -> list[Lease]:
     return [d.lease for d in decisions if isinstance(d, (Start, Race))]
 
 
-def summary(lease: Lease, generate_s: float = 1.0) -> dict:
-    return {"shard": lease.shard, "attempt": lease.attempt, "generate_s": generate_s,
-            "skip": lease.skip}
+class Summary(ShardSummary):
+    """A shard summary that also says which rows its attempt was told to skip."""
+
+    skip: dict[int, str] | None = None
+
+
+def summary(lease: Lease, generate_s: float = 1.0) -> Summary:
+    return Summary(shard=lease.shard, part=f"part-{lease.shard:06d}.parquet", attempt=lease.attempt,
+                   worker=lease.slot, generate_s=generate_s, rows=1, rows_ok=1, rows_failed=0,
+                   prompt_tokens=1, completion_tokens=1, committed_at="2026-11-29T00:00:00+00:00",
+                   skip=lease.skip)
 
 
 def of(kind, decisions) -> list:
@@ -208,7 +217,7 @@ def test_row_that_kills_its_worker_is_narrowed_to_a_row_error():
     assert probes == [[0, 1], [2, 3, 4], [2], [3, 4]]
     # Probe deaths are expected: they do not count towards the crash-loop limit.
     assert [r.counted for r in of(Replace, made)] == [True, True, False, False]
-    assert book.committed[0]["attempt"] == 3 and book.committed[0]["skip"] == {2: "killed by row 2"}
+    assert book.committed[0].attempt == 3 and book.committed[0].skip == {2: "killed by row 2"}
     assert book.failed == {}
 
 
@@ -217,7 +226,7 @@ def test_poison_rows_in_one_row_shards_are_narrowed_and_their_neighbours_survive
     book = make_book(4, slots=1, rows=1, shards_per_worker=2)
     made = play(book, {1: {0}, 2: {0}})
     assert sorted(book.committed) == [0, 1, 2, 3] and book.failed == {}
-    assert {i: s["skip"] for i, s in book.committed.items()} == {
+    assert {i: s.skip for i, s in book.committed.items()} == {
         0: None, 1: {0: "killed by row 0"}, 2: {0: "killed by row 0"}, 3: None}
     assert sorted(p.shard for p in of(Poisoned, made)) == [1, 2]
 

@@ -20,7 +20,7 @@ import pytest
 from batchinfer import runner, storage
 from batchinfer.config import ConfigError
 from batchinfer.plan import make_plan
-from batchinfer.samples import write_sample_prompts
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     BUCKET,
     REPO,

@@ -22,8 +22,8 @@ from batchinfer.plan import (
     make_plan,
     verify_inputs,
 )
-from batchinfer.samples import write_sample_prompts
 from batchinfer.storage import StorageError, input_output_clash, list_parquet
+from scripts.sample_prompts import write_sample_prompts
 
 
 def files_of(*groups):

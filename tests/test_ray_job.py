@@ -13,7 +13,7 @@ import urllib.request
 import pandas as pd
 import pytest
 
-from batchinfer.samples import write_sample_prompts
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,
     S3_ENV,

@@ -15,7 +15,7 @@ from batchinfer.config import config_from_dict
 from batchinfer.plan import InputError, Piece, Shard, make_plan
 from batchinfer.readers import FileFacts, Reader
 from batchinfer.readers.parquet import ParquetReader
-from batchinfer.samples import write_sample_prompts
+from scripts.sample_prompts import write_sample_prompts
 
 
 def config(path, **input_):

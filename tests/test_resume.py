@@ -12,7 +12,7 @@ import os
 import pandas as pd
 import pytest
 
-from batchinfer.samples import write_sample_prompts
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import BUCKET, assert_exactly_once, make_config, wait_for, write_yaml
 
 pytestmark = pytest.mark.slow

@@ -14,9 +14,10 @@ import pytest
 
 from batchinfer import runner
 from batchinfer.plan import InputError
+from batchinfer.records import RowTotals, ShardTotals
 from batchinfer.runner import RunRefused
-from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,
     assert_exactly_once,
@@ -49,10 +50,10 @@ def test_run_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
     assert (out / "_SUCCESS").exists()
 
     m = report.manifest
-    assert m["rows"] == {"total": 60, "ok": 60, "failed": 0, "missing": 0}
-    assert m["shards"] == {"total": 3, "committed": 3, "failed": 0}  # the middle one spans both files
-    assert m["tokens"]["completion"] == df.completion_tokens.sum()
-    assert m["tokens"]["prompt"] == df.prompt_tokens.sum()
+    assert m.rows == RowTotals(total=60, ok=60, failed=0, missing=0)
+    assert m.shards == ShardTotals(total=3, committed=3, failed=0)  # the middle one spans both files
+    assert m.tokens.completion == df.completion_tokens.sum()
+    assert m.tokens.prompt == df.prompt_tokens.sum()
     assert json.loads((out / "_batchinfer" / "manifest.json").read_text())["status"] == "complete"
 
     before = part_stats(out)
@@ -75,8 +76,8 @@ def test_too_long_prompt_is_a_row_error_and_the_job_continues(tmp_path, ray_clus
     assert pd.isna(df.loc["r2", "output"])
     ok = df.drop(index="r2")
     assert ok.error.isna().all() and (ok.output.str.len() > 0).all()
-    assert report.manifest["rows"] == {"total": 4, "ok": 3, "failed": 1, "missing": 0}
-    assert report.manifest["errors"] == {"prompt_too_long": 1}
+    assert report.manifest.rows == RowTotals(total=4, ok=3, failed=1, missing=0)
+    assert report.manifest.errors == {"prompt_too_long": 1}
 
 
 def test_messages_column_and_synthesized_ids(tmp_path, ray_cluster):
@@ -161,13 +162,13 @@ def test_two_workers_commit_the_same_shard_concurrently_one_wins(tmp_path, ray_c
     workers = [actor.remote(config=cfg, plan=plan, worker_index=i, generation=generation)
                for i in range(2)]
     try:
-        summaries = ray.get([w.process.remote(0, 1) for w in workers])
+        attempts = ray.get([w.process.remote(0, 1) for w in workers])
     finally:
         for w in workers:
             ray.kill(w)
-    assert sorted(s["won"] for s in summaries) == [False, True]
-    winner = next(s for s in summaries if s["won"])
-    assert all(s["worker"] == winner["worker"] for s in summaries)  # the loser reports the winner's part
+    assert sorted(a.won for a in attempts) == [False, True]
+    winner = next(a.summary for a in attempts if a.won)
+    assert all(a.summary.worker == winner.worker for a in attempts)  # the loser reports the winner's part
     df = pd.read_parquet(tmp_path / "out")
     assert sorted(df.id) == ids_of(6)
     assert os.listdir(tmp_path / "out" / "_batchinfer" / "staging") == []

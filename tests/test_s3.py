@@ -14,9 +14,9 @@ from batchinfer import runner
 from batchinfer.atomic import read_input_file
 from batchinfer.config import StorageConfig
 from batchinfer.plan import make_plan
-from batchinfer.samples import write_sample_prompts
 from batchinfer.storage import StorageError
 from batchinfer.store import RunStore
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import BUCKET, REPO, hold_run, ids_of, make_config, write_yaml
 from tests.flaky_proxy import FlakyProxy
 from tests.test_store import part_bytes
@@ -66,11 +66,11 @@ def test_s3_prompts_to_s3_results(tmp_path, s3, ray_cluster):
 
 
 def _commit_on_s3(args):
-    endpoint, url, generation, tag, barrier = args
-    data, summary = part_bytes(3, tag)
+    endpoint, url, generation, worker, barrier = args
+    data, summary = part_bytes(3, worker)
     store = RunStore(url, StorageConfig(endpoint_url=endpoint))
     barrier.wait()
-    return tag, store.commit("part-000003", data, summary, generation)
+    return worker, store.commit("part-000003", data, summary, generation)
 
 
 def test_same_shard_committed_concurrently_on_s3_exactly_one_wins(s3):
@@ -80,16 +80,16 @@ def test_same_shard_committed_concurrently_on_s3_exactly_one_wins(s3):
     with multiprocessing.Manager() as manager:
         barrier = manager.Barrier(n)
         with multiprocessing.get_context("spawn").Pool(n) as pool:
-            outcomes = pool.map(_commit_on_s3, [(s3.endpoint, url, generation, f"try-{i}", barrier)
+            outcomes = pool.map(_commit_on_s3, [(s3.endpoint, url, generation, i, barrier)
                                                 for i in range(n)])
-    winners = [tag for tag, won in outcomes if won]
+    winners = [worker for worker, won in outcomes if won]
     assert len(winners) == 1
     df = s3.read("race/run")
-    assert len(df) == 5 and set(df.output) == {winners[0]}
+    assert len(df) == 5 and set(df.output) == {f"worker-{winners[0]}"}
     # No orphan: the only objects are the winner's part and its commit record.
     assert s3.keys("race/") == ["race/run/_batchinfer/commits/part-000003.json",
                                 "race/run/_batchinfer/driver.json", "race/run/part-000003.parquet"]
-    assert RunStore(url, StorageConfig(endpoint_url=s3.endpoint)).committed()[3]["tag"] == winners[0]
+    assert RunStore(url, StorageConfig(endpoint_url=s3.endpoint)).committed()[3].worker == winners[0]
 
 
 def test_storage_throttling_and_server_errors_are_retried(tmp_path, s3, ray_cluster):

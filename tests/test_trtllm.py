@@ -35,7 +35,7 @@ from batchinfer.engines.trtllm.engine import (
     sampling_params,
     to_result,
 )
-from batchinfer.samples import prompt, write_sample_prompts
+from scripts.sample_prompts import prompt, write_sample_prompts
 from tests.conftest import REPO, TRTLLM_DOUBLE_ENV, hold_run, ids_of, write_yaml
 from tests.engine_conformance import EngineConformance, RayEngine, generate_all
 
@@ -408,8 +408,8 @@ def test_in_flight_window_spans_shards(tmp_path, model_folder, trtllm_double):
     try:
         summaries = asyncio.run(both())
     finally:
-        worker.shutdown()
-    assert [s["rows_ok"] for s in summaries] == [5, 5]
+        worker.engine.shutdown()
+    assert [a.summary.rows_ok for a in summaries] == [5, 5]
     assert [shard_of[tuple(ids)] for ids in submitted[:8]] == [0] * 5 + [1] * 3
     assert sorted(pd.read_parquet(tmp_path / "out").id) == ids_of(10)
 
@@ -477,7 +477,7 @@ def test_job_on_trtllm_workers_downloads_the_engine_once_per_node(tmp_path, mode
     actor = ray.remote(ShardWorker).options(num_gpus=1, runtime_env=trtllm_double)
     workers = [actor.remote(config=cfg, plan=plan, worker_index=i, generation=0) for i in range(2)]
     try:
-        sources = sorted(i["engine_source"] for i in ray.get([w.ready.remote() for w in workers]))
+        sources = sorted(i.engine_source for i in ray.get([w.ready.remote() for w in workers]))
     finally:
         for w in workers:
             ray.kill(w)

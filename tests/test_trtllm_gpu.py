@@ -17,8 +17,8 @@ import pandas as pd
 import pytest
 
 from batchinfer.config import config_from_dict
-from batchinfer.samples import write_sample_prompts
 from batchinfer.store import RunStore
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import hold_run
 
 
@@ -61,9 +61,9 @@ def run_one_shard(cfg):
     plan = RunStore(cfg.output.path).write_plan(make_plan(cfg))
     worker = ShardWorker(config=cfg, plan=plan, worker_index=0, generation=hold_run(cfg.output.path))
     try:
-        summary = asyncio.run(worker.process(0, 1))
+        summary = asyncio.run(worker.process(0, 1)).summary
     finally:
-        worker.shutdown()
+        worker.engine.shutdown()
     df = pd.read_parquet(cfg.output.path)
     return worker, summary, df
 
@@ -72,7 +72,7 @@ def test_build_an_engine_and_run_a_shard(tmp_path, model_folder):
     cfg = gpu_config(tmp_path, model_folder, quantization="none")
     worker, summary, df = run_one_shard(cfg)
     assert worker.engine.engine_source == "built"
-    assert summary["rows_ok"] == 16 and len(df) == 16
+    assert summary.rows_ok == 16 and len(df) == 16
     assert df.output.str.len().min() > 0 and set(df.finish_reason) <= {"stop", "length"}
     assert (df.completion_tokens <= 16).all()
 
@@ -93,4 +93,4 @@ def test_build_a_tiny_fp8_engine_and_run_a_shard(tmp_path, model_folder):
 
     quant = json.loads((folder / "config.json").read_text())["pretrained_config"]["quantization"]
     assert quant["quant_algo"] == "FP8" and quant["kv_cache_quant_algo"] == "FP8"
-    assert summary["rows_ok"] == 16 and df.output.str.len().min() > 0
+    assert summary.rows_ok == 16 and df.output.str.len().min() > 0

@@ -31,7 +31,7 @@ def worker_for(tmp_path, model_folder):
 
     yield make
     for w in made:
-        w.shutdown()
+        w.engine.shutdown()
 
 
 def test_the_next_shard_fills_the_batch_before_the_current_one_drains(tmp_path, worker_for):
@@ -69,7 +69,7 @@ def test_the_next_shard_fills_the_batch_before_the_current_one_drains(tmp_path, 
         return await asyncio.gather(busy_request, worker.process(0, 1), worker.process(1, 1))
 
     _, *summaries = asyncio.run(both())
-    assert [s["rows_ok"] for s in summaries] == [5, 5]
+    assert [a.summary.rows_ok for a in summaries] == [5, 5]
     # Once the engine is free, a batch of 8 takes the rest of shard 0 and the start of
     # shard 1, rather than running shard 0 alone (an engine drained at the boundary).
     assert batches == [[-1], [0] * 5 + [1] * 3, [1] * 2], batches
@@ -81,9 +81,9 @@ def test_bad_rows_are_row_errors_and_the_rest_of_the_shard_succeeds(tmp_path, wo
     pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "prompt": ["Say hi.", None, "", "Say bye."]}),
                    tmp_path / "prompts" / "p.parquet")
     worker, _ = worker_for(make_config(tmp_path))
-    summary = asyncio.run(worker.process(0, 1))
-    assert (summary["rows_ok"], summary["rows_failed"]) == (2, 2)
-    assert summary["errors"] == {"empty_prompt": 2}
+    summary = asyncio.run(worker.process(0, 1)).summary
+    assert (summary.rows_ok, summary.rows_failed) == (2, 2)
+    assert summary.errors == {"empty_prompt": 2}
     df = pd.read_parquet(tmp_path / "out").set_index("id")
     assert df.loc["b", "error"] == "empty_prompt: prompt is null"
     assert df.loc["c", "error"] == "empty_prompt: prompt is empty"

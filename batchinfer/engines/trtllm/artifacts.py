@@ -31,6 +31,7 @@ from batchinfer import atomic, cache, models, storage
 from batchinfer.config import Config
 from batchinfer.engines.base import EngineSetupError
 from batchinfer.engines.trtllm.options import build_settings
+from batchinfer.records import now_iso
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def write_sidecar(engine_dir: Path, cfg: Config, gpu: GpuIdentity, version: str,
              for p in sorted(engine_dir.iterdir()) if p.is_file() and p.name not in (SIDECAR, cache.DONE)}
     record = {"key": key, "gpu": asdict(gpu), "tensorrt_llm": version, "build": build_settings(cfg),
               "model": models.resolve(cfg.engine.model).identity, "files": files,
-              "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "built_at": now_iso(),
               "built_on": socket.gethostname()}
     (engine_dir / SIDECAR).write_text(json.dumps(record, indent=1))
     return record

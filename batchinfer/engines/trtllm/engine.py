@@ -176,8 +176,7 @@ def sampling_params(cfg: Config, api: Any, max_tokens: int, seed: int | None = N
 
 
 def _tokenizer_dir(cfg: Config) -> str:
-    return models.materialize(models.resolve(cfg.engine.tokenizer or cfg.engine.model),
-                              cfg.engine.cache_dir)
+    return models.tokenizer_folder(cfg.engine)
 
 
 # --------------------------------------------------------------------------- outputs -> rows

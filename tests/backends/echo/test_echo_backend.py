@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from batchinfer.samples import write_sample_prompts
+from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import REPO, WORKER_ENV, assert_exactly_once, ids_of
 
 BACKEND = "tests.backends.echo:EchoEngine"

@@ -1,7 +1,14 @@
-"""Deterministic sample prompts for the demo, the tests and the benchmarks."""
+"""Deterministic sample prompts for the demo, the tests and the benchmarks (not part of the
+batchinfer package: a run never needs them).
+
+    python scripts/sample_prompts.py FOLDER [--files 2] [--rows-per-file 100] [--row-group-size 25]
+
+Tests and scripts import it from the repository root: `from scripts.sample_prompts import ...`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pyarrow as pa
@@ -42,3 +49,18 @@ def write_sample_prompts(folder: str, *, files: int = 2, rows_per_file: int = 10
         pq.write_table(table, path, row_group_size=row_group_size)
         paths.append(path)
     return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write Parquet files of sample prompts (id, prompt, category).")
+    parser.add_argument("folder")
+    parser.add_argument("--files", type=int, default=2)
+    parser.add_argument("--rows-per-file", type=int, default=100)
+    parser.add_argument("--row-group-size", type=int, default=25)
+    args = parser.parse_args()
+    write_sample_prompts(args.folder, files=args.files, rows_per_file=args.rows_per_file,
+                         row_group_size=args.row_group_size)
+
+
+if __name__ == "__main__":
+    main()

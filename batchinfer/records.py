@@ -1,0 +1,199 @@
+"""The records that cross layers — between worker and driver, and into the run directory —
+each a model with one JSON form.
+
+    ShardSummary   a committed shard: worker -> driver, the commit record, the part's metadata
+    WorkerInfo     a worker's ready() answer; its identity is kept in the run status
+    WorkerProgress a worker's progress() answer, polled by the driver
+    RunStatus      _batchinfer/status.json, the driver's state
+    Manifest       _batchinfer/manifest.json, the final report (versioned)
+
+The JSON forms are those the dicts before them had, so run directories written before
+these models existed stay readable: fields added since carry defaults, and fields a reader
+does not know are ignored (a record written by a newer version still reads).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_VERSION = 1
+"""The manifest layout this code writes. A manifest without a version field is layout 1."""
+
+
+def now_iso() -> str:
+    """The current time as records store it: UTC, ISO 8601, whole seconds."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Record(BaseModel):
+    """A record: immutable, one JSON form (`to_json` / `from_json`), unknown fields ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return self.model_dump_json(indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str | bytes):
+        """Parse a record; pydantic.ValidationError (a ValueError) if it is not one."""
+        return cls.model_validate_json(text)
+
+
+# ---------------------------------------------------------------------- shards
+
+
+class RowCounts(Record):
+    """What became of some rows: counts, tokens, and error codes with their counts."""
+
+    rows: int
+    rows_ok: int
+    rows_failed: int
+    prompt_tokens: int
+    completion_tokens: int
+    errors: dict[str, int] = Field(default_factory=dict)
+    """Error code (the part of a row's `error` before the colon) -> rows with it."""
+
+
+class ShardSummary(RowCounts):
+    """One committed shard. The same JSON is the commit record
+    (`_batchinfer/commits/part-*.json`), the part file's own metadata, and an entry of the
+    manifest's `shard_summaries`."""
+
+    shard: int
+    part: str
+    """The part file's name, e.g. `part-000003.parquet`."""
+    attempt: int
+    worker: int
+    generate_s: float
+    """Seconds from the attempt's start to its last row's result."""
+    engine_restarts: int = 0
+    """Engine restarts in place during this attempt."""
+    committed_at: str
+    fingerprint: str | None = None
+    """The plan's fingerprint; absent in records written before it was kept."""
+    generation: int | None = None
+    """The driver lease generation that committed it; absent in older records."""
+
+
+class ShardAttempt(Record):
+    """What `ShardWorker.process` returns: the shard's summary, and whether this attempt's
+    commit is the one that counts. Not persisted: a losing attempt returns the winner's
+    summary."""
+
+    summary: ShardSummary
+    won: bool
+
+
+# ---------------------------------------------------------------------- workers
+
+
+class WorkerInfo(Record):
+    """A worker whose engine is loaded: `ShardWorker.ready()`; the run status keeps the list."""
+
+    worker: int
+    host: str
+    pid: int
+    load_s: float | None = None
+    """Seconds to load the engine and tokenizer; absent in status records before it was kept."""
+    engine_source: str | None = None
+    """Where the backend got its engine from, if it says (e.g. TensorRT-LLM: built, cached)."""
+
+
+class WorkerProgress(Record):
+    """`ShardWorker.progress()`: what the driver's progress line and hang watchdog read."""
+
+    rows: int
+    """Rows generated without error, since the worker started."""
+    completion_tokens: int
+    heartbeat: int
+    """Moves while the engine works; the watchdog calls a worker hung when it stops."""
+    busy: dict[str, Any] = Field(default_factory=dict)
+    """The engine's own `busy()` report (engines/base.py): `in_step`, `step_tokens`."""
+    max_model_len: int = 0
+
+
+# ---------------------------------------------------------------------- the run
+
+
+class RunStatus(Record):
+    """`_batchinfer/status.json`: the driver's state, rewritten at state changes and on
+    commits. Advisory: liveness is the driver lease (lease.py)."""
+
+    state: str
+    """starting | running | complete | partial | interrupted | failed"""
+    reason: str | None = None
+    """Why the run failed or was interrupted."""
+    started_at: str | None = None
+    updated_at: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    shards_done: int = 0
+    shards_total: int = 0
+    fingerprint: str | None = None
+    workers: list[WorkerInfo] = Field(default_factory=list)
+
+
+class ShardTotals(Record):
+    total: int
+    committed: int
+    failed: int
+
+
+class RowTotals(Record):
+    total: int
+    ok: int
+    failed: int
+    missing: int
+    """Planned rows without a committed row (shards failed or not run)."""
+
+
+class TokenTotals(Record):
+    prompt: int
+    completion: int
+
+
+class ThisRun(Record):
+    """What this invocation did (a resumed run counts only its own work)."""
+
+    wall_s: float
+    generate_s: float
+    workers: int
+    shards: int
+    rows: int
+    completion_tokens: int
+    rows_per_s: float
+    tokens_per_s: float
+
+
+class FailedShard(Record):
+    shard: int
+    part: str
+    reason: str
+
+
+class Manifest(Record):
+    """`_batchinfer/manifest.json`: the final report of a run."""
+
+    version: int = MANIFEST_VERSION
+    """The layout; manifests written before this field existed are layout 1."""
+    status: str
+    """complete | partial | interrupted"""
+    output: str
+    fingerprint: str
+    plan_created_at: str
+    finished_at: str
+    shards: ShardTotals
+    rows: RowTotals
+    errors: dict[str, int] = Field(default_factory=dict)
+    tokens: TokenTotals
+    this_run: ThisRun
+    failed_shards: list[FailedShard] = Field(default_factory=list)
+    shard_summaries: list[ShardSummary] = Field(default_factory=list)
+
+    def describes(self, fingerprint: str, committed: int) -> bool:
+        """Whether this manifest is current: made for the plan with `fingerprint`, after the
+        `committed` shards on record now (a later commit makes it stale)."""
+        return self.fingerprint == fingerprint and self.shards.committed == committed
