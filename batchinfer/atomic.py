@@ -18,7 +18,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from typing import IO, Any, TypeVar
+from typing import IO, TypeVar
 
 from filelock import FileLock
 
@@ -239,15 +239,3 @@ def read_pinned(url: str, version: str, cfg: StorageConfig | None,
     if (now := current()) != version:
         raise changed(now)
     return result
-
-
-def read_input_file(url: str, version: str, cfg: StorageConfig | None, read: Callable[[Any], T]) -> T:
-    """`read(parquet_file)` on exactly the version of a Parquet input file the plan recorded
-    (see `read_pinned`; readers/parquet.py opens the file)."""
-    from batchinfer.readers.parquet import open_parquet
-
-    def opened(source: str | IO[bytes]) -> T:
-        with open_parquet(source, cfg) as pf:
-            return read(pf)
-
-    return read_pinned(url, version, cfg, opened)

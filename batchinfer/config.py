@@ -27,7 +27,7 @@ from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, ValidationError
 
 from batchinfer import registry
-from batchinfer.results import RESULT_COLUMNS
+from batchinfer.records import RESULT_COLUMNS
 
 
 class ConfigError(ValueError):

@@ -23,6 +23,11 @@ MANIFEST_VERSION = 1
 """The manifest layout this code writes. A manifest without a version field is layout 1."""
 
 
+RESULT_COLUMNS = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "latency_s", "error")
+"""The result columns of every output row, after the id and passthrough columns (their Arrow
+types: results.RESULT_FIELDS); an input column of one of these names cannot pass through."""
+
+
 def now_iso() -> str:
     """The current time as records store it: UTC, ISO 8601, whole seconds."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")

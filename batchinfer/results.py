@@ -14,24 +14,18 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchinfer.records import RowCounts, ShardSummary
+from batchinfer.records import RESULT_COLUMNS, RowCounts, ShardSummary
 
-if TYPE_CHECKING:  # annotations only: config.py imports RESULT_COLUMNS from here
+if TYPE_CHECKING:  # annotations only
     from batchinfer.config import Config
     from batchinfer.engines.base import Result
 
 SUMMARY_KEY = b"batchinfer.shard"
 
-# The result columns, the one list of them: the output schema, and the names that
-# input.passthrough_columns must not take (RESULT_COLUMNS).
-RESULT_FIELDS = [
-    pa.field("output", pa.string()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("prompt_tokens", pa.int64()),
-    pa.field("completion_tokens", pa.int64()),
-    pa.field("latency_s", pa.float64()),
-    pa.field("error", pa.string()),
-]
+_RESULT_TYPES = {"output": pa.string(), "finish_reason": pa.string(), "prompt_tokens": pa.int64(),
+                 "completion_tokens": pa.int64(), "latency_s": pa.float64(), "error": pa.string()}
+RESULT_FIELDS = [pa.field(name, _RESULT_TYPES[name]) for name in RESULT_COLUMNS]
+"""The result columns (records.RESULT_COLUMNS, the one list of their names) with their types."""
 
 
 def output_schema(input_schema: pa.Schema, cfg: Config) -> pa.Schema:
@@ -60,10 +54,6 @@ def build_table(schema: pa.Schema, ids: pa.Array, passthrough: dict[str, pa.Arra
     arrays = [pa.array(columns[f.name], type=f.type) if not isinstance(columns[f.name], (pa.Array, pa.ChunkedArray))
               else columns[f.name].cast(f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
-
-
-RESULT_COLUMNS = tuple(f.name for f in RESULT_FIELDS)
-"""The result columns' names (an input column of one of these names cannot pass through)."""
 
 
 def summarize(rows: list[RowOutcome]) -> RowCounts:

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchinfer import atomic, storage
+from batchinfer.readers.parquet import read_input_file, storage
 
 
 def write(path, ids) -> None:
@@ -24,7 +24,7 @@ def recorded(path) -> str:
 
 
 def read_ids(path, version):
-    return atomic.read_input_file(str(path), version, None,
+    return read_input_file(str(path), version, None,
                                   lambda pf: pf.read().column("id").to_pylist())
 
 

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from batchinfer.atomic import read_input_file
 from batchinfer.config import config_from_dict
 from batchinfer.plan import (
     InputError,
@@ -22,6 +21,7 @@ from batchinfer.plan import (
     make_plan,
     verify_inputs,
 )
+from batchinfer.readers.parquet import read_input_file
 from batchinfer.storage import StorageError, input_output_clash, list_parquet
 from scripts.sample_prompts import write_sample_prompts
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from batchinfer import runner
-from batchinfer.atomic import read_input_file
 from batchinfer.config import StorageConfig
 from batchinfer.plan import make_plan
+from batchinfer.readers.parquet import read_input_file
 from batchinfer.storage import StorageError
 from batchinfer.store import RunStore
 from scripts.sample_prompts import write_sample_prompts

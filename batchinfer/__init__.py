@@ -1,0 +1,6 @@
+"""batchinfer: Ray-distributed batch LLM inference, Parquet prompts in, Parquet results out, exactly once.
+
+Layers, top to bottom (checked by the import contracts in pyproject.toml): cli, runner,
+scheduler, worker, store, results, engines, prompts, plan and lease, readers, models and
+atomic, storage, config, and the leaf modules (registry, records, errors).
+"""
