@@ -139,7 +139,7 @@ def test_worker_killed_mid_shard_its_shards_are_leased_again_alone_as_attempt_2(
     later = started(book.fill(7))
     assert [(lease.shard, lease.attempt, lease.solo) for lease in later] == [(0, 2, True)]
     book.succeeded(later[0].id, summary(later[0]))
-    assert not book.unfinished and {s["attempt"] for s in book.committed.values()} == {1, 2}
+    assert not book.unfinished and {s.attempt for s in book.committed.values()} == {1, 2}
 
 
 def test_engine_that_hangs_is_replaced_and_its_shard_retried():
@@ -301,7 +301,7 @@ def test_racing_copy_commits_first_and_the_straggler_is_cancelled_and_ignored():
     # The straggler's late result (it lost the commit, or was killed) changes nothing.
     assert book.succeeded(straggler.id, summary(straggler)) == []
     assert book.died(straggler.id, "TaskCancelledError", 99) == []
-    assert book.committed[3]["attempt"] == 1 and book.failed == {}
+    assert book.committed[3].attempt == 1 and book.failed == {}
 
 
 def test_straggler_commits_first_and_the_copy_is_cancelled():
