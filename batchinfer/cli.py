@@ -14,7 +14,9 @@ import traceback
 
 import click
 
-from batchinfer import config as config_mod, engines, lease, plan as planning, runner, storage
+from batchinfer import engines, lease, plan as planning, runner, storage
+from batchinfer.config import Config, ConfigError
+from batchinfer.config_loader import load_config, to_commented_yaml
 from batchinfer.errors import describe
 from batchinfer.lease import LeaseLost, RunBusy, RunLapsed
 from batchinfer.prompts import check_sample
@@ -40,10 +42,10 @@ def _fail(code: int, message: str) -> None:
     sys.exit(code)
 
 
-def load_or_exit(config_path: str, sets: tuple[str, ...], date: str | None = None) -> config_mod.Config:
+def load_or_exit(config_path: str, sets: tuple[str, ...], date: str | None = None) -> Config:
     try:
-        return config_mod.load_config(config_path, sets, date)
-    except config_mod.ConfigError as e:
+        return load_config(config_path, sets, date)
+    except ConfigError as e:
         _fail(EXIT_USAGE, str(e))
 
 
@@ -79,7 +81,7 @@ def run(config_path: str, sets: tuple[str, ...], date: str | None, new_run: bool
                      progress=not no_progress))
 
 
-def run_job(cfg: config_mod.Config, *, new_run: bool = False, progress: bool = True) -> int:
+def run_job(cfg: Config, *, new_run: bool = False, progress: bool = True) -> int:
     """Run and print the summary; return the exit code. Shared with jobs/batch_job.py."""
     try:
         report = runner.run(cfg, new_run=new_run, progress=progress)
@@ -164,7 +166,7 @@ def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     click.echo(_first_prompt(cfg, p))
 
 
-def _first_prompt(cfg: config_mod.Config, p) -> str:
+def _first_prompt(cfg: Config, p) -> str:
     from batchinfer.plan import input_reader
     from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 
@@ -295,7 +297,7 @@ def validate(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
     Also checks that the engine backend is installed and the model can be found.
     """
     cfg = load_or_exit(config_path, sets, date)
-    click.echo(config_mod.to_commented_yaml(cfg), nl=False)
+    click.echo(to_commented_yaml(cfg), nl=False)
     try:
         runner.preflight(cfg)
     except runner.USAGE_ERRORS as e:

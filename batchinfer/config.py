@@ -1,57 +1,29 @@
-"""Typed, validated configuration on pydantic v2: one model per section, loaded from YAML in one place.
+"""The configuration's schema on pydantic v2: one model per section (loading: config_loader.py).
 
 Every field has a default and a docstring right under it (pydantic's
 `use_attribute_docstrings` makes it the field's description, which `batchinfer validate`
 prints). Bounds live in the type (`Annotated[int, Ge(1)]`); validation is strict (no
-"yes" for true, no 1.5 for an integer), and `config_from_dict` turns pydantic's errors
-into one message per key: the key, the value given, what is allowed, did-you-mean.
+"yes" for true, no 1.5 for an integer).
 
-Every field also says whether it changes what a run outputs: `OUTPUT` puts it in the run
-fingerprint (a resume with another value is refused), `Neutral(reason)` says why not.
+Every field also says whether it changes what a run outputs (fingerprint.py): `OUTPUT`
+puts it in the run fingerprint, `Neutral(reason)` says why not.
 A backend's own settings (`engine.options`) are a model of the same kind, declared by
 the backend (see `batchinfer.registry`).
 """
 
 from __future__ import annotations
 
-import difflib
-import types
-import typing
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-import yaml
 from annotated_types import Ge, Gt, Le
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny
 
-from batchinfer import registry
+from batchinfer.fingerprint import OUTPUT, Neutral, fingerprinted
 from batchinfer.records import RESULT_COLUMNS
 
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key, the value and what is allowed."""
-
-
-@dataclass(frozen=True)
-class Output:
-    """A field that changes what the model outputs: part of the run fingerprint."""
-
-
-@dataclass(frozen=True)
-class Neutral:
-    """A field that does not change outputs (scheduling, storage, paths), and why."""
-
-    reason: str
-
-
-OUTPUT = Output()
-
-
-def decision(model: type[BaseModel], name: str) -> Output | Neutral | None:
-    """The fingerprint decision written on field `name` of `model`, or None if none is."""
-    return next((m for m in model.model_fields[name].metadata if isinstance(m, Output | Neutral)), None)
 
 
 class Section(BaseModel):
@@ -61,8 +33,7 @@ class Section(BaseModel):
 
     def fingerprinted(self) -> dict[str, Any]:
         """This section's values that change outputs (fields marked OUTPUT), by name."""
-        return {n: getattr(self, n) for n in type(self).model_fields
-                if isinstance(decision(type(self), n), Output)}
+        return fingerprinted(self)
 
     def problems(self) -> list[str]:
         """Checks across fields, after each field is valid; each names the key and the value."""
@@ -131,11 +102,11 @@ class StorageConfig(Section):
     """Extra fsspec options for every URL (e.g. key, secret, client_kwargs); secret-looking values are never printed."""
 
     def model_post_init(self, _context: Any) -> None:
-        self.options = _secrets_hidden(self.options)
+        self.options = _secrets(self.options, hide=True)
 
     def fsspec_options(self) -> dict[str, Any]:
         """`options` with every secret revealed, for the filesystem that needs them."""
-        return _secrets_revealed(self.options)
+        return _secrets(self.options, hide=False)
 
 
 class EngineConfig(Section):
@@ -234,274 +205,23 @@ class Config(BaseModel):
     """Workers, shards and the Ray cluster."""
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (secrets revealed), as `config_from_dict` takes it back."""
-        return _secrets_revealed(self.model_dump())
-
-
-# Keys that moved, so an old config gets a pointer instead of a bare "unknown key".
-MOVED = {"trtllm": "engine.options (with engine.backend: trtllm)", "engine.device": "engine.options.device"}
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
-                date: str | None = None) -> Config:
-    """Read a YAML config (or the defaults when path is None), apply `key=value` overrides,
-    and put `date` (YYYY-MM-DD, default today in UTC) wherever a path says `{date}`.
-
-    Raises ConfigError naming every problem found."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found (expected a YAML file)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping of sections at the top "
-                              f"level, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override(raw, item)
-    return with_date(config_from_dict(raw), date)
-
-
-DATE_PLACEHOLDER = "{date}"
-
-
-def with_date(cfg: Config, date: str | None) -> Config:
-    """Substitute `{date}` in input.path and output.path (nightly batches)."""
-    if date is None:
-        date = datetime.now(timezone.utc).date().isoformat()
-    else:
-        try:
-            date = datetime.strptime(date, "%Y-%m-%d").date().isoformat()
-        except ValueError:
-            raise ConfigError(f"--date: got {date!r}; expected a date as YYYY-MM-DD") from None
-    cfg.input.path = cfg.input.path.replace(DATE_PLACEHOLDER, date)
-    cfg.output.path = cfg.output.path.replace(DATE_PLACEHOLDER, date)
-    return cfg
-
-
-@dataclass(frozen=True)
-class Override:
-    """A --set value: parsed as YAML, but kept as text for string fields ("a: b" is a string)."""
-
-    text: str
-    parsed: Any
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `section.key=value` (or `engine.options.key=value`) override; the value is
-    parsed as YAML (`null`, 3, [a])."""
-    key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
-    nested = len(parts) == 3 and parts[:2] == ["engine", "options"]
-    if not sep or not (len(parts) == 2 or nested) or not all(parts):
-        raise ConfigError(f"--set expects section.key=value (e.g. sampling.max_tokens=32, "
-                          f"engine.options.mode=engine), got {item!r}")
-    try:
-        parsed = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        parsed = text
-    where = raw
-    for depth, part in enumerate(parts[:-1]):
-        where = where.setdefault(part, {})
-        if not isinstance(where, dict):
-            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])!r} is not a mapping in the config")
-    where[parts[-1]] = Override(text, parsed)
-
-
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate plain data (a parsed YAML file) into a Config; ConfigError names every problem."""
-    raw, options = dict(raw), None
-    if isinstance(raw.get("engine"), dict):  # the backend's options are checked by the backend's model
-        raw["engine"] = dict(raw["engine"])
-        options = raw["engine"].pop("options", None)
-    cfg, problems = _validate(Config, raw, "")
-    if cfg is not None:
-        backend_options, more = _validate_options(cfg.engine.backend, options)
-        problems += more
-        cfg.engine.options = backend_options
-        for section in (cfg.input, cfg.output, cfg.storage, cfg.engine, cfg.sampling, cfg.run,
-                        cfg.engine.options):
-            problems += section.problems()
-    if problems:
-        raise ConfigError(_join(problems))
-    return cfg
-
-
-def _validate_options(backend: str, options: Any) -> tuple[EngineOptions, list[str]]:
-    try:
-        model = registry.engine_class(backend).Options
-    except registry.EngineUnavailable as e:
-        return EngineOptions(), [f"engine.backend: {e}"]
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        return model(), [f"engine.options: expected a mapping of keys, got {_show(options)}"]
-    value, problems = _validate(model, options, "engine.options")
-    return value or model(), problems
-
-
-def _validate(model: type[BaseModel], raw: Any, where: str) -> tuple[Any, list[str]]:
-    """`model` validated from `raw`; a --set value that fails as YAML is retried as its text."""
-    try:
-        return model.model_validate(_parsed(raw)), []
-    except ValidationError as e:
-        errors = e.errors()
-    retry = _as_text(raw, [err["loc"] for err in errors])
-    if retry is not raw:
-        try:
-            return model.model_validate(_parsed(retry)), []
-        except ValidationError as e:
-            errors = e.errors()
-    problems: list[str] = []
-    for err in errors:
-        message = _message(model, err, where)
-        if message not in problems:
-            problems.append(message)
-    return None, problems
-
-
-def _parsed(raw: Any) -> Any:
-    if isinstance(raw, Override):
-        return raw.parsed
-    if isinstance(raw, dict):
-        return {k: _parsed(v) for k, v in raw.items()}
-    return raw
-
-
-def _as_text(raw: Any, locs: list[tuple]) -> Any:
-    """`raw` with each Override at one of `locs` replaced by its text (or `raw` itself if none)."""
-    changed = dict(raw) if isinstance(raw, dict) else raw
-    hit = False
-    for loc in locs:
-        where = changed
-        for part in loc[:-1]:
-            if not isinstance(where, dict) or not isinstance(where.get(part), dict):
-                where = None
-                break
-            where[part] = dict(where[part])
-            where = where[part]
-        if isinstance(where, dict) and isinstance(where.get(loc[-1]), Override):
-            where[loc[-1]] = where[loc[-1]].text
-            hit = True
-    return changed if hit else raw
-
-
-def _message(model: type[BaseModel], err: dict[str, Any], where: str) -> str:
-    loc = [str(p) for p in err["loc"]]
-    owner, path = model, [where] if where else []
-    for part in loc[:-1]:  # walk down to the model that owns the last key
-        field = owner.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            break
-        owner, path = field.annotation, [*path, part]
-        loc = loc[1:]
-    key, here = loc[0], ".".join(path) or "top level"
-    moved = MOVED.get(f"{'.'.join(path)}.{key}" if path else key)
-    if err["type"] == "extra_forbidden":
-        return _unknown(key, list(owner.model_fields), here) + (f"; it moved to {moved}" if moved else "")
-    if err["type"] == "model_type" and len(loc) == 1 and key in owner.model_fields:
-        return f"{'.'.join([*path, key])}: expected a mapping of keys, got {_show(err['input'])}"
-    field = owner.model_fields[key]
-    return f"{'.'.join([*path, key])}: got {_show(err['input'])}; expected {_expected(field.annotation, field.metadata)}"
-
-
-def _join(problems: list[str]) -> str:
-    if len(problems) == 1:
-        return problems[0]
-    return f"{len(problems)} problems in the config:\n" + "\n".join(f"  - {p}" for p in problems)
-
-
-def _unknown(key: str, allowed: list[str], where: str) -> str:
-    hint = difflib.get_close_matches(str(key), allowed, n=1)
-    maybe = f"; did you mean {hint[0]!r}?" if hint else ""
-    return f"unknown key {key!r} at {where}{maybe} (allowed: {', '.join(allowed) or 'none'})"
-
-
-def _show(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _expected(tp: Any, metadata: typing.Iterable[Any] = ()) -> str:
-    """What a field of type `tp` (with `metadata` bounds) accepts, in words."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Annotated:
-        return _expected(args[0], [*metadata, *args[1:]])
-    if origin in (Union, types.UnionType):
-        return _expected(next(a for a in args if a is not type(None)), metadata) + " or null"
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    words = {list: "a list of strings", dict: "a mapping", bool: "true or false", str: "a string",
-             int: "an integer", float: "a number"}
-    text = words.get(origin or tp, "a mapping of keys")
-    bounds = [f">= {m.ge:g}" if isinstance(m, Ge) else f"> {m.gt:g}" if isinstance(m, Gt) else f"<= {m.le:g}"
-              for m in metadata if isinstance(m, Ge | Gt | Le)]
-    return " ".join([text, " and ".join(bounds)]) if bounds else text
-
-
-# --------------------------------------------------------------------------- secrets and self-description
+        """Plain data (secrets revealed), as `config_loader.config_from_dict` takes it back."""
+        return _secrets(self.model_dump(), hide=False)
 
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "sas")
 
 
-def _is_secret(name: object) -> bool:
+def is_secret(name: object) -> bool:
+    """Whether a mapping key names a secret (its value is never printed)."""
     return any(w in str(name).lower() for w in SECRET_WORDS)
 
 
-def _secrets_hidden(value: Any) -> Any:
+def _secrets(value: Any, hide: bool) -> Any:
+    """`value` with secret-looking strings wrapped in SecretStr (hide) or unwrapped (not hide)."""
+    if isinstance(value, SecretStr):
+        return value if hide else value.get_secret_value()
     if isinstance(value, dict):
-        return {k: SecretStr(v) if _is_secret(k) and isinstance(v, str) else _secrets_hidden(v)
+        return {k: SecretStr(v) if hide and is_secret(k) and isinstance(v, str) else _secrets(v, hide)
                 for k, v in value.items()}
-    return value
-
-
-def _secrets_revealed(value: Any) -> Any:
-    if isinstance(value, SecretStr):
-        return value.get_secret_value()
-    if isinstance(value, dict):
-        return {k: _secrets_revealed(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_secrets_revealed(v) for v in value]
-    return value
-
-
-def redact(value: Any) -> Any:
-    """A copy of `value` with every secret-looking mapping entry (and every SecretStr) shown as '***'."""
-    if isinstance(value, SecretStr):
-        return "***"
-    if isinstance(value, dict):
-        return {k: "***" if _is_secret(k) and v else redact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
-
-
-def to_commented_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, each key followed by its one-line description; secrets hidden."""
-    lines = []
-    for name, section_field in Config.model_fields.items():
-        lines.append(f"{name}:  # {section_field.description}")
-        lines += _commented(getattr(cfg, name), "  ")
-    return "\n".join(lines) + "\n"
-
-
-def _commented(section: BaseModel, indent: str) -> list[str]:
-    lines = []
-    for name, field in type(section).model_fields.items():
-        value = getattr(section, name)
-        doc = (field.description or "").replace("\n", " ")
-        doc = " ".join(doc.split())
-        if isinstance(value, BaseModel):
-            lines.append(f"{indent}{name}:  # {doc}")
-            lines += _commented(value, indent + "  ") or [f"{indent}  {{}}  # this backend has no options"]
-            continue
-        text = yaml.safe_dump(redact(value), default_flow_style=True, width=1000).strip()
-        text = text.removesuffix("\n...").removesuffix("...").strip()
-        lines.append(f"{indent}{name}: {text}  # {doc}")
-    return lines
+    return [_secrets(v, hide) for v in value] if isinstance(value, list) else value

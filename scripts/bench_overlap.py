@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from batchinfer import runner  # noqa: E402
-from batchinfer.config import config_from_dict  # noqa: E402
+from batchinfer.config_loader import config_from_dict  # noqa: E402
 from scripts.sample_prompts import write_sample_prompts  # noqa: E402
 
 

@@ -31,7 +31,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from batchinfer import plan as planning  # noqa: E402
-from batchinfer.config import config_from_dict  # noqa: E402
+from batchinfer.config_loader import config_from_dict  # noqa: E402
 from scripts.sample_prompts import prompt  # noqa: E402
 
 

@@ -29,7 +29,7 @@ echo "GPUs: $GPUS x $GPU_NAME"
 "$PY" -c "import tensorrt_llm" >/dev/null 2>&1 || die "tensorrt_llm does not import: install it as in README 'Running on L40S'"
 command -v trtllm-bench >/dev/null || die "trtllm-bench not found (it comes with the tensorrt-llm wheel)"
 "$PY" -m batchinfer.cli validate "$CONFIG" >/dev/null || die "$CONFIG does not validate (run: batchinfer validate $CONFIG)"
-MODEL=$("$PY" -c "from batchinfer.config import load_config; print(load_config('$CONFIG').engine.model)")
+MODEL=$("$PY" -c "from batchinfer.config_loader import load_config; print(load_config('$CONFIG').engine.model)")
 echo "model: $MODEL; work folder: $WORK"
 
 "$PY" scripts/sample_prompts.py "$WORK/prompts" --files 1 --rows-per-file "$ROWS" --row-group-size 50

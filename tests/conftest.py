@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from batchinfer import models
-from batchinfer.config import Config, config_from_dict
+from batchinfer.config import Config
+from batchinfer.config_loader import config_from_dict
 
 REPO = Path(__file__).resolve().parent.parent
 FAKES = REPO / "tests" / "fakes"

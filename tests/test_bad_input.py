@@ -85,7 +85,7 @@ def test_ids_are_data_never_paths(tmp_path, ray_cluster):
 
 
 def test_trust_remote_code_is_off_unless_set():
-    from batchinfer.config import config_from_dict
+    from batchinfer.config_loader import config_from_dict
 
     assert config_from_dict({}).engine.trust_remote_code is False
 

@@ -5,7 +5,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from batchinfer import registry
-from batchinfer.config import Config, ConfigError, config_from_dict, load_config, to_commented_yaml
+from batchinfer.config import Config, ConfigError
+from batchinfer.config_loader import config_from_dict, load_config, to_commented_yaml
 
 
 def test_defaults_are_valid():

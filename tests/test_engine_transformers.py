@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchinfer.config import EngineConfig, config_from_dict
+from batchinfer.config import EngineConfig
+from batchinfer.config_loader import config_from_dict
 from batchinfer.engines import get_engine_class
 from tests.engine_conformance import FRANCE, POEM, STORY, EngineConformance, LocalEngine
 

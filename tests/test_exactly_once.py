@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinfer import atomic, cli, lease, runner, storage
+from batchinfer.records import ShardSummary
 from batchinfer.store import RunStore
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
@@ -137,12 +138,19 @@ def test_parts_that_do_not_belong_to_the_plan_are_an_error_never_complete(tmp_pa
     cfg = make_config(tmp_path, run={"rows_per_shard": 5})
     plan = runner.planning.make_plan(cfg)
     store = RunStore(cfg.output.path)
-    ok = {"rows": 5, "fingerprint": plan.fingerprint}
-    runner.verify_committed(plan, {0: ok, 1: ok}, store)
+
+    def summary(index: int, rows: int = 5, fingerprint: str | None = None) -> ShardSummary:
+        return ShardSummary(shard=index, part=f"part-{index:06d}.parquet", attempt=1, worker=0,
+                            generate_s=1.0, rows=rows, rows_ok=rows, rows_failed=0, prompt_tokens=rows,
+                            completion_tokens=rows, committed_at="2026-11-29T00:00:00+00:00",
+                            fingerprint=fingerprint)
+
+    ok = summary(0, fingerprint=plan.fingerprint)
+    runner.verify_committed(plan, {0: ok, 1: summary(1, fingerprint=plan.fingerprint)}, store)
     cases = {
-        "was written for another plan (sha256:other)": {1: {"rows": 5, "fingerprint": "sha256:other"}},
-        "part-000001.parquet has 3 rows where the plan has 5": {1: {"rows": 3}},
-        "part-000007.parquet is not in the plan (2 shards)": {7: {"rows": 5}},
+        "was written for another plan (sha256:other)": {1: summary(1, fingerprint="sha256:other")},
+        "part-000001.parquet has 3 rows where the plan has 5": {1: summary(1, rows=3)},
+        "part-000007.parquet is not in the plan (2 shards)": {7: summary(7)},
     }
     for message, committed in cases.items():
         with pytest.raises(runner.RunRefused, match=message.replace("(", r"\(").replace(")", r"\)")):

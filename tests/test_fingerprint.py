@@ -17,10 +17,12 @@ from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel
 
 from batchinfer import registry
-from batchinfer.config import OUTPUT, Config, Neutral, Output, config_from_dict, decision
+from batchinfer.config import Config
+from batchinfer.config_loader import config_from_dict
 from batchinfer.engines.trtllm import artifacts
 from batchinfer.engines.trtllm.artifacts import GpuIdentity
 from batchinfer.engines.trtllm.options import BakedIn, TrtllmOptions
+from batchinfer.fingerprint import OUTPUT, Neutral, Output, decision
 from batchinfer.plan import settings_of
 
 L40S = GpuIdentity("NVIDIA L40S", "sm_89")

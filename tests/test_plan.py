@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from batchinfer.config import config_from_dict
+from batchinfer.config_loader import config_from_dict
 from batchinfer.plan import (
     InputError,
     InputFile,

@@ -20,7 +20,7 @@ from tests.conftest import REPO, WORKER_ENV, stop_process_session
 CHILD = r'''
 import json, os, ray
 from batchinfer import runner
-from batchinfer.config import config_from_dict
+from batchinfer.config_loader import config_from_dict
 
 def children_of():
     kids = {}

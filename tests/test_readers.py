@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinfer import readers, storage
-from batchinfer.config import config_from_dict
+from batchinfer.config_loader import config_from_dict
 from batchinfer.plan import InputError, Piece, Shard, make_plan
 from batchinfer.readers import FileFacts, Reader
 from batchinfer.readers.parquet import ParquetReader

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 
 from batchinfer import runner
-from batchinfer.config import config_from_dict
+from batchinfer.config_loader import config_from_dict
 from batchinfer.engines import EngineUnavailable
 from batchinfer.engines.trtllm import artifacts
 from batchinfer.engines.trtllm.artifacts import EngineArtifactError, GpuIdentity
@@ -88,7 +88,7 @@ def test_impossible_settings_are_refused_before_any_gpu(tmp_path, model_folder, 
 
 
 def test_shipped_l40s_config_is_valid():
-    from batchinfer.config import load_config
+    from batchinfer.config_loader import load_config
 
     cfg = load_config(REPO / "configs" / "l40s-llama-3.1-8b-fp8.yaml")
     assert cfg.engine.backend == "trtllm" and cfg.run.accelerator_type == "L40S"

@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from batchinfer.config import config_from_dict
+from batchinfer.config_loader import config_from_dict
 from batchinfer.engines.trtllm.calibration import check_calib_dataset
 from batchinfer.engines.trtllm.engine import check_config
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from batchinfer.config import config_from_dict
+from batchinfer.config_loader import config_from_dict
 from batchinfer.engines.trtllm.engine import build_args, runtime_args, sampling_params
 
 API = json.loads((Path(__file__).parent / "fakes" / "trtllm_1_2_api.json").read_text())

@@ -16,7 +16,7 @@ import os
 import pandas as pd
 import pytest
 
-from batchinfer.config import config_from_dict
+from batchinfer.config_loader import config_from_dict
 from batchinfer.store import RunStore
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import hold_run

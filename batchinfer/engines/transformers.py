@@ -17,8 +17,9 @@ import logging
 from typing import Annotated, Literal
 
 from batchinfer import models
-from batchinfer.config import OUTPUT, Config, EngineOptions
+from batchinfer.config import Config, EngineOptions
 from batchinfer.engines.base import BatchEngine, Request, Result
+from batchinfer.fingerprint import OUTPUT
 from batchinfer.prompts import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le
 
-from batchinfer.config import OUTPUT, Config, EngineOptions, Neutral, Output, decision
+from batchinfer.config import Config, EngineOptions
+from batchinfer.fingerprint import OUTPUT, Neutral, Output, decision
 
 
 @dataclass(frozen=True)

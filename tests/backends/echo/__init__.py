@@ -12,8 +12,9 @@ from typing import Annotated, Any
 
 from annotated_types import Ge
 
-from batchinfer.config import OUTPUT, Config, EngineOptions, Neutral
+from batchinfer.config import Config, EngineOptions
 from batchinfer.engines import BatchEngine, Request, Result
+from batchinfer.fingerprint import OUTPUT, Neutral
 
 
 class EchoOptions(EngineOptions):
