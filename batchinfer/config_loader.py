@@ -24,8 +24,9 @@ from pydantic import BaseModel, SecretStr, ValidationError
 from batchinfer import registry
 from batchinfer.config import Config, ConfigError, EngineOptions, Section, is_secret
 
-# Keys that moved, so an old config gets a pointer instead of a bare "unknown key".
-MOVED = {"trtllm": "engine.options (with engine.backend: trtllm)", "engine.device": "engine.options.device"}
+# Keys that moved, so an old config gets a pointer instead of a bare "unknown key"; a
+# top-level section named after a backend (an older release's layout) moved to engine.options.
+MOVED = {"engine.device": "engine.options.device"}
 DATE_PLACEHOLDER = "{date}"
 
 
@@ -156,7 +157,9 @@ def _message(model: type[BaseModel], err: dict[str, Any], where: str) -> str:
 def _unknown(key: str, allowed: list[str], where: str) -> str:
     hint = difflib.get_close_matches(str(key), allowed, n=1)
     maybe = f"; did you mean {hint[0]!r}?" if hint else ""
-    moved = MOVED.get(key if where == "top level" else f"{where}.{key}")
+    moved = MOVED.get(f"{where}.{key}")
+    if where == "top level" and key in registry.names():
+        moved = f"engine.options (with engine.backend: {key})"
     return (f"unknown key {key!r} at {where}{maybe} (allowed: {', '.join(allowed) or 'none'})"
             + (f"; it moved to {moved}" if moved else ""))
 

@@ -250,10 +250,13 @@ def version_tag(info: dict[str, Any]) -> str:
     return f"size:{info.get('size')}:mtime:{mtime}{inode}"
 
 
-def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, list[dict[str, Any]]]:
-    """Every Parquet file a URL names (a file, a folder/prefix or a glob), sorted, with its info.
+def list_files(url: str, cfg: StorageConfig | None, suffixes: tuple[str, ...],
+               label: str) -> tuple[Location, list[dict[str, Any]]]:
+    """Every input file a URL names (a file, a folder/prefix or a glob), sorted, with its
+    fsspec info dict plus `name` (full path) and `relative` (to the returned root, used in
+    synthesized ids); under a folder or glob only names ending in `suffixes` count, and
+    `label` names the format in errors ("Parquet"). Raises StorageError.
 
-    Returns the root the files are relative to (used in synthesized ids) and their info dicts.
     Names starting with "_" or "." are skipped, as Parquet dataset readers do, and so is every
     file in or under a batchinfer run directory (a folder holding `_batchinfer/`): results,
     this run's own or another's, are never read as prompts (an output inside the input folder).
@@ -269,7 +272,7 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
         found = fs.find(loc.path, detail=True)
         root = loc.path
         run_dirs = run_directories(found)
-        infos = {p: i for p, i in found.items() if p.endswith((".parquet", ".parq", ".pq"))}
+        infos = {p: i for p, i in found.items() if p.endswith(suffixes)}
     elif fs.exists(loc.path):
         # A file named on its own is read as named, wherever it lies.
         infos, run_dirs = {loc.path: fs.info(loc.path)}, set()
@@ -285,12 +288,12 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
     elif not is_local(fs) and not fs.exists(bucket := loc.path.split("/", 1)[0]):
         raise StorageError(f"input.path {url!r}: " + MISSING_BUCKET.format(bucket=bucket))
     else:
-        raise StorageError(f"input path {url!r} does not exist (expected a Parquet file, a folder, or a glob)")
+        raise StorageError(f"input path {url!r} does not exist (expected a {label} file, a folder, or a glob)")
     if root in run_dirs:
         raise StorageError(
             f"input.path {url!r} reads a batchinfer run directory ({join_protocol(fs, root)!r} "
             f"holds {RUN_META_DIR}/): its part files are results, not prompts; expected a folder "
-            "(or glob) of prompt Parquet files")
+            f"(or glob) of prompt {label} files")
     files = []
     for path, info in sorted(infos.items()):
         rel = path[len(root):].lstrip("/") if path.startswith(root) else path
@@ -302,8 +305,8 @@ def list_parquet(url: str, cfg: StorageConfig | None = None) -> tuple[Location, 
     if not files:
         skipped = f"; skipped the run directories {sorted(run_dirs)}" if run_dirs else ""
         glob = "taken as a glob pattern, as no file or folder has that name; " if pattern else ""
-        raise StorageError(f"no Parquet files matched {url!r} ({glob}looked for *.parquet, "
-                           f"*.parq, *.pq{skipped})")
+        looked = ", ".join(f"*{s}" for s in suffixes)
+        raise StorageError(f"no {label} files matched {url!r} ({glob}looked for {looked}{skipped})")
     return Location(fs, root), files
 
 
@@ -319,7 +322,7 @@ def input_output_clash(input_url: str, output_url: str, cfg: StorageConfig | Non
     folder = inp.path
     if any(ch in inp.path for ch in GLOB_CHARS):
         root = Location(inp.fs, _glob_root(inp.path).rstrip("/") or "/")
-        # A glob's folder is its root, unless the name exists (`data[2026]/`, as list_parquet
+        # A glob's folder is its root, unless the name exists (`data[2026]/`, as list_files
         # reads it). Asked of local paths only: preflight makes no network calls, so an
         # output at the root of a literal remote `bucket/runs[1]/` is refused, to be safe.
         if root.url == out.url and not (is_local(inp.fs) and inp.fs.exists(inp.path)):

@@ -21,9 +21,14 @@ from batchinfer.plan import (
     make_plan,
     verify_inputs,
 )
-from batchinfer.readers.parquet import read_input_file
-from batchinfer.storage import StorageError, input_output_clash, list_parquet
+from batchinfer.readers.parquet import ParquetReader, read_input_file
+from batchinfer.storage import StorageError, input_output_clash
 from scripts.sample_prompts import write_sample_prompts
+
+
+def list_parquet(url: str):
+    """The Parquet reader's listing (storage.list_files with Parquet's suffixes)."""
+    return ParquetReader().list_files(url)
 
 
 def files_of(*groups):

@@ -3,7 +3,6 @@ added as one class plus one registry line."""
 
 import json
 import os
-import re
 
 import pyarrow as pa
 import pyarrow.json as pajson
@@ -46,31 +45,6 @@ def test_unknown_and_duplicate_formats_are_refused():
 
 
 # --------------------------------------------------------------------------- Parquet
-
-
-@pytest.mark.parametrize("where", ["in", "in/prompts-00[12].parquet", "in/prompts-001.parquet",
-                                   "in/**/*.parquet", "data[2026]", "nope", "empty",
-                                   "in/prompts-9[0-9].parquet", "in/out"])
-def test_listing_matches_storage_list_parquet(tmp_path, parquet, where):
-    """The reader's listing is storage.list_parquet's, for files, folders, globs (run
-    directories, `_`/`.` names skipped) and in its errors, until that one is removed."""
-    write_sample_prompts(str(tmp_path / "in"), files=3, rows_per_file=10)
-    write_sample_prompts(str(tmp_path / "in" / "out"), files=1, rows_per_file=10)
-    os.makedirs(tmp_path / "in" / "out" / "_batchinfer")
-    (tmp_path / "in" / "out" / "_batchinfer" / "plan.json").write_text("{}")
-    (tmp_path / "in" / ".hidden.parquet").write_bytes(b"x")
-    write_sample_prompts(str(tmp_path / "data[2026]"), files=1, rows_per_file=3)
-    os.makedirs(tmp_path / "empty")
-    url = str(tmp_path / where)
-    try:
-        expected = storage.list_parquet(url)
-    except storage.StorageError as e:
-        with pytest.raises(storage.StorageError, match=re.escape(str(e))):
-            parquet.list_files(url)
-        return
-    root, infos = parquet.list_files(url)
-    assert root == expected[0] and infos == expected[1]
-    assert all(storage.version_tag(i).startswith("size:") for i in infos)
 
 
 def test_facts_come_from_the_footer(tmp_path, parquet):

@@ -93,62 +93,9 @@ class Reader:
     # ------------------------------------------------------------------ provided
 
     def list_files(self, url: str) -> tuple[storage.Location, list[dict[str, Any]]]:
-        """Every input file a URL names (a file, a folder/prefix or a glob), sorted, with its
-        fsspec info dict plus `name` (full path) and `relative` (to the returned root, used in
-        synthesized ids); `storage.version_tag(info)` is its version.
-
-        Under a folder or glob only names ending in `suffixes` count; names starting with "_"
-        or "." are skipped, as Parquet dataset readers do, and so is every file in or under a
-        batchinfer run directory (a folder holding `_batchinfer/`): results are never read as
-        prompts. An input that is itself a run directory is refused. Raises StorageError.
-        """
-        loc = storage.locate(url, self.storage)
-        loc.fs.invalidate_cache()  # s3fs caches listings per process; inputs must be seen as they are now
-        root, infos, run_dirs, pattern = self._find(url, loc)
-        if root in run_dirs:
-            raise storage.StorageError(
-                f"input.path {url!r} reads a batchinfer run directory "
-                f"({storage.join_protocol(loc.fs, root)!r} holds {storage.RUN_META_DIR}/): its part "
-                f"files are results, not prompts; expected a folder (or glob) of prompt {self.label} files")
-        files = []
-        for path, info in sorted(infos.items()):
-            rel = path[len(root):].lstrip("/") if path.startswith(root) else path
-            if info.get("type") == "directory" or any(part.startswith(("_", ".")) for part in rel.split("/")):
-                continue
-            if run_dirs and storage.in_run_directory(path, run_dirs):
-                continue
-            files.append({**info, "name": path, "relative": rel or path.rsplit("/", 1)[-1]})
-        if not files:
-            skipped = f"; skipped the run directories {sorted(run_dirs)}" if run_dirs else ""
-            glob = "taken as a glob pattern, as no file or folder has that name; " if pattern else ""
-            looked = ", ".join(f"*{s}" for s in self.suffixes)
-            raise storage.StorageError(f"no {self.label} files matched {url!r} ({glob}looked for "
-                                       f"{looked}{skipped})")
-        return storage.Location(loc.fs, root), files
-
-    def _find(self, url: str, loc: storage.Location
-              ) -> tuple[str, dict[str, dict[str, Any]], set[str], bool]:
-        """(root, infos by path, run directories reached, taken as a glob) for a URL."""
-        fs = loc.fs
-        # A path that exists is that path, even with glob characters in its name (`data[2026]/`);
-        # only one that does not is expanded as a glob.
-        if fs.isdir(loc.path):
-            found = fs.find(loc.path, detail=True)
-            return (loc.path, {p: i for p, i in found.items() if p.endswith(self.suffixes)},
-                    storage.run_directories(found), False)
-        if fs.exists(loc.path):  # a file named on its own is read as named, wherever it lies
-            return loc.path.rsplit("/", 1)[0], {loc.path: fs.info(loc.path)}, set(), False
-        if any(ch in loc.path for ch in storage.GLOB_CHARS):
-            # The glob's matches hold no `_batchinfer/` entries: one more glob, same shape, finds
-            # the run directories it reaches (`in/**/*.parquet` -> `in/**/_batchinfer`).
-            folder, last = loc.path.rsplit("/", 1)
-            markers = fs.glob(f"{folder}{'/**' if '**' in last else ''}/{storage.RUN_META_DIR}")
-            return (storage._glob_root(loc.path), fs.glob(loc.path, detail=True),
-                    {p.rstrip("/").rsplit("/", 1)[0] for p in markers}, True)
-        if not storage.is_local(fs) and not fs.exists(bucket := loc.path.split("/", 1)[0]):
-            raise storage.StorageError(f"input.path {url!r}: " + storage.MISSING_BUCKET.format(bucket=bucket))
-        raise storage.StorageError(f"input path {url!r} does not exist "
-                                   f"(expected a {self.label} file, a folder, or a glob)")
+        """Every input file of this format a URL names (storage.list_files with this reader's
+        suffixes), sorted, with its fsspec info; `storage.version_tag(info)` is its version."""
+        return storage.list_files(url, self.storage, self.suffixes, self.label)
 
     def read_facts(self, urls: Sequence[str]) -> list[FileFacts]:
         """`facts` of many files, read in parallel (FACTS_READ_THREADS), in order; storage
