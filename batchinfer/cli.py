@@ -21,8 +21,8 @@ from batchinfer.errors import describe
 from batchinfer.lease import LeaseLost, RunBusy, RunLapsed
 from batchinfer.prompts import check_sample
 from batchinfer.records import Manifest, RunStatus
+from batchinfer.run_store import RunStore
 from batchinfer.runner import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from batchinfer.store import RunStore
 
 log = logging.getLogger("batchinfer")
 

@@ -18,7 +18,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchinfer import models, readers, registry, storage
+from batchinfer import model_refs, readers, registry, storage
 from batchinfer.config import Config
 from batchinfer.readers import FileFacts, InputError, Reader  # InputError: also plan.InputError
 from batchinfer.records import now_iso
@@ -184,8 +184,8 @@ def settings_of(cfg: Config) -> dict[str, Any]:
         if values:
             settings[name] = values
     engine = settings["engine"]
-    engine["model"] = models.resolve(cfg.engine.model).identity
-    engine["tokenizer"] = models.resolve(cfg.engine.tokenizer).identity if cfg.engine.tokenizer else None
+    engine["model"] = model_refs.resolve(cfg.engine.model).identity
+    engine["tokenizer"] = model_refs.resolve(cfg.engine.tokenizer).identity if cfg.engine.tokenizer else None
     engine["options"] = registry.engine_class(cfg.engine.backend).fingerprint(cfg)
     return settings
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from batchinfer import models
+from batchinfer import model_refs
 from batchinfer.config import Config, ConfigError, EngineConfig, InputConfig
 from batchinfer.plan import InputError, Plan, input_reader
 
@@ -38,7 +38,7 @@ def load_tokenizer(engine: EngineConfig):
     """The Hugging Face tokenizer (with its chat template) for the configured model."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(models.tokenizer_folder(engine),
+    return AutoTokenizer.from_pretrained(model_refs.tokenizer_folder(engine),
                                          trust_remote_code=engine.trust_remote_code)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchinfer import atomic, engines, faults, models, plan as planning, prompts, storage
+from batchinfer import atomic, engines, faults, model_refs, plan as planning, prompts, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.errors import describe
 from batchinfer.lease import DriverLease, LeaseLost, RunBusy, RunLapsed
@@ -33,8 +33,8 @@ from batchinfer.records import (
     WorkerInfo,
     now_iso,
 )
+from batchinfer.run_store import RunStore
 from batchinfer.signals import SignalWatch
-from batchinfer.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class RunRefused(RuntimeError):
 
 # Errors that mean "fix the config, the inputs or the install", raised before any work.
 USAGE_ERRORS = (ConfigError, RunRefused, planning.InputError, storage.StorageError,
-                models.ModelError, engines.EngineUnavailable, engines.EngineSetupError)
+                model_refs.ModelError, engines.EngineUnavailable, engines.EngineSetupError)
 
 
 @dataclass
@@ -76,9 +76,9 @@ def preflight(cfg: Config) -> None:
                           f"{len(problems)} problems for engine.backend {cfg.engine.backend!r}:\n"
                           + "\n".join(f"  - {p}" for p in problems))
     engines.check_available(cfg.engine.backend)
-    models.resolve(cfg.engine.model)
+    model_refs.resolve(cfg.engine.model)
     if cfg.engine.tokenizer:
-        models.resolve(cfg.engine.tokenizer)
+        model_refs.resolve(cfg.engine.tokenizer)
 
 
 def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool,

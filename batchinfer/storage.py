@@ -26,7 +26,7 @@ from batchinfer.config import StorageConfig
 
 GLOB_CHARS = "*?["
 RUN_META_DIR = "_batchinfer"
-"""The metadata folder of a run directory (see store.py); a folder holding it is never input."""
+"""The metadata folder of a run directory (see run_store.py); a folder holding it is never input."""
 S3_PROTOCOLS = ("s3", "s3a")
 
 

@@ -27,7 +27,7 @@ from batchinfer.plan import Plan, Shard, input_reader
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 from batchinfer.records import ShardAttempt, ShardSummary, WorkerInfo, WorkerProgress, now_iso
 from batchinfer.results import RowOutcome, build_table, output_schema, summarize, to_parquet
-from batchinfer.store import RunStore
+from batchinfer.run_store import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from batchinfer import models
+from batchinfer import model_refs
 from batchinfer.config import Config
 from batchinfer.config_loader import config_from_dict
 
@@ -41,7 +41,7 @@ BUCKET = "batchinfer-test"
 @pytest.fixture(scope="session")
 def model_folder() -> str:
     """The embedded model converted once into the local cache (about 30 s the first time)."""
-    return models.materialize(models.resolve("smollm2-135m"), None)
+    return model_refs.materialize(model_refs.resolve("smollm2-135m"), None)
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +144,7 @@ def hold_run(url: str, storage_cfg=None, lease_s: float = 3600) -> int:
     """Take a run directory's driver lease as a driver would, for tests that commit parts or
     start workers by hand (commits are fenced by it); returns the lease generation."""
     from batchinfer.lease import DriverLease
-    from batchinfer.store import RunStore
+    from batchinfer.run_store import RunStore
 
     return DriverLease(RunStore(url, storage_cfg).meta, lease_s).acquire().generation
 

@@ -24,7 +24,7 @@ import pytest
 
 from batchinfer import atomic, cli, lease, runner, storage
 from batchinfer.records import ShardSummary
-from batchinfer.store import RunStore
+from batchinfer.run_store import RunStore
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,

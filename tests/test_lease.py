@@ -16,7 +16,7 @@ import pytest
 from batchinfer import atomic, lease, storage
 from batchinfer.config import StorageConfig
 from batchinfer.lease import DriverLease, LeaseLost, RunBusy, check_fence, read_holder
-from batchinfer.store import RunStore
+from batchinfer.run_store import RunStore
 
 
 def meta_of(url: str, cfg: StorageConfig | None = None) -> storage.Location:
@@ -71,7 +71,7 @@ def test_an_expired_lease_is_taken_over_and_the_old_driver_finds_out(run_url):
 def test_a_dead_driver_on_this_host_is_taken_over_at_once(tmp_path):
     url = str(tmp_path / "run")
     child = subprocess.run(
-        [sys.executable, "-c", "from batchinfer.lease import DriverLease; from batchinfer.store import "
+        [sys.executable, "-c", "from batchinfer.lease import DriverLease; from batchinfer.run_store import "
          f"RunStore; DriverLease(RunStore({url!r}).meta, 600).acquire()"], check=True)
     assert child.returncode == 0  # exited without releasing, as after a SIGKILL
     holder = read_holder(meta_of(url))

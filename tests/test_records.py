@@ -27,7 +27,7 @@ from batchinfer.records import (
     WorkerProgress,
     now_iso,
 )
-from batchinfer.store import RunStore
+from batchinfer.run_store import RunStore
 
 LEGACY = Path(__file__).parent / "data" / "legacy_run"
 META = LEGACY / "_batchinfer"

@@ -15,8 +15,8 @@ import pytest
 from batchinfer import runner
 from batchinfer.plan import InputError
 from batchinfer.records import RowTotals, ShardTotals
+from batchinfer.run_store import RunStore
 from batchinfer.runner import RunRefused
-from batchinfer.store import RunStore
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     REPO,

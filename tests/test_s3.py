@@ -14,8 +14,8 @@ from batchinfer import runner
 from batchinfer.config import StorageConfig
 from batchinfer.plan import make_plan
 from batchinfer.readers.parquet import read_input_file
+from batchinfer.run_store import RunStore
 from batchinfer.storage import StorageError
-from batchinfer.store import RunStore
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import BUCKET, REPO, hold_run, ids_of, make_config, write_yaml
 from tests.flaky_proxy import FlakyProxy

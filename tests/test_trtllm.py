@@ -374,7 +374,7 @@ def test_busy_reports_the_longest_prompt_of_unfinished_requests(tmp_path, model_
 
 def test_in_flight_window_spans_shards(tmp_path, model_folder, trtllm_double):
     """Rows of the next shard are submitted while the current shard's rows still run."""
-    from batchinfer.store import RunStore
+    from batchinfer.run_store import RunStore
     from batchinfer.worker import ShardWorker
 
     write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=10, row_group_size=5)

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from batchinfer.config_loader import config_from_dict
-from batchinfer.store import RunStore
+from batchinfer.run_store import RunStore
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import hold_run
 

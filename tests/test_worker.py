@@ -14,7 +14,7 @@ import pytest
 
 from batchinfer.engines import Request
 from batchinfer.plan import make_plan
-from batchinfer.store import RunStore
+from batchinfer.run_store import RunStore
 from batchinfer.worker import ShardWorker
 from tests.conftest import hold_run, make_config
 

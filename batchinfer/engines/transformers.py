@@ -16,7 +16,7 @@ import inspect
 import logging
 from typing import Annotated, Literal
 
-from batchinfer import models
+from batchinfer import model_refs
 from batchinfer.config import Config, EngineOptions
 from batchinfer.engines.base import BatchEngine, Request, Result
 from batchinfer.fingerprint import OUTPUT
@@ -42,8 +42,8 @@ class TransformersEngine(BatchEngine):
 
         super().__init__(config=config)
         config = config.engine
-        ref = models.resolve(config.model)
-        folder = models.materialize(ref, config.cache_dir)
+        ref = model_refs.resolve(config.model)
+        folder = model_refs.materialize(ref, config.cache_dir)
         self.device = self._device(config.options.device)
         dtype = (getattr(torch, config.dtype) if config.dtype in DTYPES
                  else torch.bfloat16 if self.device == "cuda" else torch.float32)

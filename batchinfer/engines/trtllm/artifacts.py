@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from batchinfer import atomic, cache, models, storage
+from batchinfer import atomic, cache, model_refs, storage
 from batchinfer.config import Config
 from batchinfer.engines.base import EngineSetupError
 from batchinfer.engines.trtllm.options import build_settings
@@ -75,7 +75,7 @@ def detect_gpu() -> GpuIdentity:
 
 def engine_key(cfg: Config, gpu: GpuIdentity, version: str) -> str:
     """A readable, unique name for the engine this config needs on this GPU and version."""
-    model = models.resolve(cfg.engine.model)
+    model = model_refs.resolve(cfg.engine.model)
     identity = {"model": model.identity, "gpu": gpu.name, "sm": gpu.sm, "tensorrt_llm": version,
                 "build": build_settings(cfg)}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -94,7 +94,7 @@ def write_sidecar(engine_dir: Path, cfg: Config, gpu: GpuIdentity, version: str,
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in sorted(engine_dir.iterdir()) if p.is_file() and p.name not in (SIDECAR, cache.DONE)}
     record = {"key": key, "gpu": asdict(gpu), "tensorrt_llm": version, "build": build_settings(cfg),
-              "model": models.resolve(cfg.engine.model).identity, "files": files,
+              "model": model_refs.resolve(cfg.engine.model).identity, "files": files,
               "built_at": now_iso(),
               "built_on": socket.gethostname()}
     (engine_dir / SIDECAR).write_text(json.dumps(record, indent=1))

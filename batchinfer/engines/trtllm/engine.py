@@ -25,7 +25,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-from batchinfer import models, storage
+from batchinfer import model_refs, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.engines.base import Cluster, Engine, Request, Result
 from batchinfer.engines.trtllm import artifacts, calibration
@@ -176,7 +176,7 @@ def sampling_params(cfg: Config, api: Any, max_tokens: int, seed: int | None = N
 
 
 def _tokenizer_dir(cfg: Config) -> str:
-    return models.tokenizer_folder(cfg.engine)
+    return model_refs.tokenizer_folder(cfg.engine)
 
 
 # --------------------------------------------------------------------------- outputs -> rows
@@ -254,7 +254,7 @@ class TrtLlmEngine(Engine):
         self.api = api
         t = config.engine.options
         if t.mode == "pytorch":
-            model = models.resolve(config.engine.model).path
+            model = model_refs.resolve(config.engine.model).path
             self.llm = api.TorchLLM(model=model, **runtime_args(config, api))
             self.engine_source = "checkpoint"
             build_config: dict[str, Any] = {}
@@ -340,7 +340,7 @@ class TrtLlmEngine(Engine):
 
 
 def _context_length(cfg: Config) -> int:
-    config = Path(models.resolve(cfg.engine.model).path) / "config.json"
+    config = Path(model_refs.resolve(cfg.engine.model).path) / "config.json"
     return json.loads(config.read_text()).get("max_position_embeddings", 8192)
 
 
@@ -358,7 +358,7 @@ def find_engine(cfg: Config, api: Any, gpu: artifacts.GpuIdentity) -> tuple[Path
 
 def build_engine(cfg: Config, api: Any, out: Path) -> None:
     """Build an engine from the Hugging Face checkpoint in engine.model and save it to `out`."""
-    checkpoint = models.materialize(models.resolve(cfg.engine.model), cfg.engine.cache_dir)
+    checkpoint = model_refs.materialize(model_refs.resolve(cfg.engine.model), cfg.engine.cache_dir)
     llm = api.EngineLLM(model=checkpoint, **runtime_args(cfg, api), **build_args(cfg, api))
     try:
         llm.save(str(out))

@@ -10,7 +10,7 @@ import pyarrow as pa
 
 from batchinfer.records import Manifest, RunStatus, ShardSummary
 from batchinfer.results import to_parquet
-from batchinfer.store import RunStore
+from batchinfer.run_store import RunStore
 from tests.conftest import hold_run
 
 LEGACY = Path(__file__).parent / "data" / "legacy_run"
