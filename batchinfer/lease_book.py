@@ -146,6 +146,8 @@ class GiveUp:
 
 @dataclass(frozen=True)
 class Retry:
+    """Queue the shard again for `attempt` (the previous one failed for `reason`)."""
+
     shard: int
     attempt: int
     reason: str

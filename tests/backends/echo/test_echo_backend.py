@@ -74,3 +74,21 @@ def test_a_backend_in_one_folder_runs_a_whole_job_and_guards_its_resume(tmp_path
     # A setting it declares neutral is the same run: nothing to do, exit 0.
     same = cli("run", write_config(tmp_path, step_delay_s=0.01), "--no-progress", ray_address=ray_cluster)
     assert same.returncode == 0, same.stderr
+
+
+def test_an_installed_package_registers_the_backend_by_name_through_its_entry_point(monkeypatch):
+    """`[project.entry-points."batchinfer.engines"] echo = "...:EchoEngine"` in a package's
+    pyproject.toml makes `engine.backend: echo` work (importlib.metadata entry points)."""
+    from importlib.metadata import EntryPoint
+
+    from batchinfer import registry
+    from batchinfer.config_loader import config_from_dict
+
+    installed = [EntryPoint("echo", BACKEND, registry.ENTRY_POINT_GROUP)]
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points",
+                        lambda group: [e for e in installed if e.group == group])
+    assert "echo" in registry.names()
+    cfg = config_from_dict({"engine": {"backend": "echo", "options": {"prefix": "yo"}}})
+    assert registry.engine_class("echo").name == "echo" and cfg.engine.options.prefix == "yo"
