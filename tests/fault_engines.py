@@ -15,7 +15,7 @@ import signal
 import time
 
 from batchinfer.engines.base import Engine, Request, Result
-from batchinfer.engines.transformers import TransformersEngine
+from batchinfer.engines.transformers import TransformersEngine, TransformersOptions
 
 MARKER_ENV = "BATCHINFER_TEST_FAULT_FILE"
 
@@ -108,6 +108,8 @@ class SlowRowEngine(Engine):
     """TEST ENGINE: a continuous-batching engine (async, per request) over the transformers
     backend, where a prompt holding the word SLOW takes `slow_s` seconds (forever by
     default; only in the worker that claims the marker, if SLOW_ONCE)."""
+
+    Options = TransformersOptions  # it runs a transformers engine inside
 
     name = "slow-row-test-engine"
     slow_s = 3600.0
