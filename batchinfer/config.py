@@ -13,11 +13,13 @@ the backend (see `batchinfer.registry`).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge, Gt, Le
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, model_validator
 
+from batchinfer import registry
 from batchinfer.fingerprint import OUTPUT, Neutral, fingerprinted
 from batchinfer.records import RESULT_COLUMNS
 
@@ -130,6 +132,15 @@ class EngineConfig(Section):
     options: Annotated[SerializeAsAny[EngineOptions], OUTPUT] = Field(default_factory=EngineOptions)
     """The backend's own settings (`batchinfer validate` lists them); its fields say which change outputs."""
 
+    @model_validator(mode="after")
+    def _backend_defaults(self) -> EngineConfig:
+        """Left unset, `options` holds the backend's defaults (its own model), however the
+        config was built; an unknown backend is reported by the loader."""
+        if type(self.options) is EngineOptions:
+            with contextlib.suppress(registry.EngineUnavailable, AttributeError, TypeError):
+                self.options = registry.engine_class(self.backend).Options()
+        return self
+
 
 class SamplingConfig(Section):
     max_tokens: Annotated[int, Ge(1), OUTPUT] = 64
@@ -150,12 +161,12 @@ _SCHEDULING = Neutral("where and when rows run; every row's output is the same")
 class RunConfig(Section):
     num_workers: Annotated[int, Ge(1), _SCHEDULING] = 2
     """Engine actors to start, one model replica each."""
-    gpus_per_worker: Annotated[float, Ge(0), _SCHEDULING] = 0
-    """GPUs each worker asks Ray for (1 in production)."""
+    gpus_per_worker: Annotated[float, Ge(0), OUTPUT] = 0
+    """GPUs each worker asks Ray for (1 in production); CPU and GPU runs differ in their numbers."""
     cpus_per_worker: Annotated[float, Ge(0), _SCHEDULING] = 1
     """CPUs each worker asks Ray for."""
-    accelerator_type: Annotated[str | None, _SCHEDULING] = None
-    """Ray accelerator type workers must run on, e.g. "L40S"."""
+    accelerator_type: Annotated[str | None, OUTPUT] = None
+    """Ray accelerator type workers must run on, e.g. "L40S" (a compiled engine is built per GPU type)."""
     rows_per_shard: Annotated[int, Ge(1), Neutral("fixed by the plan when the run starts")] = 512
     """Target rows per shard (shards are whole row groups, or row ranges of big ones)."""
     shards_per_worker: Annotated[int, Ge(1), _SCHEDULING] = 2

@@ -90,7 +90,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         parsed = text
     where = raw
     for depth, part in enumerate(parts[:-1]):
-        where = where.setdefault(part, {})
+        if where.get(part) is None:  # an empty section in the YAML (`engine:`) is an empty mapping
+            where[part] = {}
+        where = where[part]
         if not isinstance(where, dict):
             raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])!r} is not a mapping in the config")
     where[parts[-1]] = Override(text, parsed)
@@ -107,10 +109,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             value = {k: v for k, v in value.items() if k != "options"}
         sections[name], more = _validate(field.annotation, value, name)
         problems += more
-    if sections["engine"] is not None:
+    model = _options_model(sections["engine"].backend, problems) if sections["engine"] else None
+    if model is not None:  # with an unknown backend its options cannot be checked
         options = (raw.get("engine") or {}).get("options") or {}
-        sections["engine"].options, more = _validate(_options_model(sections["engine"].backend, problems),
-                                                     options, "engine.options")
+        sections["engine"].options, more = _validate(model, options, "engine.options")
         problems += more
     for section in [*sections.values(), getattr(sections["engine"], "options", None)]:
         problems += section.problems() if isinstance(section, Section) else []
@@ -120,17 +122,24 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return Config(**sections)
 
 
-def _options_model(backend: str, problems: list[str]) -> type[EngineOptions]:
+def _options_model(backend: str, problems: list[str]) -> type[EngineOptions] | None:
     try:
-        return registry.engine_class(backend).Options
+        model = getattr(registry.engine_class(backend), "Options", None)
     except registry.EngineUnavailable as e:
         problems.append(f"engine.backend: {e}")
-        return EngineOptions
+        return None
+    if not (isinstance(model, type) and issubclass(model, EngineOptions)):
+        problems.append(f"engine.backend: {backend!r} is not an engine backend (expected a subclass of "
+                        "batchinfer.engines.Engine, whose Options is its settings model)")
+        return None
+    return model
 
 
 def _validate(model: type[BaseModel], raw: Any, where: str) -> tuple[Any, list[str]]:
     """`model` validated from `raw` (or None and the problems); an override the field refuses
     as YAML is tried again as its text."""
+    if isinstance(raw, Override):
+        raw = raw.parsed
     if not isinstance(raw, dict):
         return None, [f"{where}: expected a mapping of keys, got {_show(raw)}"]
     parsed = {k: v.parsed if isinstance(v, Override) else v for k, v in raw.items()}

@@ -201,7 +201,7 @@ class LeaseBook:
         self.queue: deque[int] = deque(pending)
         self.attempts: dict[int, int] = {}
         self.leases: dict[int, Lease] = {}
-        self.committed: dict[int, dict[str, Any]] = {}
+        self.committed: dict[int, ShardSummary] = {}
         self.failed: dict[int, str] = {}
         self.slots = [SlotState(i, created=now, last_progress=now) for i in range(slots)]
         self.deaths: dict[int, int] = {}

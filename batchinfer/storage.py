@@ -19,7 +19,6 @@ from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from batchinfer.config import StorageConfig
@@ -124,21 +123,21 @@ def fsspec_options(protocol: str, cfg: StorageConfig | None) -> dict[str, Any]:
     return opts
 
 
-def open_parquet(url: str, cfg: StorageConfig | None = None) -> pq.ParquetFile:
-    """Open a Parquet file for footer and column reads through pyarrow's native I/O.
+def arrow_file(url: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem | None, Any]:
+    """Where a reader using pyarrow's native I/O reads `url`: (filesystem, path), or (None, an
+    open binary file) for protocols pyarrow has no client for; a reader opens it (e.g.
+    `pq.ParquetFile(path, filesystem=fs)`).
 
-    S3 goes through pyarrow's own S3 client (ranged GETs, pre-buffered row groups) with the
+    S3 goes through pyarrow's own S3 client (ranged GETs, pre-buffered reads) with the
     credentials in force at this call (`_arrow_s3_now`), local files through the OS; anything
     else through its fsspec filesystem.
     """
-    protocol = protocol_of(url)
-    if protocol in S3_PROTOCOLS:
-        path = fsspec.core.split_protocol(url)[1]
-        return pq.ParquetFile(path, filesystem=_arrow_s3_now(cfg), pre_buffer=True)
+    if protocol_of(url) in S3_PROTOCOLS:
+        return _arrow_s3_now(cfg), fsspec.core.split_protocol(url)[1]
     loc = locate(url, cfg)
     if is_local(loc.fs):
-        return pq.ParquetFile(loc.path, pre_buffer=True)
-    return pq.ParquetFile(loc.fs.open(loc.path, "rb"), pre_buffer=True)
+        return pafs.LocalFileSystem(), loc.path
+    return None, loc.fs.open(loc.path, "rb")
 
 
 def _arrow_s3_now(cfg: StorageConfig | None) -> pafs.S3FileSystem:

@@ -5,7 +5,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from batchinfer import registry
-from batchinfer.config import Config, ConfigError
+from batchinfer.config import Config, ConfigError, EngineConfig
 from batchinfer.config_loader import config_from_dict, load_config, to_commented_yaml
 
 
@@ -70,6 +70,8 @@ def test_shipped_local_config_loads():
     ({"engine": {"backend": "trtlm"}}, "unknown engine backend 'trtlm'; did you mean 'trtllm'?"),
     ({"engine": {"device": "cpu"}}, "it moved to engine.options.device"),
     ({"trtllm": {"mode": "engine"}}, "unknown key 'trtllm' at top level"),
+    ({"engine": {"backend": "json:JSONDecoder"}},
+     "engine.backend: 'json:JSONDecoder' is not an engine backend (expected a subclass of batchinfer.engines.Engine"),
     ({"trtllm": {"mode": "engine"}}, "it moved to engine.options (with engine.backend: trtllm)"),
 ])
 def test_bad_config_message(raw, message):
@@ -112,6 +114,24 @@ def test_backend_options_are_set_and_overridden():
     text = to_commented_yaml(cfg)
     assert "  options:  # The backend's own settings" in text
     assert "    max_input_len: 300  # Longest prompt the engine accepts" in text
+
+
+def test_override_messages_show_the_value_and_empty_sections_take_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\nsampling:\n")
+    assert load_config(path, ["engine.options.device=cpu", "sampling.seed=3"]).engine.options.device == "cpu"
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["engine.options=3"])
+    assert str(e.value) == "engine.options: expected a mapping of keys, got 3 (int)"
+    with pytest.raises(ConfigError) as e:  # an unknown backend's options are not checked too
+        load_config(path, ["engine.backend=vllm", "engine.options.mode=x"])
+    assert "unknown engine backend 'vllm'" in str(e.value) and "engine.options" not in str(e.value)
+
+
+def test_a_config_built_in_code_holds_its_backends_option_defaults():
+    assert type(Config().engine.options).__name__ == "TransformersOptions"
+    assert EngineConfig(backend="trtllm").options.quantization == "fp8"
+    assert Config().engine.options == config_from_dict({}).engine.options
 
 
 def test_secrets_are_hidden_in_print_and_kept_for_use():

@@ -25,6 +25,7 @@ import pytest
 
 from batchinfer import faults, runner, storage
 from batchinfer.config import StorageConfig
+from batchinfer.readers.parquet import open_parquet
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import BUCKET, REPO, assert_exactly_once, ids_of, make_config
 
@@ -132,7 +133,7 @@ def test_pyarrow_and_s3fs_follow_a_rotated_key(tmp_path, rotating, admin_fs):
     loc = storage.locate(root, cfg)
 
     def read_all() -> list[str]:
-        with storage.errors(url, "input.path"), storage.open_parquet(url, cfg) as pf:
+        with storage.errors(url, "input.path"), open_parquet(url, cfg) as pf:
             ids = pf.read(columns=["id"]).column(0).to_pylist()
         assert loc.fs.cat_file(loc.child("prompts-000.parquet").path)[:4] == b"PAR1"
         return ids
@@ -156,7 +157,7 @@ def test_a_run_survives_keys_rotated_while_planning_and_while_generating(
     inputs = upload(tmp_path, admin_fs, f"{prefix}/prompts", files=files, rows=rows)
 
     # Rotation 1: inside planning, between the first input opened through pyarrow and the next.
-    real_open, opened = storage.open_parquet, []
+    real_open, opened = storage.arrow_file, []
 
     def open_and_rotate(url, cfg=None):
         opened.append(url)
@@ -164,7 +165,7 @@ def test_a_run_survives_keys_rotated_while_planning_and_while_generating(
             rotating.rotate()
         return real_open(url, cfg)
 
-    monkeypatch.setattr(storage, "open_parquet", open_and_rotate)
+    monkeypatch.setattr(storage, "arrow_file", open_and_rotate)
 
     # Rotation 2: when the driver sees the first part committed (fault point `committed`,
     # batchinfer/faults.py); the driver hands out no shard meanwhile, so later ones are read
@@ -195,7 +196,7 @@ def test_a_run_survives_keys_rotated_while_planning_and_while_generating(
     report = runner.run(cfg, progress=False)
 
     assert (report.status, report.exit_code) == ("complete", 0)
-    assert len(opened) > 2, "planning read inputs through storage.open_parquet after the rotation"
+    assert len(opened) > 2, "planning read inputs through storage.arrow_file after the rotation"
     assert 0 < mid_run["parts_at_revocation"] < parts(), f"the second rotation was not mid-run: {mid_run}"
     assert [rotating.refused(k) for k in rotating.keys] == [True, True, False]
     import pandas as pd

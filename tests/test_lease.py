@@ -112,7 +112,7 @@ def test_two_drivers_taking_over_an_expired_lease_at_once_one_wins(where, tmp_pa
 
 
 def test_commits_are_fenced_by_generation_and_heartbeat(tmp_path):
-    from tests.test_store import part_bytes
+    from tests.test_run_store import part_bytes
 
     store = RunStore(str(tmp_path / "run"))
     held = DriverLease(store.meta, lease_s=10)

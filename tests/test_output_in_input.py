@@ -20,6 +20,7 @@ import pytest
 from batchinfer import runner, storage
 from batchinfer.config import ConfigError
 from batchinfer.plan import make_plan
+from batchinfer.readers.parquet import ParquetReader
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import (
     BUCKET,
@@ -42,8 +43,13 @@ def fake_run_dir(folder, ids=("r1", "r2")):
     (folder / "_SUCCESS").write_text("")
 
 
+def list_parquet(url, cfg=None):
+    """The Parquet reader's listing (storage.list_files with Parquet's suffixes)."""
+    return ParquetReader(storage=cfg).list_files(url)
+
+
 def relatives(url):
-    return [f["relative"] for f in storage.list_parquet(url)[1]]
+    return [f["relative"] for f in list_parquet(url)[1]]
 
 
 # --------------------------------------------------------------------------- the listing rule
@@ -84,7 +90,7 @@ def test_run_directory_helpers():
 def test_an_input_that_is_a_run_directory_is_refused(tmp_path, suffix):
     fake_run_dir(tmp_path / "run")
     with pytest.raises(storage.StorageError) as e:
-        storage.list_parquet(f"{tmp_path / 'run'}{suffix}")
+        list_parquet(f"{tmp_path / 'run'}{suffix}")
     assert str(e.value) == (
         f"input.path '{tmp_path / 'run'}{suffix}' reads a batchinfer run directory "
         f"('{tmp_path / 'run'}' holds _batchinfer/): its part files are results, not prompts; "
@@ -161,11 +167,11 @@ def test_s3_output_prefix_inside_the_input_prefix(tmp_path, s3, ray_cluster):
     assert "in/out/part-000000.parquet" in s3.keys("in/")
     assert sorted(s3.read("in/out/").id) == ids_of(4)
     for path in (s3.url("in/"), s3.url("in/**/*.parquet")):
-        assert [f["relative"] for f in storage.list_parquet(path, cfg.storage)[1]] == ["prompts-000.parquet"]
+        assert [f["relative"] for f in list_parquet(path, cfg.storage)[1]] == ["prompts-000.parquet"]
     again = runner.run(cfg, progress=False)
     assert (again.exit_code, again.did_work) == (0, False)
     with pytest.raises(storage.StorageError, match=f"'s3://{BUCKET}/in/out' holds _batchinfer/"):
-        storage.list_parquet(s3.url("in/out/"), cfg.storage)
+        list_parquet(s3.url("in/out/"), cfg.storage)
     with pytest.raises(ConfigError, match="is where input.path"):
         runner.preflight(make_config(tmp_path, input={"path": s3.url("in/")}, output={"path": s3.url("in")},
                                      storage={"endpoint_url": s3.endpoint}))

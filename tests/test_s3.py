@@ -19,7 +19,7 @@ from batchinfer.storage import StorageError
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import BUCKET, REPO, hold_run, ids_of, make_config, write_yaml
 from tests.flaky_proxy import FlakyProxy
-from tests.test_store import part_bytes
+from tests.test_run_store import part_bytes
 
 
 def s3_config(tmp_path, s3, endpoint=None, **sections):

@@ -29,7 +29,14 @@ DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes engine.dtyp
 
 class TransformersOptions(EngineOptions):
     device: Annotated[Literal["auto", "cpu", "cuda"], OUTPUT] = "auto"
-    """Where the model runs; auto = CUDA when available (and engine.dtype auto follows it)."""
+    """Where the model runs; auto = CUDA when workers ask for a GPU (run.gpus_per_worker > 0), else the CPU (engine.dtype auto follows it)."""
+
+
+def resolved_device(config: Config) -> str:
+    """The device a worker runs on: engine.options.device, with auto decided by the config (a
+    worker that asks Ray for a GPU runs on CUDA), so the fingerprint holds it (gpus_per_worker)."""
+    device = config.engine.options.device
+    return device if device != "auto" else "cuda" if config.run.gpus_per_worker > 0 else "cpu"
 
 
 class TransformersEngine(BatchEngine):
@@ -44,7 +51,7 @@ class TransformersEngine(BatchEngine):
         config = config.engine
         ref = model_refs.resolve(config.model)
         folder = model_refs.materialize(ref, config.cache_dir)
-        self.device = self._device(config.options.device)
+        self.device = self._device(resolved_device(self.cfg))
         dtype = (getattr(torch, config.dtype) if config.dtype in DTYPES
                  else torch.bfloat16 if self.device == "cuda" else torch.float32)
         self.tokenizer = load_tokenizer(config)
@@ -73,9 +80,8 @@ class TransformersEngine(BatchEngine):
         import torch
 
         if choice == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("engine.options.device is 'cuda' but torch sees no CUDA GPU here")
-        if choice == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            raise RuntimeError("the transformers engine runs on CUDA (engine.options.device, or auto with "
+                               "run.gpus_per_worker > 0) but torch sees no CUDA GPU here")
         return choice
 
     @property

@@ -19,10 +19,11 @@ T = TypeVar("T")
 
 
 def open_parquet(source: str | IO[bytes], cfg: StorageConfig | None) -> pq.ParquetFile:
-    """A ParquetFile on a URL (pyarrow's native I/O, see storage.open_parquet) or on an open
+    """A ParquetFile on a URL (pyarrow's native I/O, see storage.arrow_file) or on an open
     binary file (left open when the ParquetFile closes)."""
     if isinstance(source, str):
-        return storage.open_parquet(source, cfg)
+        filesystem, source = storage.arrow_file(source, cfg)
+        return pq.ParquetFile(source, filesystem=filesystem, pre_buffer=True)
     return pq.ParquetFile(source, pre_buffer=True)
 
 

@@ -29,7 +29,8 @@ from batchinfer import model_refs, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.engines.base import Cluster, Engine, Request, Result
 from batchinfer.engines.trtllm import artifacts, calibration
-from batchinfer.engines.trtllm.options import COMMON_BAKED_IN, TrtllmOptions
+from batchinfer.engines.trtllm.options import BakedIn, TrtllmOptions, build_settings
+from batchinfer.fingerprint import decision
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +218,12 @@ class TrtLlmEngine(Engine):
 
     @classmethod
     def fingerprint(cls, config: Config) -> dict[str, Any]:
-        """The options that change outputs plus the common settings a build compiles in (one
-        list with the engine key: `options.build_settings`)."""
-        return {**config.engine.options.fingerprinted(),
-                **{name: getattr(config.engine, name) for name in COMMON_BAKED_IN}}
+        """What the engine key holds (`options.build_settings`, the one list of what a build
+        compiles in) and the other options that change outputs. The GPU type is
+        run.accelerator_type, in the fingerprint's run part."""
+        runtime = {name: value for name, value in config.engine.options.fingerprinted().items()
+                   if not isinstance(decision(TrtllmOptions, name), BakedIn)}
+        return {**build_settings(config), **runtime}
 
     @classmethod
     def prepare(cls, config: Config, cluster: Cluster) -> None:
