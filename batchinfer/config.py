@@ -5,10 +5,8 @@ Every field has a default and a docstring right under it (pydantic's
 prints). Bounds live in the type (`Annotated[int, Ge(1)]`); validation is strict (no
 "yes" for true, no 1.5 for an integer).
 
-Every field also says whether it changes what a run outputs (fingerprint.py): `OUTPUT`
-puts it in the run fingerprint, `Neutral(reason)` says why not.
-A backend's own settings (`engine.options`) are a model of the same kind, declared by
-the backend (see `batchinfer.registry`).
+Every field also says whether it changes outputs (fingerprint.py): `OUTPUT` puts it in the
+run fingerprint, `Neutral(reason)` says why not; so do a backend's own `engine.options`.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, model_validator
 
 from batchinfer import registry
-from batchinfer.fingerprint import OUTPUT, Neutral, fingerprinted
+from batchinfer.fingerprint import OUTPUT, Neutral
 from batchinfer.records import RESULT_COLUMNS
 
 
@@ -32,10 +30,6 @@ class Section(BaseModel):
     """One config section: unknown keys refused, no type coercion, docstrings as descriptions."""
 
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
-
-    def fingerprinted(self) -> dict[str, Any]:
-        """This section's values that change outputs (fields marked OUTPUT), by name."""
-        return fingerprinted(self)
 
     def problems(self) -> list[str]:
         """Checks across fields, after each field is valid; each names the key and the value."""
@@ -134,8 +128,7 @@ class EngineConfig(Section):
 
     @model_validator(mode="after")
     def _backend_defaults(self) -> EngineConfig:
-        """Left unset, `options` holds the backend's defaults (its own model), however the
-        config was built; an unknown backend is reported by the loader."""
+        """Unset `options` hold the backend's defaults, however the config was built."""
         if type(self.options) is EngineOptions:
             with contextlib.suppress(registry.EngineUnavailable, AttributeError, TypeError):
                 self.options = registry.engine_class(self.backend).Options()

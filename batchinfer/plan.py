@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from batchinfer import model_refs, readers, registry, storage
 from batchinfer.config import Config
+from batchinfer.fingerprint import fingerprinted
 from batchinfer.readers import FileFacts, InputError, Reader  # InputError: also plan.InputError
 from batchinfer.records import now_iso
 
@@ -180,7 +181,7 @@ def settings_of(cfg: Config) -> dict[str, Any]:
     (`Engine.fingerprint`: its options that change outputs)."""
     settings = {}
     for name in Config.model_fields:
-        values = getattr(cfg, name).fingerprinted()
+        values = fingerprinted(getattr(cfg, name))
         if values:
             settings[name] = values
     engine = settings["engine"]

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from batchinfer.config import Config, EngineOptions
+from batchinfer.fingerprint import fingerprinted
 
 T = TypeVar("T")
 
@@ -120,7 +121,7 @@ class Engine(ABC):
     def fingerprint(cls, config: Config) -> dict[str, Any]:
         """The backend's part of the run fingerprint: its options marked as changing outputs.
         A backend that bakes a common setting into a compiled engine adds it here."""
-        return config.engine.options.fingerprinted()
+        return fingerprinted(config.engine.options)
 
     @classmethod
     def prepare(cls, config: Config, cluster: Cluster) -> None:  # noqa: B027 - optional hook

@@ -30,7 +30,7 @@ from batchinfer.config import Config, ConfigError
 from batchinfer.engines.base import Cluster, Engine, Request, Result
 from batchinfer.engines.trtllm import artifacts, calibration
 from batchinfer.engines.trtllm.options import BakedIn, TrtllmOptions, build_settings
-from batchinfer.fingerprint import decision
+from batchinfer.fingerprint import decision, fingerprinted
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class TrtLlmEngine(Engine):
         """What the engine key holds (`options.build_settings`, the one list of what a build
         compiles in) and the other options that change outputs. The GPU type is
         run.accelerator_type, in the fingerprint's run part."""
-        runtime = {name: value for name, value in config.engine.options.fingerprinted().items()
+        runtime = {name: value for name, value in fingerprinted(config.engine.options).items()
                    if not isinstance(decision(TrtllmOptions, name), BakedIn)}
         return {**build_settings(config), **runtime}
 
