@@ -111,6 +111,7 @@ def _spec(name: str) -> EngineSpec:
 
 register("transformers", "batchinfer.engines.transformers:TransformersEngine",
          requires=("torch", "transformers", "accelerate"), install="pip install 'batchinfer[cpu]'")
+register("simulated", "batchinfer.engines.simulated.engine:SimulatedEngine")
 register("trtllm", "batchinfer.engines.trtllm.engine:TrtLlmEngine", requires=("tensorrt_llm",),
          install=("pip install tensorrt-llm==1.2.1 --extra-index-url https://pypi.nvidia.com on a Linux "
                   "GPU node with the CUDA and torch versions it pins (README: 'Running on L40S')"))
