@@ -245,7 +245,7 @@ class BatchEngine(Engine):
                 results = self._isolating(requests)
             self.beat()
             for (_, fut, loop), result in zip(batch, results, strict=True):
-                loop.call_soon_threadsafe(_settle, fut, result)
+                loop.call_soon_threadsafe(settle_future, fut, result)
 
     def _isolating(self, requests: list[Request]) -> list[Result | Exception]:
         """generate_batch, bisecting a batch that raises down to the requests that fail alone."""
@@ -268,7 +268,9 @@ class BatchEngine(Engine):
             self._thread = None
 
 
-def _settle(future: asyncio.Future, result: Result | Exception) -> None:
+def settle_future(future: asyncio.Future, result: Result | Exception) -> None:
+    """Resolve `future` with a result or an exception, unless it is already done (call it on
+    the future's loop, e.g. through `loop.call_soon_threadsafe`)."""
     if future.done():
         return
     if isinstance(result, Exception):

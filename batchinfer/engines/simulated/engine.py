@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchinfer.config import Config
-from batchinfer.engines.base import Engine, Request, Result, _settle
+from batchinfer.engines.base import Engine, Request, Result, settle_future
 from batchinfer.engines.simulated import profiles
 from batchinfer.engines.simulated.model import Simulator
 from batchinfer.engines.simulated.options import SimulatedOptions
@@ -150,7 +150,7 @@ class SimulatedEngine(Engine):
             self._account(len(finished))
             for key in finished:
                 result, future, loop = self._pending.pop(key)
-                loop.call_soon_threadsafe(_settle, future, result)
+                loop.call_soon_threadsafe(settle_future, future, result)
             self.beat()
             if self.sim.idle():
                 due = None
@@ -205,6 +205,6 @@ class SimulatedEngine(Engine):
         left = [(f, lp) for _, f, lp in self._pending.values()] + [(f, lp) for *_, f, lp in self._inbox]
         for future, loop in left:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_settle, future, RuntimeError("the simulated engine was shut down"))
+                loop.call_soon_threadsafe(settle_future, future, RuntimeError("the simulated engine was shut down"))
         self._pending.clear()
         self._inbox.clear()
