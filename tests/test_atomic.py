@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchinfer.readers.parquet import read_input_file, storage
+from batchinfer import atomic, storage
 
 
 def write(path, ids) -> None:
@@ -24,8 +24,8 @@ def recorded(path) -> str:
 
 
 def read_ids(path, version):
-    return read_input_file(str(path), version, None,
-                                  lambda pf: pf.read().column("id").to_pylist())
+    return atomic.read_pinned(str(path), version, None,
+                              lambda source: pq.read_table(source).column("id").to_pylist())
 
 
 def test_the_recorded_version_is_read(tmp_path):

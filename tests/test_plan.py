@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from batchinfer.atomic import read_pinned
 from batchinfer.config_loader import config_from_dict
 from batchinfer.plan import (
     InputError,
@@ -21,7 +22,7 @@ from batchinfer.plan import (
     make_plan,
     verify_inputs,
 )
-from batchinfer.readers.parquet import ParquetReader, read_input_file
+from batchinfer.readers.parquet import ParquetReader
 from batchinfer.storage import StorageError, input_output_clash
 from scripts.sample_prompts import write_sample_prompts
 
@@ -168,8 +169,8 @@ def test_an_existing_folder_with_glob_characters_is_that_folder(tmp_path, name):
     plan = make_plan(config(tmp_path, path=str(folder)))
     assert [f.name for f in plan.files] == ["prompts-000.parquet", "prompts-001.parquet"]
     assert plan.total_rows == 20
-    first = plan.files[0]  # the workers' read, too, takes the name as it is
-    assert read_input_file(first.url, first.version, None, lambda pf: pf.metadata.num_rows) == 10
+    first = plan.files[0]  # the workers' pinned read, too, takes the name as it is
+    assert read_pinned(first.url, first.version, None, ParquetReader().facts).num_rows == 10
     root, infos = list_parquet(str(folder / "prompts-001.parquet"))  # a file in it, too
     assert root.path == str(folder) and [i["relative"] for i in infos] == ["prompts-001.parquet"]
 

@@ -11,9 +11,10 @@ import sys
 import pytest
 
 from batchinfer import runner
+from batchinfer.atomic import read_pinned
 from batchinfer.config import StorageConfig
 from batchinfer.plan import make_plan
-from batchinfer.readers.parquet import read_input_file
+from batchinfer.readers.parquet import ParquetReader
 from batchinfer.run_store import RunStore
 from batchinfer.storage import StorageError
 from scripts.sample_prompts import write_sample_prompts
@@ -125,9 +126,9 @@ def test_an_existing_prefix_with_glob_characters_is_that_prefix(tmp_path, s3):
         plan = make_plan(cfg)
         assert [f.url for f in plan.files] == [s3.url("runs[1]/prompts-000.parquet"),
                                                s3.url("runs[1]/prompts-001.parquet")]
-        first = plan.files[0]  # the workers' read, too, takes the name as it is
-        assert read_input_file(first.url, first.version, cfg.storage,
-                               lambda pf: pf.metadata.num_rows) == 10
+        first = plan.files[0]  # the workers' pinned read, too, takes the name as it is
+        assert read_pinned(first.url, first.version, cfg.storage,
+                           ParquetReader(storage=cfg.storage).facts).num_rows == 10
     with pytest.raises(StorageError, match=r"\(taken as a glob pattern"):
         make_plan(s3_config(tmp_path, s3, input={"path": s3.url("runs[2]/")}))
 

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import IO, TYPE_CHECKING, TypeVar
+from collections.abc import Sequence
+from typing import IO, TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchinfer import atomic, storage
+from batchinfer import storage
 from batchinfer.readers.base import FileFacts, InputError, Reader
 
 if TYPE_CHECKING:
     from batchinfer.config import StorageConfig
     from batchinfer.plan import InputFile
 
-T = TypeVar("T")
 
 
 def open_parquet(source: str | IO[bytes], cfg: StorageConfig | None) -> pq.ParquetFile:
@@ -25,17 +24,6 @@ def open_parquet(source: str | IO[bytes], cfg: StorageConfig | None) -> pq.Parqu
         filesystem, source = storage.arrow_file(source, cfg)
         return pq.ParquetFile(source, filesystem=filesystem, pre_buffer=True)
     return pq.ParquetFile(source, pre_buffer=True)
-
-
-def read_input_file(url: str, version: str, cfg: StorageConfig | None, read: Callable[[pq.ParquetFile], T]) -> T:
-    """`read(parquet_file)` on exactly the version of a Parquet input file the plan recorded
-    (atomic.read_pinned: storage.InputChanged if it changed)."""
-
-    def opened(source: str | IO[bytes]) -> T:
-        with open_parquet(source, cfg) as pf:
-            return read(pf)
-
-    return atomic.read_pinned(url, version, cfg, opened)
 
 
 class ParquetReader(Reader):

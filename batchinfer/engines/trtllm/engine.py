@@ -139,7 +139,7 @@ def runtime_args(cfg: Config, api: Any) -> dict[str, Any]:
         kv["dtype"] = "fp8"  # the TensorRT backend asserts dtype "auto": its FP8 KV is built in
     policy = api.CapacitySchedulerPolicy[t.scheduler_policy.upper()]
     args = {
-        "tokenizer": _tokenizer_dir(cfg),
+        "tokenizer": model_refs.tokenizer_folder(cfg.engine),
         "dtype": cfg.engine.dtype,
         "trust_remote_code": cfg.engine.trust_remote_code,
         "max_batch_size": cfg.engine.max_batch_size,
@@ -174,10 +174,6 @@ def sampling_params(cfg: Config, api: Any, max_tokens: int, seed: int | None = N
     # max_tokens is always set: TensorRT-LLM's default is 32.
     return api.SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
                               seed=s.seed if seed is None else seed, stop=list(s.stop) or None)
-
-
-def _tokenizer_dir(cfg: Config) -> str:
-    return model_refs.tokenizer_folder(cfg.engine)
 
 
 # --------------------------------------------------------------------------- outputs -> rows
