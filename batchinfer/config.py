@@ -101,7 +101,7 @@ class StorageConfig(Section):
         self.options = _secrets(self.options, hide=True)
 
     def fsspec_options(self) -> dict[str, Any]:
-        """`options` with every secret revealed, for the filesystem that needs them."""
+        """`options` with every secret revealed, as new mappings and lists the caller may change."""
         return _secrets(self.options, hide=False)
 
 

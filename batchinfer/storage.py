@@ -7,7 +7,6 @@ run directory and the workers stay filesystem-agnostic.
 from __future__ import annotations
 
 import contextlib
-import copy
 import errno
 import functools
 import json
@@ -105,7 +104,7 @@ def fsspec_options(protocol: str, cfg: StorageConfig | None) -> dict[str, Any]:
     """fsspec options for a protocol: `storage.options`, plus the S3 settings for s3:// URLs."""
     if cfg is None:
         return {}
-    opts = copy.deepcopy(cfg.fsspec_options())
+    opts = cfg.fsspec_options()  # a fresh copy: the S3 settings below are added to it
     if protocol in S3_PROTOCOLS:
         client = opts.setdefault("client_kwargs", {})
         if cfg.endpoint_url:
