@@ -171,6 +171,12 @@ class ThisRun(Record):
     completion_tokens: int
     rows_per_s: float
     tokens_per_s: float
+    tail_s: float | None = None
+    """Seconds from the last shard handed out to the last commit: the end of the run, when
+    workers run out of work one by one."""
+    engines: list[dict[str, Any]] = Field(default_factory=list)
+    """Each worker's engine accounting when the run ended (`Engine.stats`, up to the last
+    shard handed out), with its `worker` index; empty for backends that keep none."""
 
 
 class FailedShard(Record):

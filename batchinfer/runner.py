@@ -283,7 +283,8 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
     verify_committed(plan, committed, store)
     manifest = build_manifest(plan, store, committed, outcome.committed, outcome.failed,
                               started, generate_started, len(workers),
-                              "interrupted" if outcome.interrupted else None)
+                              "interrupted" if outcome.interrupted else None,
+                              tail_s=outcome.tail_s, engines=outcome.engines)
     faults.point("manifest")
     if outcome.interrupted:
         status.write("interrupted", force=True, reason="stopped by a signal")
@@ -354,7 +355,8 @@ def exit_code_for(status: str) -> int:
 
 def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummary],
                    new: dict[int, ShardSummary], failed: dict[int, str], started: float,
-                   generate_started: float, workers: int, status: str | None) -> Manifest:
+                   generate_started: float, workers: int, status: str | None,
+                   tail_s: float | None = None, engines: list[dict[str, Any]] | None = None) -> Manifest:
     """The final report: status, counts, tokens, throughput, and every shard's summary.
 
     `committed` holds every committed shard, `new` those this invocation committed.
@@ -396,6 +398,8 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
             completion_tokens=run_tokens,
             rows_per_s=round(run_rows / gen_s, 3) if run_rows else 0.0,
             tokens_per_s=round(run_tokens / gen_s, 2) if run_rows else 0.0,
+            tail_s=tail_s,
+            engines=engines or [],
         ),
         failed_shards=[FailedShard(shard=i, part=f"{plan.shards[i].name}.parquet", reason=r)
                        for i, r in sorted(failed.items())],

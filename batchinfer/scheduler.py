@@ -58,6 +58,7 @@ POLL_S = 0.5
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 PROGRESS_POLL_S = 2.0
+STATS_TIMEOUT_S = 10.0
 # Errors from a shard attempt that no retry can fix: the run stops handing out shards.
 # InputChanged and output errors (no space, read-only, permission) are StorageErrors.
 FATAL_ERRORS = (storage.StorageError, LeaseLost)
@@ -77,6 +78,10 @@ class Outcome:
     """A stop was requested before the queue was done."""
     fatal: BaseException | None = None
     """The first error no retry can fix (FATAL_ERRORS); the run stopped on it."""
+    tail_s: float | None = None
+    """Seconds from the last shard handed out to the last commit."""
+    engines: list[dict[str, Any]] = field(default_factory=list)
+    """Each ready worker's `Engine.stats` up to the last shard handed out, at the end."""
 
 
 @dataclass
@@ -169,6 +174,8 @@ class Scheduler:
                               rows=[shard.num_rows for shard in self.plan.shards],
                               pending=pending, slots=len(self.slots), now=time.monotonic())
         self.outcome = Outcome(committed=self.book.committed, failed=self.book.failed)
+        self.last_handout: float | None = None  # time.time() of the last shard handed out
+        self.last_commit: float | None = None
         self.live: dict[int, WorkerProgress] = {}
         while self.book.unfinished:
             now = time.monotonic()
@@ -187,7 +194,24 @@ class Scheduler:
             self._poll_progress()
             self._carry_out(self.book.watchdog(time.monotonic()))
             progress.update(self.outcome.committed, self.live, len(self.outcome.failed))
+        if self.last_commit is not None and self.last_handout is not None:
+            self.outcome.tail_s = round(max(0.0, self.last_commit - self.last_handout), 3)
+        self.outcome.engines = self._engine_stats()
         return self.outcome
+
+    def _engine_stats(self) -> list[dict[str, Any]]:
+        """Every ready worker's engine accounting, up to the last shard handed out; a worker
+        that does not answer within a few seconds is left out (this is a report, not work)."""
+        if self.stop.is_set():  # stopping: nothing more to wait for
+            return []
+        refs = {slot.actor.stats.remote(self.last_handout): slot.index for slot in self.slots if slot.ready}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_TIMEOUT_S) if refs else ([], [])
+        out = []
+        for ref in done:
+            stats = _get_or_none(ref)  # dead or failed: the run's result does not depend on it
+            if stats:
+                out.append({"worker": refs[ref], **stats})
+        return sorted(out, key=lambda s: s["worker"])
 
     def _wait_and_dispatch(self) -> None:
         waiting = {**{lease.ticket: ("lease", lease.id) for lease in self.book.leases.values()},
@@ -246,6 +270,7 @@ class Scheduler:
     def _start(self, lease: Lease) -> None:
         actor = self.slots[lease.slot].actor
         if lease.probe is None:
+            self.last_handout = time.time()
             lease.ticket = actor.process.remote(lease.shard, lease.attempt, lease.skip)
         else:
             lease.ticket = actor.probe.remote(lease.shard, lease.probe)
@@ -257,6 +282,7 @@ class Scheduler:
         self._start(race.lease)
 
     def _commit(self, commit: Commit) -> None:
+        self.last_commit = time.time()
         self.on_commit(commit.summary)
         faults.point("committed")
 

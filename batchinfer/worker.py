@@ -74,6 +74,10 @@ class ShardWorker:
                               heartbeat=self._beats_before + self.engine.heartbeat,
                               busy=self.engine.busy(), max_model_len=self.engine.max_model_len)
 
+    async def stats(self, until: float | None = None) -> dict:
+        """The engine's own accounting (`Engine.stats`), up to `until` (a time.time())."""
+        return self.engine.stats(until)
+
     async def process(self, shard_index: int, attempt: int,
                       skip: dict[int, str] | None = None) -> ShardAttempt:
         """Read, generate, write and commit one shard; return its summary (the winner's, if

@@ -172,6 +172,11 @@ def test_the_engine_runs_at_speed_and_accounts_for_its_time():
         asyncio.run(one_by_one())
         b = engine.accounting()
         assert b["starved_s"] > a["starved_s"] and b["idle_s"] >= a["idle_s"] + 0.05
+        # A report that ends earlier (e.g. at the last shard handed out) leaves the later part out.
+        assert engine.stats(until=time.time() - 60)["wall_s"] == 0.0
+        window = engine.stats(until=time.time() - (time.monotonic() - (started + wall)))
+        assert window["starved_s"] <= a["starved_s"] + 1e-9 and window["iterations"] <= a["iterations"]
+        assert window["wall_s"] == pytest.approx(a["wall_s"], abs=0.06)
     finally:
         engine.shutdown()
 
@@ -204,3 +209,20 @@ def test_a_whole_job_on_the_simulated_engine_completes_exactly_once(tmp_path, ra
     assert_exactly_once(tmp_path / "out", ids_of(60))
     df = pd.read_parquet(tmp_path / "out")
     assert (df.output == "[simulated: 16 tokens]").all() and (df.completion_tokens == 16).all()
+    this_run = report.manifest.this_run  # each engine's own accounting, and the end of the run
+    assert [e["worker"] for e in this_run.engines] == [0, 1] and this_run.tail_s >= 0
+    assert all(0 <= e["busy_fraction"] <= 1 and e["wall_s"] >= 0 for e in this_run.engines)
+    assert sum(e["output_tokens"] for e in this_run.engines) == 60 * 16
+
+
+def test_an_iteration_that_uses_its_whole_token_budget_is_not_starved():
+    """A prefill chunk of max_num_tokens is as busy as the GPU gets, however few requests
+    it holds: the accounting must not blame the framework for it."""
+    engine = SimulatedEngine(config=simulated_config(max_batch_size=64, max_tokens=2,
+                                                     options={"speed": 1000, "max_num_tokens": 512}))
+    try:
+        asyncio.run(generate_all(engine, [[1] * 4000]))  # one request: eight full prompt chunks
+        a = engine.accounting()
+        assert a["iterations"] >= 8 and a["full_s"] > 0.6 * a["wall_s"]
+    finally:
+        engine.shutdown()

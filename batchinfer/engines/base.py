@@ -191,6 +191,12 @@ class Engine(ABC):
         finally:
             self._step = None
 
+    def stats(self, until: float | None = None) -> dict[str, Any]:
+        """The engine's own accounting of how it spent its time, for the run's manifest
+        (`this_run.engines`); `until` (a `time.time()`) ends the window it covers, e.g. when
+        the driver handed out the last shard. The default keeps none: {}."""
+        return {}
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release the model; the default has nothing to release."""
 

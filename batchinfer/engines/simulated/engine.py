@@ -13,10 +13,12 @@ The engine keeps its own accounting (`accounting()`) of how well the framework k
 from __future__ import annotations
 
 import asyncio
+import bisect
+import math
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchinfer.config import Config
@@ -28,6 +30,13 @@ from batchinfer.engines.simulated.options import SimulatedOptions
 JITTER_S = 0.002
 """A late wake-up up to this long is made up in the next iterations, so sleep granularity
 does not slow a fast simulation down; longer delays are real lost time."""
+
+
+SNAPSHOT_EVERY_S = 0.05
+"""The accounting keeps its running totals this often (wall time), so a report can end at
+any earlier moment (e.g. the last shard handed out) to within this much."""
+
+_KINDS = ("full_s", "kv_limited_s", "starved_s", "idle_s")
 
 
 @dataclass
@@ -43,6 +52,9 @@ class _Accounting:
     iterations: int = 0
     occupancy_sum: float = 0.0
     occupancy_time: float = 0.0
+    snapshots: list[tuple[float, ...]] = field(default_factory=list)
+    """(monotonic time, full, kv_limited, starved, idle, iterations, occupancy sum, occupancy
+    time) every SNAPSHOT_EVERY_S."""
 
     def idle_until(self, now: float) -> None:
         if self.last is not None:
@@ -56,6 +68,20 @@ class _Accounting:
         self.occupancy_sum += occupancy
         self.occupancy_time += occupancy * span
         self.last = now
+        if not self.snapshots or now - self.snapshots[-1][0] >= SNAPSHOT_EVERY_S:
+            self.snapshots.append(self.totals())
+
+    def totals(self) -> tuple[float, ...]:
+        return (self.last, *(getattr(self, k) for k in _KINDS), self.iterations, self.occupancy_sum,
+                self.occupancy_time)
+
+    def until(self, t: float | None) -> tuple[float, ...]:
+        """The running totals as they were at monotonic time `t` (the last snapshot before
+        it), or now if `t` is None or later than the last iteration."""
+        if t is None or self.last is None or t >= self.last:
+            return self.totals()
+        i = bisect.bisect_right(self.snapshots, (t, math.inf)) - 1
+        return self.snapshots[i] if i >= 0 else (self.first, 0.0, 0.0, 0.0, 0.0, 0, 0.0, 0.0)
 
 
 class SimulatedEngine(Engine):
@@ -172,28 +198,35 @@ class SimulatedEngine(Engine):
 
     def _account(self, finished: int) -> None:
         batch = self.sim.running + finished
-        kind = ("full_s" if batch >= self.sim.max_batch_size
+        full = batch >= self.sim.max_batch_size or self.sim.last_cost.budget_full
+        kind = ("full_s" if full
                 else "kv_limited_s" if self.sim.waiting else "starved_s")
         self._acct.iteration(time.monotonic(), batch / self.sim.max_batch_size, kind)
 
-    def accounting(self) -> dict[str, Any]:
-        """How the engine spent wall time from its first request to its last iteration:
-        `full_s` (every batch slot taken), `kv_limited_s` (free slots, but the requests
-        waiting in the engine do not fit the KV cache), `starved_s` (free slots and nothing
-        waiting: the framework did not submit enough), `idle_s` (nothing running at all);
-        `busy_fraction` = 1 - (starved + idle) / wall; occupancy = running / max_batch_size,
-        mean per iteration and weighted by iteration time."""
+    def accounting(self, until: float | None = None) -> dict[str, Any]:
+        """How the engine spent wall time from its first request to its last iteration (or to
+        `until`, a time.time(), if earlier): `full_s` (every batch slot taken),
+        `kv_limited_s` (free slots, but the requests waiting in the engine do not fit the KV
+        cache), `starved_s` (free slots and nothing waiting: the framework did not submit
+        enough), `idle_s` (nothing running at all); `busy_fraction` = 1 - (starved + idle) /
+        wall; occupancy = running / max_batch_size, mean per iteration and weighted by
+        iteration time. The counters of simulated work (`virtual_s`, tokens) cover the
+        whole run."""
         a, c = self._acct, self.sim.counters
-        wall = (a.last - a.first) if a.first is not None else 0.0
+        cutoff = None if until is None else until - (time.time() - time.monotonic())
+        last, full, kv, starved, idle, iterations, occ_sum, occ_time = a.until(cutoff)
+        wall = (last - a.first) if a.first is not None else 0.0
         return {
-            "wall_s": wall, "full_s": a.full_s, "kv_limited_s": a.kv_limited_s, "starved_s": a.starved_s,
-            "idle_s": a.idle_s, "busy_fraction": 1 - (a.starved_s + a.idle_s) / wall if wall > 0 else 0.0,
-            "iterations": a.iterations,
-            "mean_occupancy": a.occupancy_sum / a.iterations if a.iterations else 0.0,
-            "time_weighted_occupancy": a.occupancy_time / wall if wall > 0 else 0.0,
+            "wall_s": wall, "full_s": full, "kv_limited_s": kv, "starved_s": starved, "idle_s": idle,
+            "busy_fraction": 1 - (starved + idle) / wall if wall > 0 else 0.0,
+            "iterations": iterations, "mean_occupancy": occ_sum / iterations if iterations else 0.0,
+            "time_weighted_occupancy": occ_time / wall if wall > 0 else 0.0,
             "virtual_s": c.virtual_s, "speed": self.options.speed, "output_tokens": c.output_tokens,
             "prompt_tokens": c.prompt_tokens, "prefill_tokens": c.prefill_tokens, "reused_tokens": c.reused_tokens,
         }
+
+    def stats(self, until: float | None = None) -> dict[str, Any]:
+        return self.accounting(until)
 
     def shutdown(self) -> None:
         with self._cond:

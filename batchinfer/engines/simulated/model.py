@@ -100,6 +100,9 @@ class StepCost:
     prefill_tokens: int = 0
     batch: int = 0
     context_tokens: int = 0
+    budget_full: bool = False
+    """Prompt chunks and decoding requests used all of `max_num_tokens`: more requests
+    could not have made this iteration do more."""
 
 
 class Simulator:
@@ -162,6 +165,7 @@ class Simulator:
             seq.to_prefill -= chunk
             if seq.to_prefill == 0:
                 started.append(seq)
+        cost.budget_full = budget <= 0
         if started:
             self._prefilling = [s for s in self._prefilling if s.to_prefill > 0]
         cost.batch = len(self._decoding) + len(started)
