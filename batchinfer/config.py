@@ -163,7 +163,9 @@ class RunConfig(Section):
     rows_per_shard: Annotated[int, Ge(1), Neutral("fixed by the plan when the run starts")] = 512
     """Target rows per shard (shards are whole row groups, or row ranges of big ones)."""
     shards_per_worker: Annotated[int, Ge(1), _SCHEDULING] = 2
-    """Shards a worker holds at once, so the next is read while the current generates."""
+    """Shards a worker holds at least, so the next is read while the current generates."""
+    prefetch_s: Annotated[float, Ge(0), _SCHEDULING] = 10
+    """A worker holds more shards (up to 16) while those beyond its current one hold less than this many seconds of its work."""
     max_attempts: Annotated[int, Ge(1), _SCHEDULING] = 3
     """Attempts per shard before it is recorded as failed (the run then ends partial)."""
     hang_timeout_s: Annotated[float, Gt(0), _SCHEDULING] = 600

@@ -7,14 +7,16 @@ batchinfer/scheduler.py carries out on Ray actors and logs, in order. The leases
 one place, `LeaseBook.leases`; what a slot holds is read from there, never kept beside it.
 
 The rules it keeps:
-- a worker holds up to `shards_per_worker` shards; when one ends it gets the next;
+- a worker holds `shards_per_worker` shards, or more while those queued behind its
+  current one hold less than `prefetch_s` of its work; when one ends it gets the next;
 - a shard whose lease ended without a commit is tried again, up to `max_attempts`, then
   recorded as failed; a retry after its worker died runs alone on a worker (solo), so
   that another death is its own and not a neighbour's;
 - a shard whose worker died twice, with an attempt left, is narrowed
   (batchinfer/narrowing.py): probes of its rows, each alone on a worker, find the rows
   that kill a worker alone; the shard then runs once more with those rows skipped;
-- with nothing left to hand out, an idle worker races a copy of the oldest straggler
+- with nothing left to hand out, an idle worker races a copy of a shard queued behind
+  another on a busy worker, else of the oldest straggler
   (running longer than `speculate_after_s` and twice the median shard time); the first
   commit wins and the other copies are cancelled; a late result of a cancelled copy is
   ignored;
@@ -25,6 +27,7 @@ The rules it keeps:
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -33,6 +36,11 @@ from typing import Any
 from batchinfer.narrowing import Narrowing
 from batchinfer.records import ShardSummary
 
+MAX_HELD = 16
+"""Most shards one worker holds, however fast it is (each is read and tokenized in memory)."""
+RATE_WINDOW_S = 5.0
+"""A worker's rate is measured over at least this long between progress reports."""
+
 
 @dataclass(frozen=True)
 class Rules:
@@ -40,6 +48,7 @@ class Rules:
 
     max_attempts: int = 3
     shards_per_worker: int = 2
+    prefetch_s: float = 10
     speculative: bool = True
     speculate_after_s: float = 120
     hang_timeout_s: float = 600
@@ -91,6 +100,10 @@ class SlotState:
     """The engine's last `busy()` report: whether it is inside a step, and its prompt tokens."""
     context: int = 0
     """The engine's max_model_len, the unit of prompt tokens one hang_timeout_s allows."""
+    rows_done: tuple[float, int] | None = None
+    """(when, rows) of the worker's last progress report that moved the rate."""
+    rows_per_s: float = 0.0
+    """The worker's recent rate (smoothed); it decides how many shards the worker holds."""
 
 
 # ---------------------------------------------------------------------- decisions
@@ -105,11 +118,14 @@ class Start:
 
 @dataclass(frozen=True)
 class Race:
-    """Start a speculative copy of a straggler that has run `ran_s` (median `median_s`)."""
+    """Start a speculative copy of a straggler that has run `ran_s` (median `median_s`),
+    or of a shard queued behind another on a busy worker while this one is idle."""
 
     lease: Lease
     ran_s: float
     median_s: float
+    queued: bool = False
+    """The original still waits behind another shard on a busy worker (not a straggler)."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +258,7 @@ class LeaseBook:
             held = self.held(slot.index)
             if slot is draining or any(lease.solo for lease in held):
                 continue
-            for _ in range(self.rules.shards_per_worker - len(held)):
+            for _ in range(self.capacity(slot) - len(held)):
                 if not self.queue:
                     break
                 shard = self.queue.popleft()
@@ -250,8 +266,21 @@ class LeaseBook:
                 out.append(Start(self._lease(slot, shard, self.attempts[shard], now)))
         return out
 
+    def capacity(self, slot: SlotState) -> int:
+        """Shards `slot` may hold: `shards_per_worker`, or more (up to MAX_HELD) while the
+        shards queued behind its current one hold less than `prefetch_s` of its work at its
+        recent rate. A fast worker (a short-prompt workload, a fast GPU) then never drains
+        its engine while a committed shard's replacement is read and tokenized."""
+        if not slot.rows_per_s or not self.rows:
+            return self.rules.shards_per_worker
+        shard_rows = max(1.0, sum(self.rows) / len(self.rows))
+        wanted = 1 + math.ceil(slot.rows_per_s * self.rules.prefetch_s / shard_rows)
+        return max(self.rules.shards_per_worker, min(MAX_HELD, wanted))
+
     def speculate(self, now: float) -> list[Decision]:
-        """With nothing left to hand out, let idle workers race the stragglers."""
+        """With nothing left to hand out, let idle workers race copies: first of shards
+        still queued behind another on a busy worker (taken at once, so the end of the run
+        does not wait on one worker's backlog), then of stragglers."""
         if not self.rules.speculative or self.queue or self.stop_deadline is not None:
             return []
         idle = [s for s in self.slots if s.ready and not self.held(s.index)]
@@ -261,12 +290,20 @@ class LeaseBook:
         median = durations[len(durations) // 2] if durations else 0.0
         threshold = max(self.rules.speculate_after_s, 2 * median)
         copies = {lease.shard for lease in self.leases.values() if lease.speculative}
-        stragglers = sorted((lease for lease in self.leases.values() if not lease.solo
-                             and lease.shard not in copies and now - lease.started > threshold),
+        candidates = [lease for lease in self.leases.values() if not lease.solo and lease.shard not in copies]
+        queued = sorted((lease for lease in candidates if self._queued(lease)),
+                        key=lambda lease: -lease.started)
+        stragglers = sorted((lease for lease in candidates
+                             if now - lease.started > threshold and not self._queued(lease)),
                             key=lambda lease: lease.started)
         return [Race(self._lease(slot, lease.shard, lease.attempt, now, speculative=True),
-                     now - lease.started, median)
-                for slot, lease in zip(idle, stragglers, strict=False)]
+                     now - lease.started, median, queued=self._queued(lease))
+                for slot, lease in zip(idle, queued + stragglers, strict=False)]
+
+    def _queued(self, lease: Lease) -> bool:
+        """Whether the lease waits behind an older lease on its worker."""
+        return any(other.started < lease.started or (other.started == lease.started and other.id < lease.id)
+                   for other in self.held(lease.slot) if other is not lease)
 
     def _lease(self, slot: SlotState, shard: int, attempt: int, now: float, *,
                speculative: bool = False, probe: list[int] | None = None, solo: bool = False) -> Lease:
@@ -396,10 +433,18 @@ class LeaseBook:
         state.ready, state.last_progress = True, now
 
     def observe(self, slot: int, *, heartbeat: Any, busy: dict[str, Any] | None,
-                context: int | None, now: float) -> None:
-        """A worker's progress() report: a new heartbeat means its engine moved."""
+                context: int | None, now: float, rows: int | None = None) -> None:
+        """A worker's progress() report: a new heartbeat means its engine moved; `rows`
+        (done since it started) updates its rate, over at least RATE_WINDOW_S."""
         state = self.slots[slot]
         state.busy, state.context = busy or {}, context or 0
+        if rows is not None:
+            if state.rows_done is None or rows < state.rows_done[1]:  # a new actor counts from 0
+                state.rows_done = (now, rows)
+            elif now - state.rows_done[0] >= RATE_WINDOW_S:
+                rate = (rows - state.rows_done[1]) / (now - state.rows_done[0])
+                state.rows_per_s = rate if not state.rows_per_s else (state.rows_per_s + rate) / 2
+                state.rows_done = (now, rows)
         if heartbeat != state.heartbeat:
             state.heartbeat, state.last_progress = heartbeat, now
 

@@ -269,13 +269,18 @@ class Scheduler:
 
     def _start(self, lease: Lease) -> None:
         actor = self.slots[lease.slot].actor
-        if lease.probe is None:
+        if lease.probe is None and not lease.speculative:
             self.last_handout = time.time()
             lease.ticket = actor.process.remote(lease.shard, lease.attempt, lease.skip)
         else:
             lease.ticket = actor.probe.remote(lease.shard, lease.probe)
 
     def _race(self, race: Race) -> None:
+        if race.queued:
+            log.info("shard %s waits behind another shard on its worker: worker %d (idle) runs "
+                     "a copy too; the first commit wins", self._name(race.lease.shard), race.lease.slot)
+            self._start(race.lease)
+            return
         log.warning("shard %s has run %.0fs (median %.0fs): racing a copy on worker %d; "
                     "the first commit wins", self._name(race.lease.shard), race.ran_s,
                     race.median_s, race.lease.slot)
@@ -319,7 +324,7 @@ class Scheduler:
             return
         self.live[slot.index] = info
         self.book.observe(slot.index, heartbeat=info.heartbeat, busy=info.busy,
-                          context=info.max_model_len, now=time.monotonic())
+                          context=info.max_model_len, now=time.monotonic(), rows=info.rows)
 
     def _record_ready(self, slot: _Slot, ref) -> None:
         slot.ready_ref = None

@@ -319,6 +319,38 @@ def test_a_dead_copy_does_not_count_against_its_shard_while_the_original_runs():
     assert book.attempts[3] == 1 and 3 not in book.deaths
 
 
+def test_an_idle_worker_takes_a_copy_of_a_shard_queued_behind_another_at_once():
+    """The end of the run: worker 1 holds two shards, worker 0 has nothing left. The one
+    waiting behind worker 1's current shard is copied to worker 0 right away (no straggler
+    threshold); the current one is not, until it straggles."""
+    book = make_book(4, slots=2, shards_per_worker=2)
+    leases = started(book.fill(0))
+    on_0 = [lease for lease in leases if lease.slot == 0]
+    for lease in on_0:
+        book.succeeded(lease.id, summary(lease, generate_s=1))
+    current, waiting = sorted((lease for lease in leases if lease.slot == 1), key=lambda lease: lease.id)
+    [race] = book.speculate(1)
+    assert race.queued and race.lease.shard == waiting.shard and race.lease.slot == 0
+    assert book.speculate(2) == []  # worker 0 is busy with the copy now
+    made = book.succeeded(race.lease.id, summary(race.lease))  # the copy commits first
+    assert made == [Commit(waiting.shard, summary(race.lease)), Cancel(waiting)]
+    assert book.speculate(3) == []  # the current shard is no straggler yet
+    assert book.speculate(1000)[0].lease.shard == current.shard
+
+
+def test_a_fast_worker_holds_enough_shards_for_prefetch_s_of_its_work():
+    book = make_book(40, slots=2, rows=100, shards_per_worker=2, prefetch_s=10)
+    assert len(started(book.fill(0))) == 4  # no rate known yet: shards_per_worker each
+    for slot, rows_at_5s in ((0, 250), (1, 20)):  # 50 rows/s and 4 rows/s
+        book.observe(slot, heartbeat=1, busy=None, context=None, now=0, rows=0)
+        book.observe(slot, heartbeat=2, busy=None, context=None, now=5, rows=rows_at_5s)
+    assert book.capacity(book.slots[0]) == 1 + 5 and book.capacity(book.slots[1]) == 2
+    more = started(book.fill(5))
+    assert [lease.slot for lease in more] == [0] * 4
+    book.observe(0, heartbeat=3, busy=None, context=None, now=10, rows=100_000)  # capped
+    assert book.capacity(book.slots[0]) == 16
+
+
 def test_no_speculation_when_disabled_or_while_shards_are_queued():
     book, straggler = straggling_book(speculative=False)
     assert book.speculate(1000) == []

@@ -226,3 +226,38 @@ def test_an_iteration_that_uses_its_whole_token_budget_is_not_starved():
         assert a["iterations"] >= 8 and a["full_s"] > 0.6 * a["wall_s"]
     finally:
         engine.shutdown()
+
+
+def test_an_aborted_request_frees_its_slot_blocks_and_context_wherever_it_is():
+    sim = Simulator(L40S, max_batch_size=2, kv_cache_tokens=64 * BLOCK_TOKENS, max_num_tokens=64)
+    for i, prompt in enumerate((40, 200, 30)):  # 1 decodes soon, 2 is still prefilling, 3 waits
+        sim.submit(i, prompt, 20, list(range(1000 * i, 1000 * i + prompt)))
+    for _ in range(2):
+        sim.step()
+    assert (sim.running, sim.waiting) == (2, 1)
+    assert sim.abort(0) and sim.abort(1) and sim.abort(2) and not sim.abort(2)
+    assert sim.idle() and sim._context == 0 and sim._used_blocks == 0
+    sim.submit(9, 100, 5)  # the freed capacity is usable again
+    drive(sim)
+    assert sim.counters.finished == 1 and sim._context == 0
+
+
+def test_a_cancelled_generate_aborts_its_request_in_the_engine():
+    engine = SimulatedEngine(config=simulated_config(max_batch_size=4, max_tokens=1000, options={"speed": 1}))
+
+    async def cancel_one():
+        task = asyncio.ensure_future(engine.generate(Request(0, [1] * 10)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):  # the engine thread drops it at its next iteration
+            if engine.sim.idle():
+                return
+            await asyncio.sleep(0.02)
+
+    try:
+        asyncio.run(cancel_one())
+        assert engine.sim.idle() and not engine._pending and engine.sim.counters.finished == 0
+    finally:
+        engine.shutdown()

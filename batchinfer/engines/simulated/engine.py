@@ -117,6 +117,7 @@ class SimulatedEngine(Engine):
         self._inbox: list[tuple[int, Request, int, Result, asyncio.Future, asyncio.AbstractEventLoop]] = []
         self._pending: dict[int, tuple[Result, asyncio.Future, asyncio.AbstractEventLoop]] = {}
         self._keys = 0
+        self._aborted: list[int] = []
         self._stop = False
         self._thread: threading.Thread | None = None
         self._acct = _Accounting()
@@ -134,12 +135,19 @@ class SimulatedEngine(Engine):
         future = loop.create_future()
         with self._cond:
             self._keys += 1
-            self._inbox.append((self._keys, request, result.completion_tokens, result, future, loop))
+            key = self._keys
+            self._inbox.append((key, request, result.completion_tokens, result, future, loop))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="simulated-gpu", daemon=True)
                 self._thread.start()
             self._cond.notify()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # past its deadline, or its shard was given up: abort it
+            with self._cond:
+                self._aborted.append(key)
+                self._cond.notify()
+            raise
 
     def _result(self, request: Request) -> Result:
         """The row's synthetic answer: its length decides everything; the text says what it is."""
@@ -158,9 +166,10 @@ class SimulatedEngine(Engine):
     def _loop(self) -> None:
         due: float | None = None  # when the previous iteration ended in simulated real time
         while True:
-            arrivals = self._wait_for_work()
-            if arrivals is None:
+            work = self._wait_for_work()
+            if work is None:
                 return
+            arrivals, aborted = work
             now = time.monotonic()
             if self._acct.last is None:
                 self._acct.first = self._acct.last = now
@@ -168,6 +177,12 @@ class SimulatedEngine(Engine):
                 ids = request.prompt_token_ids if self.options.prefix_caching else None
                 self.sim.submit(key, len(ids or request.prompt_token_ids), length, ids)
                 self._pending[key] = (result, future, loop)
+            for key in aborted:
+                if self._pending.pop(key, None) is not None:
+                    self.sim.abort(key)
+            if self.sim.idle():
+                due = None
+                continue
             duration, finished = self.sim.step()
             start = now if due is None else max(due, now - JITTER_S)
             due = start + duration / self.options.speed
@@ -181,20 +196,21 @@ class SimulatedEngine(Engine):
             if self.sim.idle():
                 due = None
 
-    def _wait_for_work(self) -> list | None:
-        """The requests submitted since the last iteration (waiting while there is nothing to
-        run, which is idle time); None once the engine is shut down."""
+    def _wait_for_work(self) -> tuple[list, list[int]] | None:
+        """The requests submitted and the keys of those aborted since the last iteration
+        (waiting while there is nothing to run, which is idle time); None once shut down."""
         with self._cond:
             waited = False
-            while not self._inbox and self.sim.idle() and not self._stop:
+            while not self._inbox and not self._aborted and self.sim.idle() and not self._stop:
                 waited = True
                 self._cond.wait()
             if self._stop:
                 return None
             arrivals, self._inbox = self._inbox, []
+            aborted, self._aborted = self._aborted, []
         if waited:
             self._acct.idle_until(time.monotonic())
-        return arrivals
+        return arrivals, aborted
 
     def _account(self, finished: int) -> None:
         batch = self.sim.running + finished

@@ -152,6 +152,29 @@ class Simulator:
         self._waiting.append(seq)
         self.counters.prompt_tokens += prompt_len
 
+    def abort(self, request_id: object) -> bool:
+        """Drop a request wherever it is (waiting, prefilling or decoding) and free its
+        blocks, as TensorRT-LLM does for an aborted request; False if it is not here."""
+        for seq in self._waiting:
+            if seq.id == request_id:
+                self._waiting.remove(seq)
+                return True
+        for seq in self._prefilling:
+            if seq.id == request_id:
+                self._prefilling.remove(seq)
+                self._release(seq)
+                return True
+        for entry in self._decoding:
+            finish, _, seq = entry
+            if seq.id == request_id:
+                self._decoding.remove(entry)
+                heapq.heapify(self._decoding)
+                # tokens it holds now: all of it, less those it would still have generated
+                self._context -= seq.prompt_len + seq.output_len - (finish - (self.counters.iterations - 1))
+                self._release(seq)
+                return True
+        return False
+
     def step(self) -> tuple[float, list[object]]:
         """Run one iteration: its duration in seconds and the ids of the requests it finished."""
         self._admit()
