@@ -58,7 +58,7 @@ POLL_S = 0.5
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1"}
 PROGRESS_POLL_S = 2.0
-STATS_TIMEOUT_S = 10.0
+STATS_TIMEOUT_S = 2.0
 # Errors from a shard attempt that no retry can fix: the run stops handing out shards.
 # InputChanged and output errors (no space, read-only, permission) are StorageErrors.
 FATAL_ERRORS = (storage.StorageError, LeaseLost)
@@ -269,8 +269,9 @@ class Scheduler:
 
     def _start(self, lease: Lease) -> None:
         actor = self.slots[lease.slot].actor
-        if lease.probe is None and not lease.speculative:
-            self.last_handout = time.time()
+        if lease.probe is None:
+            if not lease.speculative:
+                self.last_handout = time.time()
             lease.ticket = actor.process.remote(lease.shard, lease.attempt, lease.skip)
         else:
             lease.ticket = actor.probe.remote(lease.shard, lease.probe)

@@ -97,7 +97,7 @@ class ShardWorker:
             # read first, so the current shard drains (and commits) before the next one.
             async with self.turns:
                 await self.turns.wait_for(lambda: self._serving == ticket)
-            first = self._submit(encoded, seeds,
+            first = await self._submit(encoded, seeds,
                                  [i for i, e in enumerate(encoded) if not isinstance(e, RowError)])
         finally:
             await self._end_turn(ticket)
@@ -140,7 +140,7 @@ class ShardWorker:
         """Run some rows of a shard and keep nothing; the driver is looking for rows that
         kill the worker (it calls this alone on a worker). Returns how many rows ran."""
         _, _, encoded, seeds = await self._load(shard_index)
-        tasks = self._submit(encoded, seeds, [i for i in rows if not isinstance(encoded[i], RowError)])
+        tasks = await self._submit(encoded, seeds, [i for i in rows if not isinstance(encoded[i], RowError)])
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         return len(tasks)
 
@@ -158,8 +158,23 @@ class ShardWorker:
 
     # ------------------------------------------------------------------ rows through the engine
 
-    def _submit(self, encoded: list, seeds: list[int], rows: list[int]) -> dict[int, asyncio.Task]:
-        return {i: asyncio.ensure_future(self._generate(Request(i, encoded[i], seeds[i]))) for i in rows}
+    async def _submit(self, encoded: list, seeds: list[int], rows: list[int]) -> dict[int, asyncio.Task]:
+        """Hand `rows` to the engine in order, each as soon as the in-flight window has room;
+        returns when all are submitted. One waiter per shard on the window, not one per row:
+        asyncio.Semaphore scans its waiters on every acquire, and a worker holding many
+        shards would otherwise pay for thousands of them on every row."""
+        tasks: dict[int, asyncio.Task] = {}
+        try:
+            for i in rows:
+                await self.window.acquire()
+                tasks[i] = asyncio.ensure_future(self._generate(Request(i, encoded[i], seeds[i])))
+                # released however the task ends, also when cancelled before it ever ran
+                tasks[i].add_done_callback(self._release_slot)
+        except BaseException:
+            for t in tasks.values():
+                t.cancel()
+            raise
+        return tasks
 
     async def _finish(self, encoded: list, seeds: list[int],
                       tasks: dict[int, asyncio.Task]) -> list[RowOutcome]:
@@ -196,7 +211,7 @@ class ShardWorker:
                                        f"restarts in place: {first_error}")
                 restarts += 1
                 verified = await self._restart_engine(self.engine, first_error)
-                tasks = self._submit(encoded, seeds, list(failed))
+                tasks = await self._submit(encoded, seeds, list(failed))
         except BaseException:
             for t in tasks.values():
                 t.cancel()
@@ -204,10 +219,10 @@ class ShardWorker:
         return [outcomes[i] for i in range(len(encoded))]
 
     async def _generate(self, request: Request) -> RowOutcome:
-        async with self.window:
-            started = time.perf_counter()
-            result = await asyncio.wait_for(self.engine.generate(request), self.cfg.run.request_timeout_s)
-            latency = time.perf_counter() - started
+        """One row through the engine, holding one slot of the window while it runs."""
+        started = time.perf_counter()
+        result = await asyncio.wait_for(self.engine.generate(request), self.cfg.run.request_timeout_s)
+        latency = time.perf_counter() - started
         if result.error is None:
             self._canary = request.prompt_token_ids
             self.rows_done += 1
@@ -242,6 +257,9 @@ class ShardWorker:
         if self._window is None:  # made on first use so it belongs to the actor's event loop
             self._window = asyncio.Semaphore(self.engine.max_in_flight)
         return self._window
+
+    def _release_slot(self, _: asyncio.Future) -> None:
+        self.window.release()
 
     @property
     def turns(self) -> asyncio.Condition:

@@ -250,8 +250,7 @@ class BatchEngine(Engine):
             with self.step(sum(len(r.prompt_token_ids) for r in requests)):
                 results = self._isolating(requests)
             self.beat()
-            for (_, fut, loop), result in zip(batch, results, strict=True):
-                loop.call_soon_threadsafe(settle_future, fut, result)
+            settle_from_thread([(fut, loop, result) for (_, fut, loop), result in zip(batch, results, strict=True)])
 
     def _isolating(self, requests: list[Request]) -> list[Result | Exception]:
         """generate_batch, bisecting a batch that raises down to the requests that fail alone."""
@@ -272,6 +271,23 @@ class BatchEngine(Engine):
             self._pending.put(None)
             self._thread.join(timeout=60)
             self._thread = None
+
+
+def settle_from_thread(settled: list[tuple[asyncio.Future, asyncio.AbstractEventLoop, Result | Exception]]) -> None:
+    """Resolve many futures from an engine thread: one wake-up of each event loop for all
+    of its futures, not one per request (each call_soon_threadsafe writes to the loop's
+    self-pipe)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Result | Exception]]] = {}
+    for future, loop, result in settled:
+        by_loop.setdefault(loop, []).append((future, result))
+    for loop, items in by_loop.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle_all, items)
+
+
+def _settle_all(items: list[tuple[asyncio.Future, Result | Exception]]) -> None:
+    for future, result in items:
+        settle_future(future, result)
 
 
 def settle_future(future: asyncio.Future, result: Result | Exception) -> None:

@@ -77,8 +77,10 @@ def start_ray(num_cpus: int = RAY_CPUS) -> None:
     import ray
 
     if not ray.is_initialized():
+        # No prestarted idle workers: on 2 cores, 16 of them starting compete with the runs.
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": WORKER_ENV})
+                 runtime_env={"env_vars": WORKER_ENV},
+                 _system_config={"enable_worker_prestart": False, "prestart_worker_first_driver": False})
         try:  # Ray Data prints a progress bar per operator; the tables are the report
             from ray.data import DataContext
 

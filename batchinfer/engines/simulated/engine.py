@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchinfer.config import Config
-from batchinfer.engines.base import Engine, Request, Result, settle_future
+from batchinfer.engines.base import Engine, Request, Result, settle_from_thread
 from batchinfer.engines.simulated import profiles
 from batchinfer.engines.simulated.model import Simulator
 from batchinfer.engines.simulated.options import SimulatedOptions
@@ -189,9 +189,8 @@ class SimulatedEngine(Engine):
             with self.step(self.sim.last_cost.prefill_tokens):
                 time.sleep(max(0.0, due - time.monotonic()))
             self._account(len(finished))
-            for key in finished:
-                result, future, loop = self._pending.pop(key)
-                loop.call_soon_threadsafe(settle_future, future, result)
+            done = [self._pending.pop(key) for key in finished]
+            settle_from_thread([(future, loop, result) for result, future, loop in done])
             self.beat()
             if self.sim.idle():
                 due = None
@@ -252,8 +251,7 @@ class SimulatedEngine(Engine):
             self._thread.join(timeout=60)
             self._thread = None
         left = [(f, lp) for _, f, lp in self._pending.values()] + [(f, lp) for *_, f, lp in self._inbox]
-        for future, loop in left:
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(settle_future, future, RuntimeError("the simulated engine was shut down"))
+        settle_from_thread([(future, loop, RuntimeError("the simulated engine was shut down"))
+                            for future, loop in left])
         self._pending.clear()
         self._inbox.clear()
