@@ -270,11 +270,15 @@ class LeaseBook:
         """Shards `slot` may hold: `shards_per_worker`, or more (up to MAX_HELD) while the
         shards queued behind its current one hold less than `prefetch_s` of its work at its
         recent rate. A fast worker (a short-prompt workload, a fast GPU) then never drains
-        its engine while a committed shard's replacement is read and tokenized."""
+        its engine while a committed shard's replacement is read and tokenized. As the
+        queue runs out this tapers back to `shards_per_worker`."""
         if not slot.rows_per_s or not self.rows:
             return self.rules.shards_per_worker
         shard_rows = max(1.0, sum(self.rows) / len(self.rows))
         wanted = 1 + math.ceil(slot.rows_per_s * self.rules.prefetch_s / shard_rows)
+        # Near the end, no deeper than the queue shared out: a worker's backlog when the
+        # last shard goes out is what the run's tail waits on.
+        wanted = min(wanted, self.rules.shards_per_worker + len(self.queue) // len(self.slots))
         return max(self.rules.shards_per_worker, min(MAX_HELD, wanted))
 
     def speculate(self, now: float) -> list[Decision]:

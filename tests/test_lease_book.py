@@ -349,6 +349,9 @@ def test_a_fast_worker_holds_enough_shards_for_prefetch_s_of_its_work():
     assert [lease.slot for lease in more] == [0] * 4
     book.observe(0, heartbeat=3, busy=None, context=None, now=10, rows=100_000)  # capped
     assert book.capacity(book.slots[0]) == 16
+    while len(book.queue) > 3:  # near the end: no deeper than the queue shared out
+        book.queue.pop()
+    assert book.capacity(book.slots[0]) == 2 + 3 // 2
 
 
 def test_no_speculation_when_disabled_or_while_shards_are_queued():

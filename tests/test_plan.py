@@ -266,3 +266,22 @@ def test_fingerprint_covers_settings_and_inputs(tmp_path):
     b = make_plan(config(tmp_path, system_prompt="Be brief."))
     assert b.fingerprint != a.fingerprint
     assert diff_settings(a.settings, b.settings) == ["input.system_prompt: None -> 'Be brief.'"]
+
+
+def test_the_last_shards_of_a_big_plan_are_cut_in_quarters_and_cover_the_same_rows():
+    from batchinfer.plan import InputFile, Piece, Shard, cut_shards, taper_end
+
+    files = [InputFile(url=f"f{i}", name=f"f{i}", version="v", size=1, num_rows=250, row_groups=(100, 100, 50))
+             for i in range(4)]
+    shards = cut_shards(files, 100)  # 9 shards, the last two: rows 100-199 and 200-249 of file 3
+    assert len(shards) == 9 and taper_end(shards, held=3) == shards  # under 4 x held: as it was
+    tapered = taper_end(shards, held=2)
+    assert len(tapered) == 9 - 2 + 4 + 1 and [s.index for s in tapered] == list(range(len(tapered)))
+    assert tapered[:7] == shards[:7]
+    assert [s.num_rows for s in tapered[7:]] == [25] * 4 + [50]  # under TAPER_MIN_ROWS: whole
+
+    def rows(ss: list[Shard]) -> list[tuple[int, int]]:
+        return [(p.file, p.row_start + i) for s in ss for p in s.pieces for i in range(p.num_rows)]
+
+    assert rows(tapered) == rows(shards)  # every row once, in the same order
+    assert tapered[7].pieces == (Piece(3, 100, 25),) and tapered[-1].pieces == (Piece(3, 200, 50),)
