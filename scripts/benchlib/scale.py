@@ -63,7 +63,7 @@ class Size:
 
 SIZE = {
     "tiny": Size(rows=2_000, partner_rows=2_000, files=50),
-    "quick": Size(rows=200_000, partner_rows=50_000, files=2_000),
+    "quick": Size(rows=200_000, partner_rows=100_000, files=2_000),
     "full": Size(rows=1_000_000, partner_rows=100_000, files=10_000),
 }
 
@@ -98,10 +98,11 @@ def _job(part: common.Part, sz: Size, workdir: Path) -> None:
 
     part.tables.append(common.Table(
         "Jobs on the simulated engine (driver in its own process)",
-        ["job", "rows", "shards", "planning s", "generate s", "rows/s", "driver CPU ms/shard",
+        ["job", "rows", "shards", "planning s", "generate s", "rows/s", "steady rows/s", "driver CPU ms/shard",
          "RSS before planning MB", "after planning MB", "at scheduling MB", "end MB", "peak MB", "process s"],
         [[name, f"{r['rows']:,}", f"{r['shards']:,}", r["planning_s"], r["generate_s"],
-          round(r["rows"] / r["generate_s"]), round(1000 * r["driver_cpu_s"] / r["shards"], 2),
+          round(r["rows"] / r["generate_s"]), round(r["steady_rows_per_s"] or 0) or "n/a",
+          round(1000 * r["driver_cpu_s"] / r["shards"], 2),
           r["rss_before_plan_mb"], r["rss_after_plan_mb"], r["rss_at_schedule_mb"], r["rss_end_mb"],
           r["peak_rss_mb"], r["elapsed_s"]] for name, r in (("main", main), ("partner", partner))]))
     part.tables.append(common.Table("Driver cost per shard", ["measure", "value"], [
@@ -131,7 +132,8 @@ def _figures(main: dict, partner: dict) -> dict[str, float | None]:
     """Per-shard and per-row figures from the two jobs, and the peak RSS at ROWS_TARGET."""
     # Wall per shard by difference: seconds per row with small shards less seconds per row
     # with large ones, over the difference in shards per row.
-    spr_main, spr_partner = main["generate_s"] / main["rows"], partner["generate_s"] / partner["rows"]
+    spr_main, spr_partner = (1 / r["steady_rows_per_s"] if r["steady_rows_per_s"] else r["generate_s"] / r["rows"]
+                             for r in (main, partner))
     per_row = None
     if main["rows"] > partner["rows"]:
         per_row = max(0.0, (main["peak_rss_mb"] - partner["peak_rss_mb"]) / (main["rows"] - partner["rows"]))
@@ -160,10 +162,11 @@ def _job_notes(main: dict, partner: dict, extrapolated: bool, growth: float | No
         f"scheduler's start and end are read there, and sampled every {SAMPLE_S:g} s against shards "
         "committed: growth per shard is the least-squares slope of those samples over the scheduler run "
         "(from a tenth of the shards on).",
-        "Wall per shard = (s/row with small shards - s/row with large) / (1/100 - 1/1000), from each "
-        "job's generate_s (workers ready to last commit); it includes the workers' per-shard costs "
-        "(read, write, commit), not only the driver's. Driver CPU is the driver process's user+system "
-        "time during the scheduler run.",
+        "Wall per shard = (s/row with small shards - s/row with large) / (1/100 - 1/1000), each job's "
+        "s/row from its steady rate (rows committed between a tenth and nine tenths of its shards; "
+        "generate_s / rows where too few shards); it includes the workers' per-shard costs (read, write, "
+        "commit), not only the driver's. Driver CPU is the driver process's user+system time during "
+        "the scheduler run.",
         "Planning s is `list_inputs` + `make_plan` inside the run (local Parquet: footers, id check); "
         "between planning and scheduling the driver also checks sample prompts with the tokenizer and "
         "starts the workers.",
@@ -345,6 +348,12 @@ def driver_main(cfg_path: str, out_path: str) -> None:
         raise RuntimeError(f"scale job ended {report.status}: {m.rows}")
     # Growth once the scheduler is under way (the first samples include Ray's own warm-up).
     steady = [(c, r) for _, phase, c, r in probe.samples if phase == "schedule" and c >= m.shards.total // 10]
+    # Rate between a tenth and nine tenths of the shards: no worker start, no tail.
+    middle = [(t, c) for t, phase, c, _ in probe.samples
+              if phase == "schedule" and m.shards.total // 10 <= c <= m.shards.total * 9 // 10]
+    rate = None
+    if len(middle) >= 2 and middle[-1][0] > middle[0][0] and middle[-1][1] > middle[0][1]:
+        rate = (middle[-1][1] - middle[0][1]) * m.this_run.rows / m.shards.total / (middle[-1][0] - middle[0][0])
     Path(out_path).write_text(json.dumps({
         "rows": m.this_run.rows, "shards": m.shards.total, "generate_s": m.this_run.generate_s,
         "wall_s": m.this_run.wall_s, "planning_s": round(probe.planning_s, 3),
@@ -353,7 +362,7 @@ def driver_main(cfg_path: str, out_path: str) -> None:
         "rss_at_schedule_mb": round(probe.schedule["rss_start_mb"], 1),
         "rss_end_mb": round(probe.schedule["rss_end_mb"], 1), "rss_peak_by_phase_mb": probe.peaks(),
         "peak_rss_mb": round((_status_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024, 1),
-        "rss_slope_mb_per_shard": _slope(steady), "elapsed_s": round(time.perf_counter() - started, 2),
+        "rss_slope_mb_per_shard": _slope(steady), "steady_rows_per_s": rate, "elapsed_s": round(time.perf_counter() - started, 2),
         "samples": probe.samples,
     }))
 
