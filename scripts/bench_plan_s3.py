@@ -12,70 +12,30 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-for key, value in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
-    os.environ.setdefault(key, value)
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from batchinfer import plan as planning  # noqa: E402
+from batchinfer import plan as planning, readers  # noqa: E402
 from batchinfer.config_loader import config_from_dict  # noqa: E402
+from scripts.benchlib import s3_loopback  # noqa: E402
 from scripts.sample_prompts import prompt  # noqa: E402
-
-
-def serve(port: int, latency_ms: float) -> None:
-    """Run moto's S3 server, each request delayed by `latency_ms` (S3's time to first byte)."""
-    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import run_simple
-
-    app = DomainDispatcherApplication(create_backend_app)
-
-    def delayed(environ, start_response):
-        time.sleep(latency_ms / 1000)
-        return app(environ, start_response)
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    run_simple("127.0.0.1", port, delayed, threaded=True)
-
-
-def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--latency-ms", str(latency_ms)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=2)
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
 
 
 def measure(files: int, rounds: int, latency_ms: float) -> dict[int, float]:
     """Median planning time with the shipped thread pool and with one thread."""
     import s3fs
 
-    proc, endpoint = start_server(latency_ms)
-    try:
+    with s3_loopback.server(latency_ms) as endpoint:
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
         fs.mkdir("bench")
         blobs = {}
@@ -87,11 +47,11 @@ def measure(files: int, rounds: int, latency_ms: float) -> dict[int, float]:
         fs.pipe(blobs)
         cfg = config_from_dict({"input": {"path": "s3://bench/prompts/", "id_column": "id"},
                                 "storage": {"endpoint_url": endpoint}, "run": {"rows_per_shard": 10}})
-        shipped = planning.FOOTER_READ_THREADS
+        shipped = readers.base.FACTS_READ_THREADS
         timings: dict[int, list[float]] = {shipped: [], 1: []}
         for r in range(rounds):
             for threads in (shipped, 1) if r % 2 == 0 else (1, shipped):
-                planning.FOOTER_READ_THREADS = threads
+                readers.base.FACTS_READ_THREADS = threads
                 started = time.perf_counter()
                 plan = planning.make_plan(cfg)
                 elapsed = time.perf_counter() - started
@@ -99,11 +59,8 @@ def measure(files: int, rounds: int, latency_ms: float) -> dict[int, float]:
                 timings[threads].append(elapsed)
                 print(f"latency {latency_ms:g} ms, round {r}: {threads:>2} threads: {elapsed:.2f} s",
                       flush=True)
-        planning.FOOTER_READ_THREADS = shipped
+        readers.base.FACTS_READ_THREADS = shipped
         return {t: statistics.median(v) for t, v in timings.items()}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -113,12 +70,8 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=20.0,
                     help="added per request in the second measurement, like S3's time to first byte")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "plan_s3.md"))
-    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.serve:
-        return serve(args.serve, args.latency_ms)
-
-    shipped = planning.FOOTER_READ_THREADS
+    shipped = readers.base.FACTS_READ_THREADS
     rows = []
     for latency in (0.0, args.latency_ms):
         t = measure(args.files, args.rounds, latency)
