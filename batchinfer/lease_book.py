@@ -229,6 +229,7 @@ class LeaseBook:
         """Rows of a narrowed shard that killed a worker alone, for its next attempt."""
         self.stop_deadline: float | None = None
         self._ids = itertools.count()
+        self._median: tuple[int, float] = (0, 0.0)  # (commits it was taken over, median)
 
     @property
     def unfinished(self) -> bool:
@@ -290,8 +291,7 @@ class LeaseBook:
         idle = [s for s in self.slots if s.ready and not self.held(s.index)]
         if not idle:
             return []
-        durations = sorted(s.generate_s for s in self.committed.values())
-        median = durations[len(durations) // 2] if durations else 0.0
+        median = self._median_shard_s()
         threshold = max(self.rules.speculate_after_s, 2 * median)
         copies = {lease.shard for lease in self.leases.values() if lease.speculative}
         candidates = [lease for lease in self.leases.values() if not lease.solo and lease.shard not in copies]
@@ -303,6 +303,14 @@ class LeaseBook:
         return [Race(self._lease(slot, lease.shard, lease.attempt, now, speculative=True),
                      now - lease.started, median, queued=self._queued(lease))
                 for slot, lease in zip(idle, queued + stragglers, strict=False)]
+
+    def _median_shard_s(self) -> float:
+        """The median generate_s of committed shards, sorted again only after new commits
+        (speculate runs on every scheduler loop once the queue is empty)."""
+        if self._median[0] != len(self.committed):
+            durations = sorted(s.generate_s for s in self.committed.values())
+            self._median = (len(durations), durations[len(durations) // 2] if durations else 0.0)
+        return self._median[1]
 
     def _queued(self, lease: Lease) -> bool:
         """Whether the lease waits behind an older lease on its worker."""

@@ -8,7 +8,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from batchinfer.records import ShardSummary, WorkerProgress
+from batchinfer.records import WorkerProgress
 
 
 class Progress:
@@ -31,13 +31,15 @@ class Progress:
         self.shards = done_shards
         self.failed = 0
 
-    def update(self, committed: dict[int, ShardSummary], live: dict[int, WorkerProgress],
+    def update(self, committed_shards: int, committed_rows: int, live: dict[int, WorkerProgress],
                failed: int) -> None:
-        committed_rows = sum(s.rows for s in committed.values())
+        """This run's shards and rows committed so far (running totals: the scheduler calls
+        this every loop, so nothing here may grow with the shards committed), each live
+        worker's report, and the shards failed."""
         live_rows = sum(p.rows for p in live.values())
         self.rows = min(self.total_rows, self.done_rows + max(committed_rows, live_rows))
         self.tokens = sum(p.completion_tokens for p in live.values())
-        self.shards = self.done_shards + len(committed)
+        self.shards = self.done_shards + committed_shards
         self.failed = failed
         if self.bar is not None:
             self.bar.n = self.rows

@@ -176,6 +176,7 @@ class Scheduler:
         self.outcome = Outcome(committed=self.book.committed, failed=self.book.failed)
         self.last_handout: float | None = None  # time.time() of the last shard handed out
         self.last_commit: float | None = None
+        self.committed_rows = 0
         self.live: dict[int, WorkerProgress] = {}
         while self.book.unfinished:
             now = time.monotonic()
@@ -193,7 +194,8 @@ class Scheduler:
             self._wait_and_dispatch()
             self._poll_progress()
             self._carry_out(self.book.watchdog(time.monotonic()))
-            progress.update(self.outcome.committed, self.live, len(self.outcome.failed))
+            progress.update(len(self.outcome.committed), self.committed_rows, self.live,
+                            len(self.outcome.failed))
         if self.last_commit is not None and self.last_handout is not None:
             self.outcome.tail_s = round(max(0.0, self.last_commit - self.last_handout), 3)
         self.outcome.engines = self._engine_stats()
@@ -289,6 +291,7 @@ class Scheduler:
 
     def _commit(self, commit: Commit) -> None:
         self.last_commit = time.time()
+        self.committed_rows += commit.summary.rows
         self.on_commit(commit.summary)
         faults.point("committed")
 
