@@ -277,9 +277,10 @@ class LeaseBook:
             return self.rules.shards_per_worker
         shard_rows = max(1.0, sum(self.rows) / len(self.rows))
         wanted = 1 + math.ceil(slot.rows_per_s * self.rules.prefetch_s / shard_rows)
-        # Near the end, no deeper than the queue shared out: a worker's backlog when the
-        # last shard goes out is what the run's tail waits on.
-        wanted = min(wanted, self.rules.shards_per_worker + len(self.queue) // len(self.slots))
+        # No deeper than a quarter of the queue shared out: a worker's backlog when the last
+        # shard goes out is what the run's tail waits on, and a deep one at the start would
+        # take shards a worker that turns out faster could have had.
+        wanted = min(wanted, self.rules.shards_per_worker + len(self.queue) // (4 * len(self.slots)))
         return max(self.rules.shards_per_worker, min(MAX_HELD, wanted))
 
     def speculate(self, now: float) -> list[Decision]:

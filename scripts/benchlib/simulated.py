@@ -129,14 +129,15 @@ SIZES = {
     # Ray Data on the other workloads; headroom speeds
     "tiny": {"seconds": 0.5, "speed": 20.0, "workers": [1], "others": {"few-shot": [1]},
              "ray_data_others": False, "headroom": [40.0]},
-    "quick": {"seconds": 8.0, "speed": 1.0, "workers": [1, 4], "others": {w: [4] for w in
+    "quick": {"seconds": 12.0, "speed": 1.0, "workers": [1, 4], "others": {w: [4] for w in
               ("2048/128", "mixed", "few-shot")}, "ray_data_others": False, "headroom": [10.0, 20.0]},
     "full": {"seconds": 25.0, "speed": 1.0, "workers": [1, 4, 8], "others": {w: [4, 8] for w in
              ("2048/128", "mixed", "few-shot")}, "ray_data_others": True,
              "headroom": [5.0, 10.0, 15.0, 20.0, 30.0]},
 }
-SHARD_SECONDS = 4.0
-"""Rows per shard are sized to this many seconds of one engine's work at speed 1."""
+SHARDS_PER_WORKER = 10
+"""Rows per shard are sized so that each worker's run is about this many shards (a night's
+job has thousands; a run with a handful would be all start and tail)."""
 
 
 class Bench:
@@ -164,7 +165,8 @@ class Bench:
         """The engine's rows/s at `speed`, rows per worker for the run's seconds, rows per shard."""
         _, _, rate = self.inputs(workload, 512)
         rate *= speed
-        return rate, max(64, int(rate * self.plan["seconds"])), max(16, int(rate * SHARD_SECONDS / speed))
+        per_worker = max(64, int(rate * self.plan["seconds"]))
+        return rate, per_worker, max(16, per_worker // SHARDS_PER_WORKER)
 
     def compare(self, workload: Workload, workers: list[int], ray_data: bool, speed: float) -> list[dict]:
         """The engine alone, then batchinfer (and Ray Data) at each worker count, on one
@@ -235,7 +237,7 @@ def run(size: str, workdir: Path) -> common.Part:
     part = common.Part(
         key="simulated", title="Simulated L40S (Llama-3.1-8B FP8, TensorRT-LLM in-flight batching)",
         settings={"profile": PROFILE, "engine.max_batch_size": MAX_BATCH, "speed": speed,
-                  "seconds of engine work per worker": plan["seconds"], "shard": f"{SHARD_SECONDS:g} s of engine work",
+                  "seconds of engine work per worker": plan["seconds"], "shards per worker": SHARDS_PER_WORKER,
                   "workloads": {w.name: {"max_tokens": w.max_tokens, "output_lengths": w.output_lengths}
                                 for w in WORKLOADS.values()},
                   "Ray Data": "read_parquet -> map_batches(async actor, batch 64, ~2 x max_batch_size in flight) "
