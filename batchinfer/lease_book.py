@@ -104,6 +104,8 @@ class SlotState:
     """(when, rows) of the worker's last progress report that moved the rate."""
     rows_per_s: float = 0.0
     """The worker's recent rate (smoothed); it decides how many shards the worker holds."""
+    window: int = 0
+    """Requests the worker keeps submitted to its engine; it holds at least that many rows."""
 
 
 # ---------------------------------------------------------------------- decisions
@@ -268,20 +270,25 @@ class LeaseBook:
         return out
 
     def capacity(self, slot: SlotState) -> int:
-        """Shards `slot` may hold: `shards_per_worker`, or more (up to MAX_HELD) while the
-        shards queued behind its current one hold less than `prefetch_s` of its work at its
-        recent rate. A fast worker (a short-prompt workload, a fast GPU) then never drains
+        """Shards `slot` may hold: `shards_per_worker`, or more (up to MAX_HELD) while they
+        hold fewer rows than its engine's window plus one shard, or while the shards queued
+        behind its current one hold less than `prefetch_s` of its work at its recent rate. A fast worker (a short-prompt workload, a fast GPU) then never drains
         its engine while a committed shard's replacement is read and tokenized. As the
         queue runs out this tapers back to `shards_per_worker`."""
-        if not slot.rows_per_s or not self.rows:
+        if not self.rows:
             return self.rules.shards_per_worker
         shard_rows = max(1.0, sum(self.rows) / len(self.rows))
+        # Rows enough to keep the engine's window full, and one shard more behind them:
+        # shards smaller than the batch must not leave the batch part empty.
+        floor = max(self.rules.shards_per_worker, min(MAX_HELD, 1 + math.ceil(slot.window / shard_rows)))
+        if not slot.rows_per_s:
+            return floor
         wanted = 1 + math.ceil(slot.rows_per_s * self.rules.prefetch_s / shard_rows)
         # No deeper than a quarter of the queue shared out: a worker's backlog when the last
         # shard goes out is what the run's tail waits on, and a deep one at the start would
         # take shards a worker that turns out faster could have had.
         wanted = min(wanted, self.rules.shards_per_worker + len(self.queue) // (4 * len(self.slots)))
-        return max(self.rules.shards_per_worker, min(MAX_HELD, wanted))
+        return max(floor, min(MAX_HELD, wanted))
 
     def speculate(self, now: float) -> list[Decision]:
         """With nothing left to hand out, let idle workers race copies: first of shards
@@ -446,11 +453,12 @@ class LeaseBook:
         state.ready, state.last_progress = True, now
 
     def observe(self, slot: int, *, heartbeat: Any, busy: dict[str, Any] | None,
-                context: int | None, now: float, rows: int | None = None) -> None:
+                context: int | None, now: float, rows: int | None = None, window: int | None = None) -> None:
         """A worker's progress() report: a new heartbeat means its engine moved; `rows`
         (done since it started) updates its rate, over at least RATE_WINDOW_S."""
         state = self.slots[slot]
         state.busy, state.context = busy or {}, context or 0
+        state.window = window or state.window
         if rows is not None:
             if state.rows_done is None or rows < state.rows_done[1]:  # a new actor counts from 0
                 state.rows_done = (now, rows)

@@ -105,6 +105,8 @@ class WorkerInfo(Record):
     """Seconds to load the engine and tokenizer; absent in status records before it was kept."""
     engine_source: str | None = None
     """Where the backend got its engine from, if it says (e.g. TensorRT-LLM: built, cached)."""
+    window: int = 0
+    """Requests the worker keeps submitted to its engine (`Engine.max_in_flight`)."""
 
 
 class WorkerProgress(Record):
@@ -118,6 +120,8 @@ class WorkerProgress(Record):
     busy: dict[str, Any] = Field(default_factory=dict)
     """The engine's own `busy()` report (engines/base.py): `in_step`, `step_tokens`."""
     max_model_len: int = 0
+    window: int = 0
+    """Requests the worker keeps submitted to its engine (`Engine.max_in_flight`)."""
 
 
 # ---------------------------------------------------------------------- the run

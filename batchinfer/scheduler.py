@@ -150,7 +150,8 @@ class Scheduler:
                 log.warning("waiting for workers: %d/%d ready (each asks for %s)",
                             len(infos), len(self.slots), self._resources())
                 next_note = now + 30
-        return sorted(infos, key=lambda i: i.worker)
+        self.infos = sorted(infos, key=lambda i: i.worker)
+        return self.infos
 
     def _resources(self) -> str:
         run = self.cfg.run
@@ -173,6 +174,8 @@ class Scheduler:
         self.book = LeaseBook(rules=Rules.from_run(self.cfg.run),
                               rows=[shard.num_rows for shard in self.plan.shards],
                               pending=pending, slots=len(self.slots), now=time.monotonic())
+        for info in getattr(self, "infos", []):  # what each worker said when it was ready
+            self.book.slots[info.worker].window = info.window
         self.outcome = Outcome(committed=self.book.committed, failed=self.book.failed)
         self.last_handout: float | None = None  # time.time() of the last shard handed out
         self.last_commit: float | None = None
@@ -328,12 +331,13 @@ class Scheduler:
             return
         self.live[slot.index] = info
         self.book.observe(slot.index, heartbeat=info.heartbeat, busy=info.busy,
-                          context=info.max_model_len, now=time.monotonic(), rows=info.rows)
+                          context=info.max_model_len, now=time.monotonic(), rows=info.rows,
+                          window=info.window)
 
     def _record_ready(self, slot: _Slot, ref) -> None:
         slot.ready_ref = None
         try:
-            ray.get(ref)
+            self.book.slots[slot.index].window = ray.get(ref).window
         except (RayActorError, RayTaskError) as e:
             self._carry_out([self.book.replace(slot.index, f"the replacement failed to start: "
                                                            f"{describe(e)}", time.monotonic())])

@@ -67,12 +67,14 @@ class ShardWorker:
         """Called once by the driver: the engine is loaded when this returns."""
         return WorkerInfo(worker=self.worker_index, pid=os.getpid(), host=socket.gethostname(),
                           load_s=round(self.load_s, 2),
-                          engine_source=getattr(self.engine, "engine_source", None))
+                          engine_source=getattr(self.engine, "engine_source", None),
+                          window=self.engine.max_in_flight)
 
     async def progress(self) -> WorkerProgress:
         return WorkerProgress(rows=self.rows_done, completion_tokens=self.tokens_out,
                               heartbeat=self._beats_before + self.engine.heartbeat,
-                              busy=self.engine.busy(), max_model_len=self.engine.max_model_len)
+                              busy=self.engine.busy(), max_model_len=self.engine.max_model_len,
+                              window=self.engine.max_in_flight)
 
     async def stats(self, until: float | None = None) -> dict:
         """The engine's own accounting (`Engine.stats`), up to `until` (a time.time())."""

@@ -354,6 +354,15 @@ def test_a_fast_worker_holds_enough_shards_for_prefetch_s_of_its_work():
     assert book.capacity(book.slots[0]) == 2 + 20 // (4 * 2)
 
 
+def test_a_worker_holds_enough_small_shards_to_fill_its_engine_window():
+    book = make_book(100, slots=1, rows=50, shards_per_worker=2)
+    book.slots[0].window = 512  # 2 x max_batch_size 256: shards of 50 rows would leave it part empty
+    assert book.capacity(book.slots[0]) == 1 + 11 and len(started(book.fill(0))) == 12
+    book = make_book(100, slots=1, rows=5000, shards_per_worker=2)
+    book.slots[0].window = 512  # big shards: shards_per_worker already holds more than the window
+    assert book.capacity(book.slots[0]) == 2
+
+
 def test_no_speculation_when_disabled_or_while_shards_are_queued():
     book, straggler = straggling_book(speculative=False)
     assert book.speculate(1000) == []

@@ -47,6 +47,8 @@ def test_what_is_written_now_keeps_the_old_layout_plus_a_version():
     old = json.loads((META / "manifest.json").read_text())
     new = json.loads(Manifest.from_json(json.dumps(old)).to_json())
     assert new.pop("version") == MANIFEST_VERSION
+    # fields added since (issue 11): empty for a run that did not record them
+    assert new["this_run"].pop("tail_s") is None and new["this_run"].pop("engines") == []
     del old["shard_summaries"][0]["won"]
     assert new == old
     for name, kind in (("status.json", RunStatus), ("commits/part-000000.json", ShardSummary)):
