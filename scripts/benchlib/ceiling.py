@@ -29,7 +29,7 @@ from scripts.benchlib.cpu_model import load_note, run_batchinfer_steady
 
 BACKEND = "scripts.benchlib.instant:InstantEngine"
 TARGET = 1.5
-PROFILE_RATE = 200
+PROFILE_RATE = 500
 """py-spy samples per second."""
 TOP = 25
 
@@ -42,12 +42,19 @@ class Size:
     prompt_tokens: int
     max_tokens: int
     workers: tuple[int, ...]
+    """batchinfer workers, one run each."""
+    actors: tuple[int, ...]
+    """Ray Data actors, one run each (Ray Data spends 20-60 s here before its first batch,
+    so quick runs it with one actor only)."""
 
 
 SIZES = {
-    "tiny": Size(rows=400, files=2, rows_per_shard=100, prompt_tokens=128, max_tokens=128, workers=(1,)),
-    "quick": Size(rows=16_000, files=16, rows_per_shard=512, prompt_tokens=128, max_tokens=128, workers=(1, 2)),
-    "full": Size(rows=64_000, files=32, rows_per_shard=512, prompt_tokens=128, max_tokens=128, workers=(1, 2)),
+    "tiny": Size(rows=400, files=2, rows_per_shard=100, prompt_tokens=128, max_tokens=128, workers=(1,),
+                 actors=(1,)),
+    "quick": Size(rows=16_000, files=16, rows_per_shard=512, prompt_tokens=128, max_tokens=128, workers=(1, 2),
+                  actors=(1,)),
+    "full": Size(rows=64_000, files=32, rows_per_shard=512, prompt_tokens=128, max_tokens=128, workers=(1, 2),
+                 actors=(1, 2)),
 }
 
 
@@ -70,11 +77,13 @@ def run(size: str, workdir: Path) -> common.Part:
 
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
-    for w in s.workers:
-        runs.append({"run": "batchinfer", **run_batchinfer_steady(cfg(f"batchinfer-{w}", w))})
-        runs.append({"run": "Ray Data (async actor)",
-                     **raydata.run_ray_data(cfg(f"raydata-{w}", w), workers=w, style="async")})
-    rd_async = runs[1]
+    for w in sorted(set(s.workers) | set(s.actors)):
+        if w in s.workers:
+            runs.append({"run": "batchinfer", **run_batchinfer_steady(cfg(f"batchinfer-{w}", w))})
+        if w in s.actors:
+            runs.append({"run": "Ray Data (async actor)",
+                         **raydata.run_ray_data(cfg(f"raydata-{w}", w), workers=w, style="async")})
+    rd_async = next(r for r in runs if r["run"] == "Ray Data (async actor)" and r["workers"] == 1)
     profile_path = (workdir if size == "tiny" else common.REPO / "benchmarks") / "profile_ceiling.txt"
     profile = profile_worker(cfg("profile", 1), profile_path, size, modes=("gil",) if size == "tiny" else ("gil", "all"))
 
@@ -91,10 +100,11 @@ def run(size: str, workdir: Path) -> common.Part:
                          ["run", "workers", "wall s", "steady s", "rows", "rows/s (steady)", "rows/s per worker",
                           "× Ray Data", "rows/s (wall)"])
     for r in runs:
-        peer = by[("Ray Data (async actor)", r["workers"])]
+        peer = by.get(("Ray Data (async actor)", r["workers"]))
         table.rows.append([r["run"], r["workers"], f"{r['total_s']:.1f}", f"{r.get('steady_s', r['generate_s']):.2f}",
                            r["rows"], f"{r['rows_per_s']:.0f}", f"{r['rows_per_s'] / r['workers']:.0f}",
-                           f"{r['rows_per_s'] / peer['rows_per_s']:.2f}", f"{r['rows'] / r['total_s']:.0f}"])
+                           f"{r['rows_per_s'] / peer['rows_per_s']:.2f}" if peer else "",
+                           f"{r['rows'] / r['total_s']:.0f}"])
     table.rows.append([f"batchinfer worker in process, no Ray ({profile['profiler']} running)", 1,
                        f"{profile['total_s']:.1f}", f"{profile['process_s']:.2f}", profile["rows"],
                        f"{profile['rows_per_s']:.0f}", f"{profile['rows_per_s']:.0f}", "",
@@ -108,10 +118,11 @@ def run(size: str, workdir: Path) -> common.Part:
         f"Profile of the worker path: {profile_path.relative_to(common.REPO) if size != 'tiny' else profile_path} "
         "(ShardWorker.process in one process without Ray: where the GIL goes, and every thread on the CPU).",
         "Steady spans: batchinfer from all workers loaded to the last shard committed; Ray Data from its "
-        "first batch started to its last batch done (the first block's read and the last block's write are "
-        "outside it). Wall time includes Ray actor start-up and planning.",
-        "The two do not do the same bookkeeping: batchinfer writes every input column it passes through "
-        "plus latency, one part per shard with an atomic commit, a commit record and a lease check; the "
+        "first batch started to its last batch done (its read and repartition come before, the last "
+        "block's write after). Wall time includes Ray actor start-up and planning.",
+        raydata.startup_note(rd_async),
+        "The two do not do the same bookkeeping: batchinfer also writes latency_s and each shard's summary "
+        "into its part, commits one part per shard atomically with a commit record and a lease check; the "
         "Ray Data pipeline writes id and the result columns and has no exactly-once commit.",
         "Two workers share the machine's 2 cores with the driver and Ray's own processes: per-worker rows/s "
         "at 2 workers shows contention, not scaling.",
@@ -148,7 +159,8 @@ def profile_worker(cfg: dict[str, Any], path: Path, size: str, modes: tuple[str,
     for mode in modes:
         flag, title = MODES[mode]
         raw = tmp / f"{mode}.txt"
-        done = _child([spy, "record", "--format", "raw", "--function", "--threads", "--rate", str(PROFILE_RATE),
+        done = _child([spy, "record", "--format", "raw", "--function", "--threads", "--nonblocking",
+                       "--rate", str(PROFILE_RATE),
                        *([flag] if flag else []), "--output", str(raw), "--", *child], cfg, check=False)
         if done.returncode != 0 or not raw.exists() or not raw.stat().st_size:
             break
@@ -223,7 +235,7 @@ def _report_spy(stacks: list[tuple[list[str], int]], result: dict[str, Any], tit
         names = [_name(f) for f in frames if not f.startswith(("thread ", "process "))]
         n += count
         own[names[-1]] += count
-        for name in set(names):
+        for name in {x for x in names if "batchinfer/" in x}:
             total[name] += count
         inner = [x for x in names if "batchinfer/" in x]
         ours[inner[-1] if inner else "(outside batchinfer) " + names[-1]] += count
@@ -238,7 +250,8 @@ def _report_spy(stacks: list[tuple[list[str], int]], result: dict[str, Any], tit
     for heading, counter in (("By the innermost batchinfer function on the stack (library time charged to the "
                               "batchinfer code that called it)", ours),
                              ("By own time (the function itself, not its callees)", own),
-                             ("By total time (the function and everything it calls)", total)):
+                             ("By total time, batchinfer functions (the function and everything it calls)",
+                              total)):
         lines += [f"{heading}:", f"{'%':>6}  function (file:first line)"]
         lines += [f"{c / n:6.1%}  {name}" for name, c in counter.most_common(top)]
         lines.append("")
@@ -264,7 +277,8 @@ def _header(result: dict[str, Any], size: str) -> list[str]:
         f"batchinfer.worker.ShardWorker.process over {result['shards']} shards ({result['rows']} rows, "
         f"{result['shards_per_worker']} shards in flight as a worker holds them), in one process without Ray, "
         f"instant engine ({BACKEND}). Only the shards' processing is counted (the event loop and the "
-        f"threads it hands work to), not start-up; py-spy record --function --threads --rate {PROFILE_RATE}.",
+        f"threads it hands work to), not start-up; py-spy record --function --threads --nonblocking "
+        f"--rate {PROFILE_RATE}.",
         ""]
 
 
