@@ -16,6 +16,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -77,13 +78,18 @@ def run(size: str, workdir: Path) -> common.Part:
 
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
+    # batchinfer with one worker runs before and after Ray Data with one actor (the target's
+    # comparison), so that the drift of this shared machine shows in the pair.
     for w in sorted(set(s.workers) | set(s.actors)):
         if w in s.workers:
             runs.append({"run": "batchinfer", **run_batchinfer_steady(cfg(f"batchinfer-{w}", w))})
         if w in s.actors:
             runs.append({"run": "Ray Data (async actor)",
                          **raydata.run_ray_data(cfg(f"raydata-{w}", w), workers=w, style="async")})
+        if w == 1 and w in s.workers:
+            runs.append({"run": "batchinfer", **run_batchinfer_steady(cfg("batchinfer-1-again", w))})
     rd_async = next(r for r in runs if r["run"] == "Ray Data (async actor)" and r["workers"] == 1)
+    bi1 = [r["rows_per_s"] for r in runs if r["run"] == "batchinfer" and r["workers"] == 1]
     profile_path = (workdir if size == "tiny" else common.REPO / "benchmarks") / "profile_ceiling.txt"
     profile = profile_worker(cfg("profile", 1), profile_path, size, modes=("gil",) if size == "tiny" else ("gil", "all"))
 
@@ -95,12 +101,12 @@ def run(size: str, workdir: Path) -> common.Part:
                   "ray_data_max_concurrency": rd_async["max_concurrency"],
                   "profiler": profile["profiler"], "profile_rate_hz": PROFILE_RATE},
         raw={"runs": runs, "profile": profile, "load_average": [load_before, os.getloadavg()]})
-    by = {(r["run"], r["workers"]): r for r in runs}
+    peers = {r["workers"]: r for r in runs if r["run"] == "Ray Data (async actor)"}
     table = common.Table("Rows/s through read → chat template → tokenize → schedule → write (→ commit)",
                          ["run", "workers", "wall s", "steady s", "rows", "rows/s (steady)", "rows/s per worker",
                           "× Ray Data", "rows/s (wall)"])
     for r in runs:
-        peer = by.get(("Ray Data (async actor)", r["workers"]))
+        peer = peers.get(r["workers"])
         table.rows.append([r["run"], r["workers"], f"{r['total_s']:.1f}", f"{r.get('steady_s', r['generate_s']):.2f}",
                            r["rows"], f"{r['rows_per_s']:.0f}", f"{r['rows_per_s'] / r['workers']:.0f}",
                            f"{r['rows_per_s'] / peer['rows_per_s']:.2f}" if peer else "",
@@ -110,11 +116,12 @@ def run(size: str, workdir: Path) -> common.Part:
                        f"{profile['rows_per_s']:.0f}", f"{profile['rows_per_s']:.0f}", "",
                        f"{profile['rows'] / profile['total_s']:.0f}"])
     part.tables.append(table)
-    bi1 = by[("batchinfer", 1)]
     part.targets.append(common.Target(
         "Framework ceiling (instant engine, 1 worker): batchinfer rows/s ≥ 1.5 × Ray Data's",
-        round(bi1["rows_per_s"] / rd_async["rows_per_s"], 3), ">=", TARGET, "×"))
+        round(statistics.mean(bi1) / rd_async["rows_per_s"], 3), ">=", TARGET, "×"))
     part.notes += [
+        f"The target compares the mean of batchinfer's one-worker runs before and after Ray Data's "
+        f"({', '.join(f'{v:.0f}' for v in bi1)} rows/s) with Ray Data's {rd_async['rows_per_s']:.0f}.",
         f"Profile of the worker path: {profile_path.relative_to(common.REPO) if size != 'tiny' else profile_path} "
         "(ShardWorker.process in one process without Ray: where the GIL goes, and every thread on the CPU).",
         "Steady spans: batchinfer from all workers loaded to the last shard committed; Ray Data from its "
@@ -159,8 +166,7 @@ def profile_worker(cfg: dict[str, Any], path: Path, size: str, modes: tuple[str,
     for mode in modes:
         flag, title = MODES[mode]
         raw = tmp / f"{mode}.txt"
-        done = _child([spy, "record", "--format", "raw", "--function", "--threads", "--nonblocking",
-                       "--rate", str(PROFILE_RATE),
+        done = _child([spy, "record", "--format", "raw", "--function", "--threads", "--rate", str(PROFILE_RATE),
                        *([flag] if flag else []), "--output", str(raw), "--", *child], cfg, check=False)
         if done.returncode != 0 or not raw.exists() or not raw.stat().st_size:
             break
@@ -223,37 +229,67 @@ def _in_worker_path(frames: list[str]) -> bool:
     return _in_event_loop(frames) or any(_function(f) == "_worker" for f in frames)
 
 
+STAGES = (
+    ("chat template (PromptBuilder.render)", ("PromptBuilder.render", "PromptBuilder.conversation")),
+    ("tokenize (PromptBuilder.encode, less the template)", ("PromptBuilder.encode",)),
+    ("read the shard, ids and seeds", ("._load", "._read", "._ids", "readers/", "read_pinned", "row_seed",
+                                       "storage.py")),
+    ("requests: submit, await and gather per row", ("._submit", "._generate", "._finish", "ShardWorker.process",
+                                                     "._end_turn", "check_length", "max_new_tokens")),
+    ("results table, Parquet, commit", ("build_table", "to_parquet", "summarize", "._commit", "run_store.py",
+                                        "atomic.py", "records.py", "lease.py")),
+)
+"""The worker path's stages, by the innermost batchinfer function a sample is charged to."""
+
+
+def _stage(caller: str) -> str:
+    if caller.startswith("(outside batchinfer)"):
+        return "event loop or thread pool, no batchinfer frame"
+    return next((stage for stage, marks in STAGES if any(m in caller for m in marks)), "other batchinfer code")
+
+
 def _report_spy(stacks: list[tuple[list[str], int]], result: dict[str, Any], title: str, top: int) -> list[str]:
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
     ours: Counter[str] = Counter()
     threads: Counter[str] = Counter()
-    n = 0
+    imports: Counter[str] = Counter()
+    stages: Counter[str] = Counter()
     for frames, count in stacks:
         if not _in_worker_path(frames):
             continue
         names = [_name(f) for f in frames if not f.startswith(("thread ", "process "))]
-        n += count
-        own[names[-1]] += count
-        for name in {x for x in names if "batchinfer/" in x}:
-            total[name] += count
         inner = [x for x in names if "batchinfer/" in x]
-        ours[inner[-1] if inner else "(outside batchinfer) " + names[-1]] += count
+        caller = inner[-1] if inner else "(outside batchinfer) " + names[-1]
         threads["event loop" if _in_event_loop(frames) else "threads of asyncio.to_thread"] += count
-    n = max(n, 1)
+        if any(_function(f) == "_find_and_load" for f in frames):
+            imports[caller] += count  # a module imported on first use: once per process, not per row
+            continue
+        own[names[-1]] += count
+        for name in set(inner):
+            total[name] += count
+        ours[caller] += count
+        stages[_stage(caller)] += count
+    n = max(sum(threads.values()), 1)
+    rest = max(n - sum(imports.values()), 1)
     ticks = result["process_s"] * PROFILE_RATE
     lines = [f"== {title}",
              f"{n} samples in the worker path: {n / ticks:.2f} x the {result['process_s']:.1f} s that process() "
              f"ran ({result['rows_per_s']:.0f} rows/s in this run), i.e. the share of that time the GIL was held "
-             "(--gil) or the threads on the CPU on average; percentages below are of those samples.",
-             "Threads: " + ", ".join(f"{k} {v / n:.0%}" for k, v in threads.most_common()), ""]
-    for heading, counter in (("By the innermost batchinfer function on the stack (library time charged to the "
+             "(--gil) or the threads on the CPU on average.",
+             "Threads: " + ", ".join(f"{k} {v / n:.0%}" for k, v in threads.most_common()),
+             f"Imports on first use inside process(), once per worker process: {sum(imports.values()) / n:.0%} of "
+             "the samples, under " + (", ".join(f"{k} {v / n:.0%}" for k, v in imports.most_common(3)) or "none")
+             + ". Left out below, whose percentages are of the other samples.", ""]
+    for heading, counter in (("By stage (each sample charged to the innermost batchinfer function on its stack)",
+                              stages),
+                             ("By the innermost batchinfer function on the stack (library time charged to the "
                               "batchinfer code that called it)", ours),
                              ("By own time (the function itself, not its callees)", own),
                              ("By total time, batchinfer functions (the function and everything it calls)",
                               total)):
-        lines += [f"{heading}:", f"{'%':>6}  function (file:first line)"]
-        lines += [f"{c / n:6.1%}  {name}" for name, c in counter.most_common(top)]
+        lines += [f"{heading}:", f"{'%':>6}  {'stage' if counter is stages else 'function (file:first line)'}"]
+        lines += [f"{c / rest:6.1%}  {name}" for name, c in counter.most_common(top)]
         lines.append("")
     return lines
 
@@ -277,8 +313,7 @@ def _header(result: dict[str, Any], size: str) -> list[str]:
         f"batchinfer.worker.ShardWorker.process over {result['shards']} shards ({result['rows']} rows, "
         f"{result['shards_per_worker']} shards in flight as a worker holds them), in one process without Ray, "
         f"instant engine ({BACKEND}). Only the shards' processing is counted (the event loop and the "
-        f"threads it hands work to), not start-up; py-spy record --function --threads --nonblocking "
-        f"--rate {PROFILE_RATE}.",
+        f"threads it hands work to), not start-up; py-spy record --function --threads --rate {PROFILE_RATE}.",
         ""]
 
 
