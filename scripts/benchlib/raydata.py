@@ -102,8 +102,9 @@ class _EngineActor:
                   "first": self.first, "last": self.last, "batches": self.batches, "rows": self.rows,
                   "output_tokens": self.tokens}
         stats = getattr(self.engine, "stats", None)
-        if callable(stats):
-            record["engine"] = stats()
+        engine_stats = stats() if callable(stats) else None
+        if engine_stats:  # an engine that keeps no accounting reports {}
+            record["engine"] = engine_stats
         tmp = self.stats_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record))
         os.replace(tmp, self.stats_path)
