@@ -234,8 +234,9 @@ STAGES = (
     ("tokenize (PromptBuilder.encode, less the template)", ("PromptBuilder.encode",)),
     ("read the shard, ids and seeds", ("._load", "._read", "._ids", "readers/", "read_pinned", "row_seed",
                                        "storage.py")),
-    ("requests: submit, await and gather per row", ("._submit", "._generate", "._finish", "ShardWorker.process",
-                                                     "._end_turn", "check_length", "max_new_tokens")),
+    ("requests: submit, await and gather per row", ("._submit", "._generate", "._finish", "._release_slot",
+                                                     "ShardWorker.process", "._end_turn", "check_length",
+                                                     "max_new_tokens")),
     ("results table, Parquet, commit", ("build_table", "to_parquet", "summarize", "._commit", "run_store.py",
                                         "atomic.py", "records.py", "lease.py")),
 )
