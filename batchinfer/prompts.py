@@ -100,9 +100,19 @@ class PromptBuilder:
             except RowError as e:
                 texts.append(e)
         good = [t for t in texts if isinstance(t, str)]
-        # The template already wrote any BOS/special tokens; adding them again would double them.
-        ids = iter(self.tokenizer(good, add_special_tokens=not self.has_template)["input_ids"]) if good else iter(())
+        ids = iter(self._token_ids(good)) if good else iter(())
         return [next(ids) if isinstance(t, str) else t for t in texts]
+
+    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+        # The template already wrote any BOS/special tokens; adding them again would double them.
+        special = not self.has_template
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
+        if backend is None:
+            return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
+        # A fast tokenizer's Rust encode_batch directly: the same ids as calling the tokenizer
+        # (no truncation, no padding), without converting every encoding into Python dicts
+        # of attention masks and offsets first (a fifth of the worker's time, issue 11).
+        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=special)]
 
 
 def _check_messages(cell: Any) -> list[dict[str, str]]:

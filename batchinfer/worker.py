@@ -111,13 +111,18 @@ class ShardWorker:
             generate_s=round(generate_s, 3), engine_restarts=self.engine_restarts - restarts_before,
             committed_at=now_iso(), fingerprint=self.plan.fingerprint, generation=self.generation,
         )
-        out = build_table(self.schema, ids,
-                          {c: table.column(c) for c in self.cfg.input.passthrough_columns}, rows)
-        data = await asyncio.to_thread(to_parquet, out, summary, self.cfg.output.compression)
+        passthrough = {c: table.column(c) for c in self.cfg.input.passthrough_columns}
+        data = await asyncio.to_thread(self._encode_part, ids, passthrough, rows, summary)
         won = await asyncio.to_thread(self._commit, shard.name, data, summary)
         if not won:  # another attempt committed first; its result is the one that counts
             summary = await asyncio.to_thread(self.store.summary_from_part, shard.name)
         return ShardAttempt(summary=summary, won=won)
+
+    def _encode_part(self, ids: pa.Array, passthrough: dict, rows: list[RowOutcome],
+                     summary: ShardSummary) -> bytes:
+        """The shard's result part as Parquet bytes (in a thread: building columns of many
+        rows must not hold up the event loop that feeds the engine)."""
+        return to_parquet(build_table(self.schema, ids, passthrough, rows), summary, self.cfg.output.compression)
 
     def _commit(self, shard_name: str, data: bytes, summary: ShardSummary) -> bool:
         """Commit, turning errors no retry can fix (no space, read-only, permission) into a

@@ -126,3 +126,13 @@ def test_a_conversation_opening_with_a_system_message_keeps_it(tokenizer):
         [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}])
     assert text_.startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi")
     assert "Answer in French." not in text_
+
+
+@pytest.mark.parametrize("template", [True, False])
+def test_the_rust_batch_encoder_gives_the_tokenizers_own_ids(tokenizer, template):
+    """encode() calls the fast tokenizer's Rust encode_batch directly: the ids must be what
+    calling the tokenizer gives, special tokens included (added only without a template)."""
+    b = PromptBuilder(tokenizer, InputConfig())
+    b.has_template = template
+    texts = [b.render("Say hi"), "plain <|im_start|> text with émoji 😀", "x" * 3000]
+    assert b._token_ids(texts) == tokenizer(texts, add_special_tokens=not template)["input_ids"]
