@@ -162,10 +162,10 @@ class RunConfig(Section):
     """Ray accelerator type workers must run on, e.g. "L40S" (a compiled engine is built per GPU type)."""
     rows_per_shard: Annotated[int, Ge(1), Neutral("fixed by the plan when the run starts")] = 512
     """Target rows per shard (shards are whole row groups, or row ranges of big ones)."""
-    shards_per_worker: Annotated[int, Ge(1), _SCHEDULING] = 2
-    """Shards a worker holds at least, so the next is read while the current generates."""
+    shards_per_worker: Annotated[Annotated[int, Ge(1)] | None, _SCHEDULING] = None
+    """Shards a worker holds at once; null: 2, or more (up to 16) to keep its engine's window full and prefetch_s of work queued."""
     prefetch_s: Annotated[float, Ge(0), _SCHEDULING] = 10
-    """A worker holds more shards (up to 16) while those beyond its current one hold less than this many seconds of its work."""
+    """With shards_per_worker null: seconds of a worker's work (at its measured rate) to keep queued behind its current shard."""
     max_attempts: Annotated[int, Ge(1), _SCHEDULING] = 3
     """Attempts per shard before it is recorded as failed (the run then ends partial)."""
     hang_timeout_s: Annotated[float, Gt(0), _SCHEDULING] = 600

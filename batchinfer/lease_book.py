@@ -7,8 +7,9 @@ batchinfer/scheduler.py carries out on Ray actors and logs, in order. The leases
 one place, `LeaseBook.leases`; what a slot holds is read from there, never kept beside it.
 
 The rules it keeps:
-- a worker holds `shards_per_worker` shards, or more while those queued behind its
-  current one hold less than `prefetch_s` of its work; when one ends it gets the next;
+- a worker holds `shards_per_worker` shards if set; else 2, or more while they hold fewer
+  rows than its engine's window, or while those queued behind its current one hold less
+  than `prefetch_s` of its work; when one ends it gets the next;
 - a shard whose lease ended without a commit is tried again, up to `max_attempts`, then
   recorded as failed; a retry after its worker died runs alone on a worker (solo), so
   that another death is its own and not a neighbour's;
@@ -36,6 +37,9 @@ from typing import Any
 from batchinfer.narrowing import Narrowing
 from batchinfer.records import ShardSummary
 
+MIN_HELD = 2
+"""Shards a worker holds at least (unless run.shards_per_worker says otherwise): the next
+is read and queued while the current one generates."""
 MAX_HELD = 16
 """Most shards one worker holds, however fast it is (each is read and tokenized in memory)."""
 RATE_WINDOW_S = 5.0
@@ -47,7 +51,7 @@ class Rules:
     """The run.* settings the book decides by (RunConfig's fields of the same names)."""
 
     max_attempts: int = 3
-    shards_per_worker: int = 2
+    shards_per_worker: int | None = None
     prefetch_s: float = 10
     speculative: bool = True
     speculate_after_s: float = 120
@@ -270,24 +274,27 @@ class LeaseBook:
         return out
 
     def capacity(self, slot: SlotState) -> int:
-        """Shards `slot` may hold: `shards_per_worker`, or more (up to MAX_HELD) while they
-        hold fewer rows than its engine's window plus one shard, or while the shards queued
-        behind its current one hold less than `prefetch_s` of its work at its recent rate. A fast worker (a short-prompt workload, a fast GPU) then never drains
-        its engine while a committed shard's replacement is read and tokenized. As the
-        queue runs out this tapers back to `shards_per_worker`."""
-        if not self.rows:
+        """Shards `slot` may hold: `shards_per_worker` when the config sets it; else at least
+        MIN_HELD, and more (up to MAX_HELD) while they hold fewer rows than its engine's
+        window plus one shard, or while the shards queued behind its current one hold less
+        than `prefetch_s` of its work at its recent rate. A fast worker (a short-prompt
+        workload, a fast GPU) then never drains its engine while a committed shard's
+        replacement is read and tokenized. As the queue runs out this tapers back."""
+        if self.rules.shards_per_worker is not None:
             return self.rules.shards_per_worker
+        if not self.rows:
+            return MIN_HELD
         shard_rows = max(1.0, sum(self.rows) / len(self.rows))
         # Rows enough to keep the engine's window full, and one shard more behind them:
         # shards smaller than the batch must not leave the batch part empty.
-        floor = max(self.rules.shards_per_worker, min(MAX_HELD, 1 + math.ceil(slot.window / shard_rows)))
+        floor = max(MIN_HELD, min(MAX_HELD, 1 + math.ceil(slot.window / shard_rows)))
         if not slot.rows_per_s:
             return floor
         wanted = 1 + math.ceil(slot.rows_per_s * self.rules.prefetch_s / shard_rows)
         # No deeper than a quarter of the queue shared out: a worker's backlog when the last
         # shard goes out is what the run's tail waits on, and a deep one at the start would
         # take shards a worker that turns out faster could have had.
-        wanted = min(wanted, self.rules.shards_per_worker + len(self.queue) // (4 * len(self.slots)))
+        wanted = min(wanted, MIN_HELD + len(self.queue) // (4 * len(self.slots)))
         return max(floor, min(MAX_HELD, wanted))
 
     def speculate(self, now: float) -> list[Decision]:

@@ -286,7 +286,7 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
     return Plan(
         files=files,
         shards=taper_end(cut_shards(files, cfg.run.rows_per_shard),
-                         cfg.run.num_workers * cfg.run.shards_per_worker),
+                         cfg.run.num_workers * (cfg.run.shards_per_worker or 2)),
         settings=settings_of(cfg),
         input_schema=base64.b64encode(schema.serialize().to_pybytes()).decode(),
         rows_per_shard=cfg.run.rows_per_shard,

@@ -49,6 +49,8 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self._frame: tuple[str, str] | None = None
+        self._frame = self._template_frame() if self.has_template and not cfg.system_prompt else None
         if cfg.messages_column and not self.has_template:
             raise ValueError(
                 "input.messages_column is set but the model's tokenizer has no chat template "
@@ -82,6 +84,8 @@ class PromptBuilder:
     def render(self, cell: Any) -> str:
         """The exact text the model sees for one row."""
         messages = self.conversation(cell)
+        if self._frame is not None and len(messages) == 1 and messages[0]["role"] == "user":
+            return self._frame[0] + messages[0]["content"] + self._frame[1]
         if not self.has_template:
             return "\n\n".join(m["content"] for m in messages)
         try:
@@ -90,6 +94,24 @@ class PromptBuilder:
             )
         except Exception as e:  # jinja raises its own TemplateError for refused conversations
             raise RowError("bad_messages", f"chat template refused the conversation: {e}") from None
+
+    def _template_frame(self) -> tuple[str, str] | None:
+        """The text the chat template puts before and after a lone user message, if the
+        template inserts the message verbatim (checked on probes that a template which
+        strips, escapes or branches on the content would render differently); rendering a
+        plain prompt is then two string joins instead of a jinja render per row. None means
+        render each row."""
+        marker = "\x00batchinfer-prompt\x00"
+        try:
+            before, sep, after = self.render(marker).partition(marker)
+            if not sep or marker in after:
+                return None
+            for probe in (" Padded prompt, with {{ braces }} and <tags>\n", "x", "Ünïcödé 😀\t\n\n"):
+                if self.render(probe) != before + probe + after:
+                    return None
+        except RowError:
+            return None
+        return before, after
 
     def encode(self, cells: Sequence[Any]) -> list[list[int] | RowError]:
         """Token ids per row, or the RowError that row produced."""

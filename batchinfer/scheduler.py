@@ -1,6 +1,6 @@
 """Driver side: start the workers, hand out shards pull-style, retry, track progress.
 
-Each worker holds up to `run.shards_per_worker` shards; when one comes back the worker
+Each worker holds a few shards (lease_book.py says how many); when one comes back the worker
 gets the next from the queue, so fast workers take more shards and nobody waits on a
 static split. Only shard indexes go out and small summaries come back: the driver's
 state is O(shards), never O(rows).

@@ -1,6 +1,6 @@
 """The worker: a Ray actor that owns one engine and turns shards into committed parts.
 
-It is an async actor, and the driver keeps `run.shards_per_worker` shards on it at once.
+It is an async actor, and the driver keeps two or more shards on it at once (lease_book.py).
 While the engine generates for one shard the next is already read, tokenized and queued
 (all rows of all held shards share one window of `engine.max_in_flight` requests), and
 the previous one is written and committed in a thread. So the engine never waits on
@@ -228,7 +228,11 @@ class ShardWorker:
     async def _generate(self, request: Request) -> RowOutcome:
         """One row through the engine, holding one slot of the window while it runs."""
         started = time.perf_counter()
-        result = await asyncio.wait_for(self.engine.generate(request), self.cfg.run.request_timeout_s)
+        timeout = self.cfg.run.request_timeout_s
+        if timeout is None:
+            result = await self.engine.generate(request)
+        else:
+            result = await asyncio.wait_for(self.engine.generate(request), timeout)
         latency = time.perf_counter() - started
         if result.error is None:
             self._canary = request.prompt_token_ids

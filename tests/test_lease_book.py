@@ -339,7 +339,7 @@ def test_an_idle_worker_takes_a_copy_of_a_shard_queued_behind_another_at_once():
 
 
 def test_a_fast_worker_holds_enough_shards_for_prefetch_s_of_its_work():
-    book = make_book(400, slots=2, rows=100, shards_per_worker=2, prefetch_s=10)
+    book = make_book(400, slots=2, rows=100, prefetch_s=10)  # shards_per_worker null: automatic
     assert len(started(book.fill(0))) == 4  # no rate known yet: shards_per_worker each
     for slot, rows_at_5s in ((0, 250), (1, 20)):  # 50 rows/s and 4 rows/s
         book.observe(slot, heartbeat=1, busy=None, context=None, now=0, rows=0)
@@ -355,12 +355,15 @@ def test_a_fast_worker_holds_enough_shards_for_prefetch_s_of_its_work():
 
 
 def test_a_worker_holds_enough_small_shards_to_fill_its_engine_window():
-    book = make_book(100, slots=1, rows=50, shards_per_worker=2)
+    book = make_book(100, slots=1, rows=50)
     book.slots[0].window = 512  # 2 x max_batch_size 256: shards of 50 rows would leave it part empty
     assert book.capacity(book.slots[0]) == 1 + 11 and len(started(book.fill(0))) == 12
-    book = make_book(100, slots=1, rows=5000, shards_per_worker=2)
-    book.slots[0].window = 512  # big shards: shards_per_worker already holds more than the window
+    book = make_book(100, slots=1, rows=5000)
+    book.slots[0].window = 512  # big shards: two already hold more than the window
     assert book.capacity(book.slots[0]) == 2
+    book = make_book(100, slots=1, rows=50, shards_per_worker=3)
+    book.slots[0].window = 512  # a shards_per_worker the config sets is what a worker holds
+    assert book.capacity(book.slots[0]) == 3
 
 
 def test_no_speculation_when_disabled_or_while_shards_are_queued():

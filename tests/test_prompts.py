@@ -136,3 +136,19 @@ def test_the_rust_batch_encoder_gives_the_tokenizers_own_ids(tokenizer, template
     b.has_template = template
     texts = [b.render("Say hi"), "plain <|im_start|> text with émoji 😀", "x" * 3000]
     assert b._token_ids(texts) == tokenizer(texts, add_special_tokens=not template)["input_ids"]
+
+
+def test_a_plain_prompt_skips_the_jinja_render_only_where_the_template_keeps_it_verbatim(tokenizer):
+    b = PromptBuilder(tokenizer, InputConfig())
+    assert b._frame is not None  # SmolLM2's template inserts the message as it is
+    jinja = PromptBuilder(tokenizer, InputConfig())
+    jinja._frame = None
+    prompts = ["Say hi", "  padded  ", "two\n\nlines", "{{ not a template }}", "<|im_end|> inside", "😀"]
+    assert [b.render(p) for p in prompts] == [jinja.render(p) for p in prompts]
+    original = tokenizer.chat_template
+    try:  # a template that trims the content: rows must still be rendered one by one
+        tokenizer.chat_template = original.replace("message['content']", "message['content'] | trim")
+        trimming = PromptBuilder(tokenizer, InputConfig())
+        assert trimming._frame is None and trimming.render("  x  ").count("  x  ") == 0
+    finally:
+        tokenizer.chat_template = original
