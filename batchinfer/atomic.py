@@ -3,7 +3,8 @@
 - `put_if_absent`: create-if-absent (part commits, the first driver lease);
 - `put`: replace in one step (records, status);
 - `read_versioned` / `replace_if_version`: a compare-and-swap (the driver lease);
-- `read_pinned`: a read pinned to the version of an input file the plan recorded.
+- `read_pinned` / `fetch_pinned`: reads pinned to the version of an input file the plan
+  recorded (`fetch_pinned`: a whole small file in one request, for planning).
 
 Local disks use hard links, renames and a file lock; S3 uses conditional requests
 (`If-None-Match: *`, `If-Match: <ETag>`). Other filesystems are refused for run
@@ -18,7 +19,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 from filelock import FileLock
 
@@ -206,36 +207,105 @@ def read_pinned(url: str, version: str, cfg: StorageConfig | None,
     """
     loc = locate(url, cfg)
     fs = loc.fs
-
-    def current() -> str:
-        try:
-            fs.invalidate_cache(loc.path)
-            return version_tag(fs.info(loc.path))
-        except FileNotFoundError:
-            return "deleted"
-
-    def changed(now: str) -> InputChanged:
-        what = "was deleted" if now == "deleted" else f"changed (version {version} -> {now})"
-        return InputChanged(
-            f"input file {url!r} {what} during the run; a shard must read the version the plan "
-            "recorded. Restore the file and rerun, or pass --new-run to start over on the new inputs")
-
     s3 = is_s3(fs)
-    if not s3 and (now := current()) != version:
-        raise changed(now)
+    if not s3 and (now := _version_now(loc)) != version:
+        raise _changed(url, version, now)
     try:
         if s3:
             with fs.open(loc.path, "rb") as f:
                 if version_tag(f.details) != version:
-                    raise changed(version_tag(f.details))
+                    raise _changed(url, version, version_tag(f.details))
                 return read(f)
         result = read(url)
     except InputChanged:
         raise
     except Exception as e:  # a file rewritten (or deleted) under a read fails in many ways; was it that?
-        if (now := current()) != version:
-            raise changed(now) from e
+        if (now := _version_now(loc)) != version:
+            raise _changed(url, version, now) from e
         raise
-    if (now := current()) != version:
-        raise changed(now)
+    if (now := _version_now(loc)) != version:
+        raise _changed(url, version, now)
     return result
+
+
+def fetch_pinned(url: str, version: str, cfg: StorageConfig | None, *,
+                 planning: bool = False) -> bytes:
+    """The whole of an input file, exactly at `version` (a tag from `version_tag`).
+
+    S3: one request, a GET with `If-Match: <ETag>` (S3 answers 412 once the object has
+    changed, and the ETag of the bytes served is checked too, for stores that ignore
+    If-Match), so bytes and version come from one response; no HEAD first. Local (and
+    anything else): the version tag is checked before and after the read, as in
+    `read_pinned`. Raises InputChanged naming the file; `planning` words it for a plan being
+    made rather than a run.
+    """
+    loc = locate(url, cfg)
+    fs = loc.fs
+    if is_s3(fs) and version.startswith("etag:"):
+        try:
+            data, etag = _s3_get_if_match(fs, loc.path, '"' + version.removeprefix("etag:") + '"')
+        except FileNotFoundError as e:
+            raise _changed(url, version, "deleted", planning=planning) from e
+        except OSError as e:
+            # s3fs keeps the ClientError as __cause__ (s3fs/errors.py); 412 means "not that version"
+            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code")
+            if code != "PreconditionFailed":
+                raise
+            raise _changed(url, version, _version_now(loc), planning=planning) from e
+        if etag and (now := version_tag({"ETag": etag})) != version:
+            raise _changed(url, version, now, planning=planning)
+        return data
+    if (now := _version_now(loc)) != version:
+        raise _changed(url, version, now, planning=planning)
+    try:
+        data = loc.fs.cat_file(loc.path)
+    except FileNotFoundError as e:
+        raise _changed(url, version, "deleted", planning=planning) from e
+    if (now := _version_now(loc)) != version:
+        raise _changed(url, version, now, planning=planning)
+    return data
+
+
+def _s3_get_if_match(fs: Any, path: str, etag: str) -> tuple[bytes, str]:
+    """One GET of a whole S3 object, conditional on its ETag: (bytes, the ETag served).
+
+    s3fs's own `cat_file` sends a HEAD first (for its concurrent download) and takes no
+    `IfMatch`, so this is its `_call_and_read` (s3fs/core.py `_cat_file`) with the condition
+    added; `_call_s3` adds the filesystem's retries and extra request arguments.
+    """
+    import fsspec.asyn
+
+    bucket, key, version_id = fs.split_path(path)
+    extra = {"VersionId": version_id} if version_id else {}
+    if not getattr(fs, "local_expiry_check", False):  # stores that refuse If-Match (s3fs docs)
+        extra["IfMatch"] = etag
+    extra.update(getattr(fs, "req_kw", {}))  # requester pays
+
+    async def get() -> tuple[bytes, str]:
+        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **extra)
+        try:
+            return await resp["Body"].read(), str(resp.get("ETag", ""))
+        finally:
+            resp["Body"].close()
+
+    return fsspec.asyn.sync(fs.loop, get)
+
+
+def _version_now(loc: Location) -> str:
+    """The version tag of a file now, "deleted" if it is gone."""
+    try:
+        loc.fs.invalidate_cache(loc.path)
+        return version_tag(loc.fs.info(loc.path))
+    except FileNotFoundError:
+        return "deleted"
+
+
+def _changed(url: str, version: str, now: str, *, planning: bool = False) -> InputChanged:
+    what = "was deleted" if now == "deleted" else f"changed (version {version} -> {now})"
+    if planning:
+        return InputChanged(
+            f"input file {url!r} {what} while the plan was being made; the plan records each file "
+            "at the version listed. Rerun once the inputs stop changing")
+    return InputChanged(
+        f"input file {url!r} {what} during the run; a shard must read the version the plan "
+        "recorded. Restore the file and rerun, or pass --new-run to start over on the new inputs")

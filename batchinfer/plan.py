@@ -1,8 +1,9 @@
 """The plan: which input files, which shards, and the fingerprint of everything that shapes results.
 
 `cut_shards` is a pure, deterministic function of file row-group sizes; `make_plan` adds
-the I/O (listing, footer reads: the input format's reader, see readers/) around it. A plan
-is made once per run, saved in the run directory and reused on resume.
+the I/O (listing, one read of each file for its footer and ids: the input format's reader,
+see readers/) around it. A plan is made once per run, saved in the run directory and reused
+on resume.
 """
 
 from __future__ import annotations
@@ -11,21 +12,21 @@ import base64
 import hashlib
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchinfer import model_refs, readers, registry, storage
 from batchinfer.config import Config
 from batchinfer.fingerprint import fingerprinted
-from batchinfer.readers import FileFacts, InputError, Reader  # InputError: also plan.InputError
+from batchinfer.readers import FileFacts, InputError, ReadColumn, Reader  # also plan.InputError
 from batchinfer.records import now_iso
 
 PLAN_VERSION = 2
-ID_READ_THREADS = 32
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,8 @@ def _pieces(rows: list[tuple[int, int]]) -> tuple[Piece, ...]:
 
 def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
               reader: Reader | None = None) -> Plan:
-    """List inputs, read their facts (Parquet: footers) in parallel, check columns, cut shards.
+    """List inputs, read each file once (its facts, Parquet: the footer, and its id column
+    together, see Reader.scan_files) in parallel, check columns and ids, cut shards.
 
     Files with 0 rows stay in `files` (so resuming sees the same inputs) but are not
     checked: an empty file contributes no shard whatever its columns and types.
@@ -266,23 +268,25 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
     reader = reader or input_reader(cfg)
     infos = infos if infos is not None else list_inputs(cfg, reader=reader)
     loc = storage.locate(cfg.input.path, cfg.storage)
-    urls = [storage.join_protocol(loc.fs, info["name"]) for info in infos]
-    all_facts = reader.read_facts(urls)
+    listed = [InputFile(url=storage.join_protocol(loc.fs, info["name"]), name=info["relative"],
+                        version=storage.version_tag(info), size=info["size"], num_rows=0,
+                        row_groups=()) for info in infos]
+    scanned = reader.scan_files(listed, _id_scan(cfg))
     columns = needed_columns(cfg)
-    files, facts, schemas = [], [], []
-    for info, url, fact in zip(infos, urls, all_facts, strict=True):
+    files, ids, schemas = [], [], []
+    for file, (fact, file_ids) in zip(listed, scanned, strict=True):
+        file = replace(file, num_rows=fact.num_rows, row_groups=fact.units)
         if fact.num_rows:
-            schemas.append((url, _select(fact.schema, columns, url, cfg)))
-            facts.append(fact)
-        files.append(InputFile(
-            url=url, name=info["relative"], version=storage.version_tag(info),
-            size=info["size"], num_rows=fact.num_rows, row_groups=fact.units,
-        ))
+            schemas.append((file.url, _select(fact.schema, columns, file.url, cfg)))
+            ids.append(file_ids)
+        files.append(file)
+    del scanned
     if not schemas:  # an empty file alone just contributes no shard
         raise InputError(f"every input file under {cfg.input.path!r} is empty (0 rows); nothing to do")
     schema = _unify(schemas)
     if cfg.input.id_column:
-        check_ids(cfg, [f for f in files if f.num_rows], facts, reader)
+        check_ids(cfg, [f for f in files if f.num_rows], ids, reader)
+    del ids
     return Plan(
         files=files,
         shards=taper_end(cut_shards(files, cfg.run.rows_per_shard),
@@ -293,30 +297,64 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
     )
 
 
-def check_ids(cfg: Config, files: list[InputFile], facts: list[FileFacts], reader: Reader) -> None:
+@dataclass(frozen=True)
+class FileIds:
+    """What the id check keeps of one file's id column, instead of the ids themselves."""
+
+    nulls: int
+    first_null: int | None
+    """Row of the first null id (counted from 0), if any."""
+    hashes: np.ndarray | None
+    """A 64-bit hash of each id, in row order: 8 bytes an id, however long the ids are. None
+    when repeats are allowed, or when the file holds a null id (refused before repeats)."""
+
+
+def _id_scan(cfg: Config) -> Callable[[InputFile, FileFacts, ReadColumn],
+                                      tuple[FileFacts, FileIds | None]]:
+    """What planning takes from each file in its one pass (Reader.scan): the facts, and
+    unless the id check needs nothing of the file, its ids as FileIds.
+
+    Nothing is read of a file that is empty or lacks the id column (refused by `_select`,
+    naming every column), nor, with duplicate ids allowed, of one whose facts (Parquet:
+    footer statistics) rule out nulls.
+    """
+    column, allow_repeats = cfg.input.id_column, cfg.input.allow_duplicate_ids
+
+    def visit(file: InputFile, facts: FileFacts, read_column: ReadColumn
+              ) -> tuple[FileFacts, FileIds | None]:
+        if not column or not facts.num_rows or column not in facts.schema.names:
+            return facts, None
+        if allow_repeats and column in facts.null_free:
+            return facts, None
+        ids = read_column(column)
+        nulls = ids.null_count
+        return facts, FileIds(
+            nulls=nulls,
+            first_null=pc.index(pc.is_null(ids), True).as_py() if nulls else None,
+            hashes=None if allow_repeats or nulls else _id_hashes(ids))
+
+    return visit
+
+
+def check_ids(cfg: Config, files: list[InputFile], ids: list[FileIds | None], reader: Reader) -> None:
     """Refuse null ids, and unless input.allow_duplicate_ids, repeated ones.
 
-    Reads the id column of every file; with duplicates allowed, only of the files whose
-    facts (Parquet: footer statistics) do not rule out nulls.
+    `ids` are what each file's scan kept of its id column (`_id_scan`; None where nothing
+    was read: with duplicates allowed, files whose facts rule out nulls). Repeats are found
+    on 64-bit hashes and confirmed on the ids themselves, read again (at the same versions)
+    only from the files holding a hash that occurs twice.
     """
     column = cfg.input.id_column
-    if cfg.input.allow_duplicate_ids:
-        files = [f for f, x in zip(files, facts, strict=True) if column not in x.null_free]
-    with ThreadPoolExecutor(min(ID_READ_THREADS, max(len(files), 1))) as pool:
-        per_file = list(pool.map(lambda f: reader.read_column(f, column), files))
-    _refuse_null_ids(column, files, per_file)
+    read = [(f, x) for f, x in zip(files, ids, strict=True) if x is not None]
+    _refuse_null_ids(column, read)
     if not cfg.input.allow_duplicate_ids:
-        _refuse_repeated_ids(column, files, per_file)
+        _refuse_repeated_ids(column, read, reader)
 
 
-def _refuse_null_ids(column: str, files: list[InputFile], per_file: list[pa.ChunkedArray]) -> None:
-    where = []
-    for f, arr in zip(files, per_file, strict=True):
-        if arr.null_count:
-            first = pc.index(pc.is_null(arr), True).as_py()
-            where.append(f"{f.name} ({arr.null_count} null, first at row {first})")
+def _refuse_null_ids(column: str, read: list[tuple[InputFile, FileIds]]) -> None:
+    where = [f"{f.name} ({x.nulls} null, first at row {x.first_null})" for f, x in read if x.nulls]
     if where:
-        total = sum(arr.null_count for arr in per_file)
+        total = sum(x.nulls for _, x in read)
         raise InputError(
             f"input.id_column {column!r} is null in {total} row(s): {'; '.join(where[:3])}"
             f"{f' and {len(where) - 3} more file(s)' if len(where) > 3 else ''} (rows count from 0); "
@@ -324,18 +362,30 @@ def _refuse_null_ids(column: str, files: list[InputFile], per_file: list[pa.Chun
             "or leave input.id_column unset to use \"<file>:<row>\" ids")
 
 
-def _refuse_repeated_ids(column: str, files: list[InputFile], per_file: list[pa.ChunkedArray]) -> None:
-    if not per_file:
+def _refuse_repeated_ids(column: str, read: list[tuple[InputFile, FileIds]], reader: Reader) -> None:
+    if not read:
         return
+    ordered = np.concatenate([x.hashes for _, x in read])
+    ordered.sort()
+    shared = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    del ordered
+    if not len(shared):
+        return
+    # Equal hashes nearly always mean equal ids. To be sure, and to name them, the ids whose
+    # hash is shared are read again, from the files holding them.
+    rows = {f.url: np.flatnonzero(np.isin(x.hashes, shared)) for f, x in read}
+    files = [f for f, _ in read if len(rows[f.url])]
+    per_file = reader.scan_files(
+        files, lambda file, facts, read_column: read_column(column).take(rows[file.url]))
     # Files may hold the id in different string layouts; compare them in the unified one.
     unified = _unified_type(per_file[0].type)
     per_file = [arr.cast(_unified_type(arr.type)) for arr in per_file]
     everything = pa.chunked_array([c for arr in per_file for c in arr.chunks], type=unified)
-    if pc.count_distinct(everything, mode="all").as_py() == len(everything):
-        return
     counts = pc.value_counts(everything)
     repeated = [v for v, n in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(),
                                   strict=True) if n > 1]
+    if not repeated:  # only the hashes were equal
+        return
     examples = []
     for value in repeated[:3]:
         where = [f.name for f, arr in zip(files, per_file, strict=True)
@@ -345,6 +395,24 @@ def _refuse_repeated_ids(column: str, files: list[InputFile], per_file: list[pa.
         f"input.id_column {column!r} repeats {len(repeated)} value(s), e.g. {'; '.join(examples)}; "
         "each row needs its own id for exactly-once results. Fix the inputs, or set "
         "input.allow_duplicate_ids: true to accept them")
+
+
+HASH_BATCH = 8_192
+"""Ids made Python objects at once to be hashed: bounds what hashing takes in each thread."""
+
+
+def _id_hashes(ids: pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each id (none null): equal ids hash equal, whatever layout their file
+    wrote them in. Python's own hash (SipHash for text and bytes), salted per process, which
+    is all the check needs; floats hash their repr (Python's hash tells NaNs apart, which
+    Arrow counts as one value), and lists and structs too, having no hash of their own."""
+    ids = ids.cast(_unified_type(ids.type))
+    by_repr = pa.types.is_floating(ids.type) or pa.types.is_nested(ids.type)
+    out = np.empty(len(ids), np.int64)
+    for start in range(0, len(ids), HASH_BATCH):
+        values = ids.slice(start, HASH_BATCH).to_pylist()
+        out[start:start + len(values)] = [hash(repr(v) if by_repr else v) for v in values]
+    return out
 
 
 def _unified_type(t: pa.DataType) -> pa.DataType:

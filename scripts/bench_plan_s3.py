@@ -1,7 +1,7 @@
 """Benchmark: planning 1,000 small Parquet files on an S3 server on 127.0.0.1.
 
-Planning lists the prefix once and reads each file's footer (ranged GETs through pyarrow's
-S3 client), on a thread pool. This times the planner as shipped and with the pool cut to
+Planning lists the prefix once and reads each file once for its footer and ids (a small file:
+one GET of the whole object, If-Match its listed ETag), on a thread pool. This times the planner as shipped and with the pool cut to
 one thread, alternating against the same server, once as is and once with a per-request
 delay like S3's time to first byte, and writes the table to benchmarks/plan_s3.md.
 
@@ -83,11 +83,12 @@ def main() -> None:
         f"`scripts/bench_plan_s3.py --files {args.files} --rounds {args.rounds} --latency-ms "
         f"{args.latency_ms:g}`, {time.strftime('%Y-%m-%d')}, {platform.machine()} with "
         f"{os.cpu_count()} CPUs. moto's S3 server in its own process on 127.0.0.1, each file "
-        "10 rows. `make_plan` = one listing, one footer read per file (pyarrow S3 client), "
-        "shard cutting. The second row adds a fixed delay to every request, standing in for "
-        "S3's time to first byte. Medians over alternating rounds.",
+        "10 rows. `make_plan` = one listing, one read per file (a GET of the whole object, "
+        "footer and ids from memory), the id check, shard cutting. The second row adds a fixed "
+        "delay to every request, standing in for S3's time to first byte. Medians over "
+        "alternating rounds.",
         "",
-        f"| added latency per request | {shipped} footer-read threads (shipped) | 1 thread | ratio |",
+        f"| added latency per request | {shipped} read threads (shipped) | 1 thread | ratio |",
         "| --- | --- | --- | --- |",
         *rows,
         "",

@@ -3,7 +3,8 @@
 The first time it sees a request (method, path, query) it answers with an S3 error itself,
 alternating 503 SlowDown (throttling) and 500 InternalError, without forwarding it; every
 later request goes through to the real server. So every storage call the job makes, of
-every kind, has to survive one throttle or server error.
+every kind, has to survive one throttle or server error. With `flaky=False` it fails
+nothing and only records the requests it forwards (`forwarded`), to count them.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"
 
 
 class FlakyProxy:
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, *, flaky: bool = True):
         self.upstream = urlsplit(upstream)
+        self.flaky = flaky
+        self.forwarded: list[tuple[str, str]] = []
+        """(method, path with query) of each request passed on to the server, in order."""
         self.seen: set[tuple[str, str]] = set()
         self.injected: dict[int, int] = {503: 0, 500: 0}
         self.lock = threading.Lock()
@@ -56,8 +60,10 @@ class FlakyProxy:
                 body = self.rfile.read(length) if length else b""
                 key = (self.command, self.path)
                 with proxy.lock:
-                    first = key not in proxy.seen
+                    first = proxy.flaky and key not in proxy.seen
                     proxy.seen.add(key)
+                    if not first:
+                        proxy.forwarded.append(key)
                     if first:
                         status, code, message = ERRORS[sum(proxy.injected.values()) % len(ERRORS)]
                         proxy.injected[status] += 1

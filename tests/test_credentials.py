@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from batchinfer import faults, runner, storage
+from batchinfer import atomic, faults, readers, runner, storage
 from batchinfer.config import StorageConfig
+from batchinfer.plan import make_plan
 from batchinfer.readers.parquet import open_parquet
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import BUCKET, REPO, assert_exactly_once, ids_of, make_config
@@ -147,11 +148,33 @@ def test_pyarrow_and_s3fs_follow_a_rotated_key(tmp_path, rotating, admin_fs):
     assert admin_fs.cat_file(f"{BUCKET}/{prefix}/after") == b"2"
 
 
+def test_planning_follows_a_key_rotated_between_two_files(tmp_path, rotating, admin_fs, monkeypatch):
+    """Planning fetches small files whole through s3fs (atomic.fetch_pinned): a rotation,
+    and the old key's revocation, between one file and the next is followed."""
+    root = upload(tmp_path, admin_fs, f"plan-{rotating.user}", files=3, rows=5)
+    real_fetch, fetched = atomic.fetch_pinned, []
+
+    def fetch_and_rotate(url, version, cfg, **kwargs):
+        fetched.append(url)
+        if len(fetched) == 2:
+            rotating.rotate()
+        return real_fetch(url, version, cfg, **kwargs)
+
+    monkeypatch.setattr(atomic, "fetch_pinned", fetch_and_rotate)
+    monkeypatch.setattr(readers.base, "FACTS_READ_THREADS", 1)  # one file after the other
+    cfg = make_config(tmp_path, input={"path": root},
+                      storage={"endpoint_url": rotating.endpoint, "profile": rotating.profile})
+    plan = make_plan(cfg)
+    assert len(fetched) == 3 and plan.total_rows == 15
+    assert [rotating.refused(k) for k in rotating.keys] == [True, False]
+
+
 def test_a_run_survives_keys_rotated_while_planning_and_while_generating(
         tmp_path, rotating, admin_fs, ray_cluster, monkeypatch):
     """A full run on the real model: the key is rotated (and the old one revoked) once in
-    the middle of planning, where the driver reads footers and ids through pyarrow, and once
-    while the worker is between two commits; every row is committed exactly once."""
+    the middle of planning, where the driver opens inputs through pyarrow (the prompt check
+    reads first rows; small files' footers and ids come through s3fs, see the test above),
+    and once while the worker is between two commits; every row is committed exactly once."""
     files, rows = 4, 5
     prefix = f"run-{rotating.user}"
     inputs = upload(tmp_path, admin_fs, f"{prefix}/prompts", files=files, rows=rows)

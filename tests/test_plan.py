@@ -5,11 +5,13 @@ import os
 import re
 from itertools import pairwise
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from batchinfer import plan as planning, readers
 from batchinfer.atomic import read_pinned
 from batchinfer.config_loader import config_from_dict
 from batchinfer.plan import (
@@ -23,7 +25,7 @@ from batchinfer.plan import (
     verify_inputs,
 )
 from batchinfer.readers.parquet import ParquetReader
-from batchinfer.storage import StorageError, input_output_clash
+from batchinfer.storage import InputChanged, StorageError, input_output_clash
 from scripts.sample_prompts import write_sample_prompts
 
 
@@ -285,3 +287,81 @@ def test_the_last_shards_of_a_big_plan_are_cut_in_quarters_and_cover_the_same_ro
 
     assert rows(tapered) == rows(shards)  # every row once, in the same order
     assert tapered[7].pieces == (Piece(3, 100, 25),) and tapered[-1].pieces == (Piece(3, 200, 50),)
+
+
+# --------------------------------------------------------------------------- the one pass: facts and ids
+
+
+def write_ids(tmp_path, name, ids):
+    os.makedirs(tmp_path / "in", exist_ok=True)
+    pq.write_table(pa.table({"id": ids, "prompt": [f"p{i}" for i in range(len(ids))]}),
+                   tmp_path / "in" / name, row_group_size=2)
+
+
+def same_hash_for_every_id(monkeypatch):
+    monkeypatch.setattr(planning, "_id_hashes", lambda ids: np.zeros(len(ids), np.int64))
+
+
+def test_ids_that_only_share_a_hash_are_not_repeats(tmp_path, monkeypatch):
+    """Repeats are found on 64-bit hashes, then confirmed on the ids themselves."""
+    write_ids(tmp_path, "a.parquet", ["a", "b", "c"])
+    write_ids(tmp_path, "b.parquet", pa.array(["d", "e"], pa.large_string()))
+    same_hash_for_every_id(monkeypatch)
+    assert make_plan(config(tmp_path)).total_rows == 5
+
+
+@pytest.mark.parametrize("colliding", [False, True])
+def test_repeated_ids_are_named_in_order_with_their_files(tmp_path, monkeypatch, colliding):
+    write_ids(tmp_path, "a.parquet", ["a", "b", "c", "x"])
+    write_ids(tmp_path, "b.parquet", ["d", "x", "b"])
+    write_ids(tmp_path, "c.parquet", pa.array(["e", "b"]).dictionary_encode())
+    if colliding:  # every id shares a hash: the ids themselves tell the repeats apart
+        same_hash_for_every_id(monkeypatch)
+    with pytest.raises(InputError) as e:
+        make_plan(config(tmp_path))
+    assert str(e.value) == (
+        "input.id_column 'id' repeats 2 value(s), e.g. 'b' (in a.parquet, b.parquet, c.parquet); "
+        "'x' (in a.parquet, b.parquet); each row needs its own id for exactly-once results. Fix the "
+        "inputs, or set input.allow_duplicate_ids: true to accept them")
+
+
+@pytest.mark.parametrize("ids, repeats", [
+    (pa.array([1, 2, 3], pa.int64()), False),
+    (pa.array([1.5, float("nan"), float("nan")]), True),   # Arrow counts NaNs as one value
+    (pa.array([0.0, -0.0, 1.0]), False),                   # ... and 0.0 and -0.0 as two
+    (pa.array([b"\x00", b"\x00\x00", b"\x00"]), True),
+])
+def test_repeats_of_ids_of_other_types(tmp_path, ids, repeats):
+    write_ids(tmp_path, "a.parquet", ids)
+    if repeats:
+        with pytest.raises(InputError, match="repeats 1 value"):
+            make_plan(config(tmp_path))
+    else:
+        assert make_plan(config(tmp_path)).total_rows == len(ids)
+
+
+def test_files_above_the_whole_file_size_are_read_by_ranges_with_the_same_outcome(tmp_path, monkeypatch):
+    """Planning fetches a small file whole (readers.base.WHOLE_FILE_BYTES) and reads a larger
+    one by ranges: the plan and every refusal are the same either way."""
+    write_sample_prompts(str(tmp_path / "in"), files=3, rows_per_file=10, row_group_size=4)
+    whole = make_plan(config(tmp_path))
+    monkeypatch.setattr(readers.base, "WHOLE_FILE_BYTES", 0)
+    ranged = make_plan(config(tmp_path))
+    assert ranged.files == whole.files and ranged.shards == whole.shards
+    write_ids(tmp_path, "z-dup.parquet", ["q000003", None])
+    with pytest.raises(InputError, match=r"is null in 1 row\(s\): z-dup.parquet \(1 null, first at row 1\)"):
+        make_plan(config(tmp_path))
+    write_ids(tmp_path, "z-dup.parquet", ["q000003", "new"])
+    with pytest.raises(InputError, match=r"repeats 1 value\(s\), e.g. 'q000003' \(in prompts-000.parquet, "
+                                         r"z-dup.parquet\)"):
+        make_plan(config(tmp_path))
+
+
+def test_a_file_changed_after_listing_is_refused_while_planning(tmp_path):
+    """Each file is read at the version listed, which is the version the plan records."""
+    write_sample_prompts(str(tmp_path / "in"), files=2, rows_per_file=10)
+    _, infos = list_parquet(str(tmp_path / "in"))
+    write_ids(tmp_path, "prompts-001.parquet", ["a", "b", "c"])
+    with pytest.raises(InputChanged, match=r"prompts-001.parquet' changed \(version size:.*\) while the "
+                                           "plan was being made"):
+        make_plan(config(tmp_path), infos)

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
-from batchinfer import runner
+from batchinfer import readers, runner
 from batchinfer.atomic import read_pinned
 from batchinfer.config import StorageConfig
-from batchinfer.plan import make_plan
+from batchinfer.plan import list_inputs, make_plan
 from batchinfer.readers.parquet import ParquetReader
 from batchinfer.run_store import RunStore
-from batchinfer.storage import StorageError
+from batchinfer.storage import InputChanged, StorageError
 from scripts.sample_prompts import write_sample_prompts
 from tests.conftest import BUCKET, REPO, hold_run, ids_of, make_config, write_yaml
 from tests.flaky_proxy import FlakyProxy
@@ -112,6 +112,51 @@ def test_planning_many_files_on_s3(tmp_path, s3):
     plan = make_plan(cfg)
     assert len(plan.files) == 120 and len(plan.shards) == 120 and plan.total_rows == 360
     assert plan.files[0].url == s3.url("many/prompts-000.parquet")
+
+
+def planning_requests(tmp_path, s3, key):
+    """make_plan of the prompts under `key` (listed first), and the requests it sent."""
+    with FlakyProxy(s3.endpoint, flaky=False) as proxy:
+        cfg = s3_config(tmp_path, s3, endpoint=proxy.endpoint, input={"path": s3.url(key)})
+        infos = list_inputs(cfg)
+        proxy.forwarded.clear()
+        plan = make_plan(cfg, infos)
+    return plan, proxy.forwarded
+
+
+def test_planning_fetches_each_small_file_whole_in_one_request(tmp_path, s3):
+    """Footer and ids from one GET a file (If-Match its listed ETag), where reading them by
+    ranges took a HEAD and a GET for the footer and again for the ids (issue 11)."""
+    upload_prompts(tmp_path, s3, files=4, rows=6, key="few/", row_group_size=2)
+    plan, sent = planning_requests(tmp_path, s3, "few/")
+    assert plan.total_rows == 24 and [f.row_groups for f in plan.files] == [(2, 2, 2)] * 4
+    assert sorted((method, path.split("?")[0]) for method, path in sent) == [
+        ("GET", f"/{BUCKET}/few/prompts-{i:03d}.parquet") for i in range(4)]
+
+
+def test_a_larger_file_is_read_by_ranges_in_one_open(tmp_path, s3, monkeypatch):
+    upload_prompts(tmp_path, s3, files=2, rows=6, key="big/", row_group_size=2)
+    whole, _ = planning_requests(tmp_path, s3, "big/")
+    monkeypatch.setattr(readers.base, "WHOLE_FILE_BYTES", 0)
+    ranged, sent = planning_requests(tmp_path, s3, "big/")
+    assert ranged.files == whole.files and ranged.shards == whole.shards
+    for i in range(2):
+        methods = [m for m, path in sent if path.split("?")[0].endswith(f"/big/prompts-{i:03d}.parquet")]
+        assert methods.count("HEAD") == 1 and 1 <= methods.count("GET") <= 2, methods
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda fs, path: fs.pipe_file(path, fs.cat_file(path.replace("001", "000"))),
+     r"changed \(version etag:\w+ -> etag:\w+\)"),
+    (lambda fs, path: fs.rm_file(path), "was deleted"),
+])
+def test_a_file_changed_after_listing_is_refused_while_planning(tmp_path, s3, change, says):
+    upload_prompts(tmp_path, s3, files=2)
+    cfg = s3_config(tmp_path, s3)
+    infos = list_inputs(cfg)
+    change(s3.fs, f"{BUCKET}/prompts/prompts-001.parquet")
+    with pytest.raises(InputChanged, match=f"prompts-001.parquet' {says} while the plan was being made"):
+        make_plan(cfg, infos)
 
 
 def test_an_existing_prefix_with_glob_characters_is_that_prefix(tmp_path, s3):

@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from batchinfer.readers.base import FileFacts, InputError, Reader
+from batchinfer.readers.base import FileFacts, InputError, ReadColumn, Reader
 
 if TYPE_CHECKING:
     from batchinfer.config import StorageConfig
 
-__all__ = ["DEFAULT_FORMAT", "READERS", "FileFacts", "InputError", "Reader", "reader_class",
-           "reader_for", "register"]
+__all__ = ["DEFAULT_FORMAT", "READERS", "FileFacts", "InputError", "ReadColumn", "Reader",
+           "reader_class", "reader_for", "register"]
 
 DEFAULT_FORMAT = "parquet"
 """The input format of every run until the config names one."""

@@ -4,7 +4,8 @@ A reader lists the input files a URL names, reports each file's row counts and c
 planning, and reads the rows of a shard. Subclasses only need to implement `facts` and
 `read_rows`, and name their file suffixes; listing (run directories skipped, version tags),
 threading, pinned reads, row-count checks and error wrapping are done here, the same way for
-every format.
+every format. A format may also implement `scan`, planning's one pass over a file (facts and
+the id column from one open); the default does it with `facts` and `read_rows`.
 
 Rows are always Arrow tables; the planner unifies column types across files (plan.py).
 """
@@ -12,10 +13,11 @@ Rows are always Arrow tables; the planner unifies column types across files (pla
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import io
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass, replace
+from typing import IO, TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import pyarrow as pa
 
@@ -26,9 +28,21 @@ if TYPE_CHECKING:  # plan.py imports readers; these are only annotations here
     from batchinfer.plan import InputFile, Piece, Shard
 
 FACTS_READ_THREADS = 32
-"""Files whose facts (footers) are read at once while planning."""
+"""Files read at once while planning (facts, such as footers, and ids)."""
 PIECE_READ_THREADS = 8
 """Files of one shard read at once (a shard may span many small files)."""
+WHOLE_FILE_BYTES = 2 << 20
+"""Planning fetches a file of up to this many bytes whole, in one request pinned to its listed
+version (`atomic.fetch_pinned`), and takes its facts and id column from memory. Reading a
+footer and a column by ranges costs three requests (size, footer, column) on an object store
+where each waits ~20-50 ms for its first byte, about what 2 MiB take to arrive; a larger
+file is read by ranges, so planning does not download whole datasets of big files. At most
+FACTS_READ_THREADS such files are held at once."""
+
+T = TypeVar("T")
+
+ReadColumn = Callable[[str], pa.ChunkedArray]
+"""A whole column of the file being scanned, by name, as written."""
 
 
 class InputError(ValueError):
@@ -53,14 +67,26 @@ class FileFacts:
     the id check need not read them when duplicate ids are allowed."""
 
 
+class FetchedFile(io.BytesIO):
+    """A file fetched whole into memory, named by its URL (`path`) as an open file on
+    storage is, so messages about it name the file."""
+
+    def __init__(self, data: bytes, path: str):
+        super().__init__(data)
+        self.data = data
+        """The bytes, for readers that can take them without a Python call per read."""
+        self.path = path
+
+
 class Reader:
     """Reads one input file format. Subclasses only need to implement `facts` and
     `read_rows`, and set `name`, `label` and `suffixes`.
 
     `source`, in the methods to implement, is either the file's URL (open it through
     `open_binary` or `storage`, with `self.storage` settings) or an already open binary file
-    (an S3 object pinned to the planned version, see `atomic.read_pinned`); do not close a
-    file you were given.
+    (an S3 object pinned to the planned version, see `atomic.read_pinned`, or a small file
+    fetched whole while planning, a `FetchedFile`); do not close a file you were given. An
+    open file's `path`, where it has one, names it in messages.
     """
 
     name: ClassVar[str] = ""
@@ -90,6 +116,28 @@ class Reader:
         asked means the file changed; the caller reports it."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ may implement
+
+    def scan(self, source: str | IO[bytes], file: InputFile,
+             visit: Callable[[InputFile, FileFacts, ReadColumn], T]) -> T:
+        """Planning's one pass over a file: `visit(file, facts, read_column)` while the file
+        is open, where `read_column(name)` is a whole column as written; returns what `visit`
+        returns. `file` is passed through (its own facts may not be filled in yet).
+
+        This default is `facts`, then `read_rows` on the same source (an open file is
+        rewound first); a format that can take both from one open of the file (Parquet: one
+        footer) overrides it.
+        """
+        facts = self.facts(source)
+        whole = replace(file, num_rows=facts.num_rows, row_groups=facts.units)
+
+        def read_column(name: str) -> pa.ChunkedArray:
+            if not isinstance(source, str):
+                source.seek(0)
+            return self.read_rows(source, whole, 0, facts.num_rows, [name]).column(0)
+
+        return visit(file, facts, read_column)
+
     # ------------------------------------------------------------------ provided
 
     def list_files(self, url: str) -> tuple[storage.Location, list[dict[str, Any]]]:
@@ -107,8 +155,28 @@ class Reader:
         with ThreadPoolExecutor(min(FACTS_READ_THREADS, max(len(urls), 1))) as pool:
             return list(pool.map(one, urls))
 
+    def scan_files(self, files: Sequence[InputFile],
+                   visit: Callable[[InputFile, FileFacts, ReadColumn], T]) -> list[T]:
+        """`scan` every file, FACTS_READ_THREADS at once, in order: planning's one read of
+        each file (facts and the id column together). Storage errors become StorageError
+        naming the file and input.path.
+
+        A file of up to WHOLE_FILE_BYTES (by `file.size`) is fetched whole in one request at
+        exactly `file.version` (InputChanged otherwise) and scanned in memory; a larger one is
+        scanned through its URL, by ranges, as `facts` and `read_rows` read it.
+        """
+        def one(file: InputFile) -> T:
+            with storage.errors(file.url, "input.path"):
+                if file.size is None or file.size > WHOLE_FILE_BYTES:
+                    return self.scan(file.url, file, visit)
+                data = atomic.fetch_pinned(file.url, file.version, self.storage, planning=True)
+                return self.scan(FetchedFile(data, file.url), file, visit)
+
+        with ThreadPoolExecutor(min(FACTS_READ_THREADS, max(len(files), 1))) as pool:
+            return list(pool.map(one, files))
+
     def read_column(self, file: InputFile, column: str) -> pa.ChunkedArray:
-        """One column of a whole file, as written (the planner's id checks)."""
+        """One column of a whole file, as written."""
         with storage.errors(file.url, "input.path"):
             return self.read_rows(file.url, file, 0, file.num_rows, [column]).column(0)
 

@@ -7,7 +7,8 @@
    and RSS is sampled against shards committed while the scheduler runs. A second, smaller
    job cut into shards of 1,000 rows gives the wall time per shard by difference.
 2. Planning: N small Parquet files on moto's S3 server on 127.0.0.1 (s3_loopback), listed
-   and planned (`list_inputs` + `make_plan`: footers, id check, shards) end to end, with the
+   and planned (`list_inputs` + `make_plan`: one read of each file for its footer and ids,
+   the id check, shards) end to end, with the
    server's request counts and CPU time, since on a loopback server its own cost is part of
    what is timed.
 """
@@ -383,9 +384,9 @@ def _s3_planning(part: common.Part, files: int) -> None:
     timing.update(upload_s=round(upload_s, 2), server_cpu_s=round(server_cpu_s, 2), requests=requests)
     part.raw["s3_planning"] = timing
     part.tables.append(common.Table(f"Planning {files:,} files on the loopback S3 server", [
-        "files", "upload s", "list s", "footers s", "id check s", "make_plan s", "total s", "files/s",
+        "files", "upload s", "list s", "files read s", "make_plan s", "total s", "files/s",
         "requests/file", "server CPU s"], [[
-            f"{files:,}", round(upload_s, 1), timing["list_s"], timing["facts_s"], timing["ids_s"],
+            f"{files:,}", round(upload_s, 1), timing["list_s"], timing["read_s"],
             timing["make_plan_s"], round(total, 2), round(files / total), _per_file(requests, files),
             round(server_cpu_s, 1)]]))
     extrapolated = files < FILES_TARGET
@@ -393,8 +394,9 @@ def _s3_planning(part: common.Part, files: int) -> None:
     part.targets.append(common.Target(f"10,000 files planned{at}", round(per_10k, 1), "<=", 30, "s"))
     part.notes.append(
         f"S3 planning: {files:,} Parquet files of {FILE_ROWS_S3} rows on moto's server (its own process, "
-        "127.0.0.1), uploaded in parallel; timed: `list_inputs` then `make_plan` (footers, the id column "
-        "of every file, shards). The server's CPU is shared with the planner on this machine."
+        "127.0.0.1), uploaded in parallel; timed: `list_inputs` then `make_plan` (one read of each file "
+        "for its footer and id column, `Reader.scan_files`, timed as files read; the id check; shards). "
+        "The server's CPU is shared with the planner on this machine."
         + (f" Extrapolated linearly to {FILES_TARGET:,} files (every file costs its own requests)."
            if extrapolated else ""))
 
@@ -429,7 +431,7 @@ def _upload(endpoint: str, files: int) -> float:
 
 
 def _plan_s3(endpoint: str, files: int) -> dict[str, Any]:
-    """list_inputs and make_plan, with the footer and id phases timed inside make_plan."""
+    """list_inputs and make_plan, with its reading of the files (footers and ids) timed inside."""
     from batchinfer import plan as planning
     from batchinfer.config_loader import config_from_dict
 
@@ -445,31 +447,23 @@ def _plan_s3(endpoint: str, files: int) -> dict[str, Any]:
         raise RuntimeError(f"planned {len(plan.files)} files, {plan.total_rows} rows; "
                            f"expected {files} files, {files * FILE_ROWS_S3} rows")
     return {"files": files, "list_s": round(listed - started, 2), "make_plan_s": round(done - listed, 2),
-            "facts_s": round(reader.facts_s, 2),
-            "ids_s": round(reader.ids_end - reader.ids_start, 2) if reader.ids_start else 0.0,
-            "shards": len(plan.shards)}
+            "read_s": round(reader.read_s, 2), "shards": len(plan.shards)}
 
 
 def _timed_reader(reader):
-    """The reader, timing its footer phase (read_facts) and its id phase (read_column calls)."""
+    """The reader, timing its reads of the files (scan_files: footers and ids in one pass, and
+    the rereads of ids whose hashes collide, if any)."""
     base = type(reader)
 
     class Timed(base):
-        facts_s, ids_start, ids_end = 0.0, 0.0, 0.0
+        read_s = 0.0
 
-        def read_facts(self, urls):
+        def scan_files(self, files, visit):
             started = time.perf_counter()
             try:
-                return super().read_facts(urls)
+                return super().scan_files(files, visit)
             finally:
-                self.facts_s += time.perf_counter() - started
-
-        def read_column(self, file, column):
-            self.ids_start = self.ids_start or time.perf_counter()
-            try:
-                return super().read_column(file, column)
-            finally:
-                self.ids_end = time.perf_counter()
+                self.read_s += time.perf_counter() - started
 
     return Timed(storage=reader.storage)
 
