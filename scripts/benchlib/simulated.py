@@ -131,7 +131,7 @@ SIZES = {
              "ray_data_others": False, "headroom": [40.0]},
     "quick": {"shards": 4, "speed": 1.0, "workers": [4], "others": {}, "ray_data_others": False,
               "headroom": [10.0]},
-    "full": {"shards": 8, "speed": 1.0, "workers": [1, 4, 8], "others": {w: [4] for w in
+    "full": {"shards": 6, "speed": 1.0, "workers": [1, 4, 8], "others": {w: [4] for w in
              ("2048/128", "mixed", "few-shot")}, "ray_data_others": True, "headroom": [5.0, 10.0, 20.0, 40.0]},
 }
 SHARD_ROWS = 512
