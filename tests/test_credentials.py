@@ -213,7 +213,9 @@ def test_a_run_survives_keys_rotated_while_planning_and_while_generating(
     cfg = make_config(
         tmp_path, input={"path": inputs}, output={"path": f"s3://{BUCKET}/{out_key}/"},
         storage={"endpoint_url": rotating.endpoint, "profile": rotating.profile},
-        run={"num_workers": 1, "rows_per_shard": rows,
+        # two shards held at a time, so that shards are still to be read and written after
+        # the first commit (left automatic, the worker would take all four at once)
+        run={"num_workers": 1, "rows_per_shard": rows, "shards_per_worker": 2,
              "runtime_env": {"env_vars": {**rotating.env, "PYTHONPATH": str(REPO)}}},
         sampling={"max_tokens": 2})
     report = runner.run(cfg, progress=False)
