@@ -326,6 +326,7 @@ def worker_main(config_path: str, result_path: str, cprofile: str | None = None)
     every shard through `process`, `run.shards_per_worker` at a time."""
     from batchinfer.config_loader import config_from_dict
     from batchinfer.lease import DriverLease
+    from batchinfer.lease_book import MIN_HELD
     from batchinfer.plan import make_plan
     from batchinfer.run_store import RunStore
     from batchinfer.worker import ShardWorker
@@ -340,7 +341,7 @@ def worker_main(config_path: str, result_path: str, cprofile: str | None = None)
     load_s = time.perf_counter() - started
 
     async def every_shard() -> list:
-        held = asyncio.Semaphore(cfg.run.shards_per_worker)
+        held = asyncio.Semaphore(cfg.run.shards_per_worker or MIN_HELD)
 
         async def one(i: int):
             async with held:
@@ -364,7 +365,7 @@ def worker_main(config_path: str, result_path: str, cprofile: str | None = None)
     if rows != plan.total_rows:
         raise RuntimeError(f"the worker committed {rows} rows ok of {plan.total_rows}")
     Path(result_path).write_text(json.dumps({
-        "rows": rows, "shards": len(plan.shards), "shards_per_worker": cfg.run.shards_per_worker,
+        "rows": rows, "shards": len(plan.shards), "shards_per_worker": cfg.run.shards_per_worker or MIN_HELD,
         "load_s": round(load_s, 3), "process_s": round(process_s, 3), "total_s": round(load_s + process_s, 3),
         "rows_per_s": round(rows / process_s, 1)}))
 
