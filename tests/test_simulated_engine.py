@@ -212,7 +212,8 @@ def test_a_whole_job_on_the_simulated_engine_completes_exactly_once(tmp_path, ra
     this_run = report.manifest.this_run  # each engine's own accounting, and the end of the run
     assert [e["worker"] for e in this_run.engines] == [0, 1] and this_run.tail_s >= 0
     assert all(0 <= e["busy_fraction"] <= 1 and e["wall_s"] >= 0 for e in this_run.engines)
-    assert sum(e["output_tokens"] for e in this_run.engines) == 60 * 16
+    # at least every row once: an idle worker may also run a copy of a shard queued on the other
+    assert sum(e["output_tokens"] for e in this_run.engines) >= 60 * 16
 
 
 def test_an_iteration_that_uses_its_whole_token_budget_is_not_starved():

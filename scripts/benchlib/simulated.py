@@ -131,8 +131,8 @@ SIZES = {
              "ray_data_others": False, "headroom": [40.0]},
     "quick": {"shards": 4, "speed": 1.0, "workers": [4], "others": {}, "ray_data_others": False,
               "headroom": [10.0]},
-    "full": {"shards": 6, "speed": 1.0, "workers": [1, 4, 8], "others": {w: [4] for w in
-             ("2048/128", "mixed", "few-shot")}, "ray_data_others": True, "headroom": [5.0, 10.0, 20.0, 40.0]},
+    "full": {"shards": 5, "speed": 1.0, "workers": [1, 4, 8], "others": {w: [4] for w in
+             ("2048/128", "mixed", "few-shot")}, "ray_data_others": True, "headroom": [10.0, 20.0, 40.0]},
 }
 SHARD_ROWS = 512
 """run.rows_per_shard's default: 128/128 runs with it (a shard is ~7 s of an L40S's work)."""
