@@ -236,6 +236,7 @@ class LeaseBook:
         self.stop_deadline: float | None = None
         self._ids = itertools.count()
         self._median: tuple[int, float] = (0, 0.0)  # (commits it was taken over, median)
+        self._mean_rows = max(1.0, sum(rows) / len(rows)) if rows else 1.0  # fill() runs every loop
 
     @property
     def unfinished(self) -> bool:
@@ -284,7 +285,7 @@ class LeaseBook:
             return self.rules.shards_per_worker
         if not self.rows:
             return MIN_HELD
-        shard_rows = max(1.0, sum(self.rows) / len(self.rows))
+        shard_rows = self._mean_rows
         # Rows enough to keep the engine's window full, and one shard more behind them:
         # shards smaller than the batch must not leave the batch part empty.
         floor = max(MIN_HELD, min(MAX_HELD, 1 + math.ceil(slot.window / shard_rows)))
@@ -310,13 +311,13 @@ class LeaseBook:
         threshold = max(self.rules.speculate_after_s, 2 * median)
         copies = {lease.shard for lease in self.leases.values() if lease.speculative}
         candidates = [lease for lease in self.leases.values() if not lease.solo and lease.shard not in copies]
-        queued = sorted((lease for lease in candidates if self._queued(lease)),
-                        key=lambda lease: -lease.started)
+        behind = {lease.id for lease in candidates if self._queued(lease)}
+        queued = sorted((lease for lease in candidates if lease.id in behind), key=lambda lease: -lease.started)
         stragglers = sorted((lease for lease in candidates
-                             if now - lease.started > threshold and not self._queued(lease)),
+                             if now - lease.started > threshold and lease.id not in behind),
                             key=lambda lease: lease.started)
         return [Race(self._lease(slot, lease.shard, lease.attempt, now, speculative=True),
-                     now - lease.started, median, queued=self._queued(lease))
+                     now - lease.started, median, queued=lease.id in behind)
                 for slot, lease in zip(idle, queued + stragglers, strict=False)]
 
     def _median_shard_s(self) -> float:

@@ -49,7 +49,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
-        self._frame: tuple[str, str] | None = None
+        self._frame: tuple[str, str] | None = None  # render() reads it while it is found
         self._frame = self._template_frame() if self.has_template and not cfg.system_prompt else None
         if cfg.messages_column and not self.has_template:
             raise ValueError(

@@ -118,6 +118,7 @@ class Scheduler:
         self.on_commit = on_commit
         self.plan_ref = ray.put(plan)
         self.slots: list[_Slot] = []
+        self.infos: list[WorkerInfo] = []
 
     # ------------------------------------------------------------------ workers
 
@@ -174,7 +175,7 @@ class Scheduler:
         self.book = LeaseBook(rules=Rules.from_run(self.cfg.run),
                               rows=[shard.num_rows for shard in self.plan.shards],
                               pending=pending, slots=len(self.slots), now=time.monotonic())
-        for info in getattr(self, "infos", []):  # what each worker said when it was ready
+        for info in self.infos:  # what each worker said when it was ready
             self.book.slots[info.worker].window = info.window
         self.outcome = Outcome(committed=self.book.committed, failed=self.book.failed)
         self.last_handout: float | None = None  # time.time() of the last shard handed out
