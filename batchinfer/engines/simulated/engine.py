@@ -189,9 +189,9 @@ class SimulatedEngine(Engine):
             with self.step(self.sim.last_cost.prefill_tokens):
                 time.sleep(max(0.0, due - time.monotonic()))
             self._account(len(finished))
+            self.beat()  # before the results: whoever sees them sees this iteration counted
             done = [self._pending.pop(key) for key in finished]
             settle_from_thread([(future, loop, result) for result, future, loop in done])
-            self.beat()
             if self.sim.idle():
                 due = None
 
