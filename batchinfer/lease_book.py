@@ -9,7 +9,8 @@ one place, `LeaseBook.leases`; what a slot holds is read from there, never kept 
 The rules it keeps:
 - a worker holds `shards_per_worker` shards if set; else 2, or more while they hold fewer
   rows than its engine's window, or while those queued behind its current one hold less
-  than `prefetch_s` of its work; when one ends it gets the next;
+  than `prefetch_s` of its work, but never more than an even share of the shards left;
+  shards go out one per worker per round, the emptiest first; when one ends it gets the next;
 - a shard whose lease ended without a commit is tried again, up to `max_attempts`, then
   recorded as failed; a retry after its worker died runs alone on a worker (solo), so
   that another death is its own and not a neighbour's;
@@ -262,16 +263,21 @@ class LeaseBook:
                 out.append(Start(self._lease(slot, shard, self.attempts[shard], now,
                                              probe=rows, solo=True)))
         draining = min(self.slots, key=lambda s: len(self.held(s.index))) if self.solo else None
-        for slot in self.slots:
-            held = self.held(slot.index)
-            if slot is draining or any(lease.solo for lease in held):
-                continue
-            for _ in range(self.capacity(slot) - len(held)):
-                if not self.queue:
-                    break
+        held = {slot.index: self.held(slot.index) for slot in self.slots}
+        room = {slot.index: self.capacity(slot) - len(held[slot.index]) for slot in self.slots
+                if slot is not draining and not any(lease.solo for lease in held[slot.index])}
+        # One shard per worker per round, the emptiest first: a queue shorter than the
+        # workers' room is spread evenly, not taken whole by the first worker asked.
+        while self.queue and any(n > 0 for n in room.values()):
+            for index in sorted(room, key=lambda i: len(held[i])):
+                if not self.queue or room[index] <= 0:
+                    continue
                 shard = self.queue.popleft()
                 self.attempts[shard] = self.attempts.get(shard, 0) + 1
-                out.append(Start(self._lease(slot, shard, self.attempts[shard], now)))
+                lease = self._lease(self.slots[index], shard, self.attempts[shard], now)
+                held[index].append(lease)
+                room[index] -= 1
+                out.append(Start(lease))
         return out
 
     def capacity(self, slot: SlotState) -> int:
@@ -280,7 +286,8 @@ class LeaseBook:
         window plus one shard, or while the shards queued behind its current one hold less
         than `prefetch_s` of its work at its recent rate. A fast worker (a short-prompt
         workload, a fast GPU) then never drains its engine while a committed shard's
-        replacement is read and tokenized. As the queue runs out this tapers back."""
+        replacement is read and tokenized. As the queue runs out this tapers back, and it is
+        never more than `_fair_share`."""
         if self.rules.shards_per_worker is not None:
             return self.rules.shards_per_worker
         if not self.rows:
@@ -290,13 +297,21 @@ class LeaseBook:
         # shards smaller than the batch must not leave the batch part empty.
         floor = max(MIN_HELD, min(MAX_HELD, 1 + math.ceil(slot.window / shard_rows)))
         if not slot.rows_per_s:
-            return floor
+            return min(floor, self._fair_share())
         wanted = 1 + math.ceil(slot.rows_per_s * self.rules.prefetch_s / shard_rows)
         # No deeper than a quarter of the queue shared out: a worker's backlog when the last
         # shard goes out is what the run's tail waits on, and a deep one at the start would
         # take shards a worker that turns out faster could have had.
         wanted = min(wanted, MIN_HELD + len(self.queue) // (4 * len(self.slots)))
-        return max(floor, min(MAX_HELD, wanted))
+        return min(max(floor, min(MAX_HELD, wanted)), self._fair_share())
+
+    def _fair_share(self) -> int:
+        """The most shards one worker may hold while others could take them: the shards not
+        yet committed (queued or held, copies not counted) shared out evenly, and at least
+        MIN_HELD. Near the start and the end of a run the window floor would otherwise let
+        the first workers asked take everything, and the others idle or race copies."""
+        outstanding = len(self.queue) + sum(1 for lease in self.leases.values() if not lease.speculative)
+        return max(MIN_HELD, math.ceil(outstanding / len(self.slots)))
 
     def speculate(self, now: float) -> list[Decision]:
         """With nothing left to hand out, let idle workers race copies: first of shards
