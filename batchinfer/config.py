@@ -166,6 +166,8 @@ class RunConfig(Section):
     """Shards a worker holds at once; null: 2, or more (up to 16) to keep its engine's window full and prefetch_s of work queued."""
     prefetch_s: Annotated[float, Ge(0), _SCHEDULING] = 10
     """With shards_per_worker null: seconds of a worker's work (at its measured rate) to keep queued behind its current shard."""
+    prefix_order: Annotated[bool, _SCHEDULING] = True
+    """Submit each shard's rows sorted by prompt tokens, so rows sharing a prefix (a system prompt, few-shot examples) run back to back and the engine reuses their KV cache blocks; results keep the input order."""
     max_attempts: Annotated[int, Ge(1), _SCHEDULING] = 3
     """Attempts per shard before it is recorded as failed (the run then ends partial)."""
     hang_timeout_s: Annotated[float, Gt(0), _SCHEDULING] = 600

@@ -99,8 +99,7 @@ class ShardWorker:
             # read first, so the current shard drains (and commits) before the next one.
             async with self.turns:
                 await self.turns.wait_for(lambda: self._serving == ticket)
-            first = await self._submit(encoded, seeds,
-                                 [i for i, e in enumerate(encoded) if not isinstance(e, RowError)])
+            first = await self._submit(encoded, seeds, self._order(encoded))
         finally:
             await self._end_turn(ticket)
         rows = await self._finish(encoded, seeds, first)
@@ -164,6 +163,17 @@ class ShardWorker:
         return table, ids, encoded, seeds
 
     # ------------------------------------------------------------------ rows through the engine
+
+    def _order(self, encoded: list) -> list[int]:
+        """The rows to submit (those that encoded), sorted by their token ids when
+        run.prefix_order is on: rows sharing a prefix then reach the engine back to back and
+        hit its KV cache block reuse (TensorRT-LLM's enable_block_reuse, the simulated
+        engine's LRU blocks) while the blocks are still cached. Rows keep their index, so
+        results are written in input order either way."""
+        rows = [i for i, e in enumerate(encoded) if not isinstance(e, RowError)]
+        if self.cfg.run.prefix_order:
+            rows.sort(key=encoded.__getitem__)
+        return rows
 
     async def _submit(self, encoded: list, seeds: list[int], rows: list[int]) -> dict[int, asyncio.Task]:
         """Hand `rows` to the engine in order, each as soon as the in-flight window has room;

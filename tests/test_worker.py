@@ -90,3 +90,36 @@ def test_bad_rows_are_row_errors_and_the_rest_of_the_shard_succeeds(tmp_path, wo
     assert list(df.loc[["b", "c"], "finish_reason"]) == ["error", "error"]
     assert df.loc[["b", "c"], "prompt_tokens"].isna().all()
     assert df.loc[["a", "d"], "output"].str.len().min() > 0
+
+
+@pytest.mark.parametrize("prefix_order", [True, False])
+def test_rows_sharing_a_prefix_reach_the_engine_back_to_back_and_results_keep_input_order(
+        tmp_path, worker_for, prefix_order):
+    """run.prefix_order: two few-shot contexts interleaved in the input are submitted as two
+    runs of rows (so the engine's KV cache reuses each context's blocks), and the part is
+    still written in input order, each row's output its own."""
+    os.makedirs(tmp_path / "prompts")
+    contexts = ["Examples: cat -> animal, rose -> plant, oak -> plant. Classify:",
+                "Translate to French. dog -> chien, house -> maison. Now:"]
+    prompts = [f"{contexts[i % 2]} word {i}" for i in range(8)]
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(8)], "prompt": prompts}),
+                   tmp_path / "prompts" / "p.parquet")
+    cfg = make_config(tmp_path, sampling={"max_tokens": 1}, run={"prefix_order": prefix_order})
+    worker, _ = worker_for(cfg)
+    submitted: list[int] = []
+    original = worker.engine.generate
+
+    async def recording(request):
+        submitted.append(request.id)
+        return await original(request)
+
+    worker.engine.generate = recording
+    asyncio.run(worker.process(0, 1))
+    by_context = [i % 2 for i in submitted]
+    if prefix_order:
+        assert sorted(submitted) == list(range(8)) and by_context in ([0] * 4 + [1] * 4, [1] * 4 + [0] * 4)
+    else:
+        assert submitted == list(range(8))
+    part = pd.read_parquet(tmp_path / "out")
+    assert list(part.id) == [f"r{i}" for i in range(8)]
+    assert part.error.isna().all()
