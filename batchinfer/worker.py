@@ -55,6 +55,7 @@ class ShardWorker:
         self._window: asyncio.Semaphore | None = None
         self._turns: asyncio.Condition | None = None
         self._restart_lock: asyncio.Lock | None = None
+        self._load_lock: asyncio.Lock | None = None
         self._tickets = self._serving = 0
         self._finished_turns: set[int] = set()
         self._canary: list[int] | None = None  # a prompt this worker's engine answered
@@ -92,14 +93,14 @@ class ShardWorker:
         ticket = self._tickets
         self._tickets += 1
         try:
-            table, ids, encoded, seeds = await self._load(shard_index)
+            table, ids, encoded, seeds, order = await self._load(shard_index)
             for i, reason in (skip or {}).items():
                 encoded[i] = RowError("worker_died", reason)
             # Shards queue their rows at the engine in the order they arrived, whichever was
             # read first, so the current shard drains (and commits) before the next one.
             async with self.turns:
                 await self.turns.wait_for(lambda: self._serving == ticket)
-            first = await self._submit(encoded, seeds, self._order(encoded))
+            first = await self._submit(encoded, seeds, [i for i in order if not isinstance(encoded[i], RowError)])
         finally:
             await self._end_turn(ticket)
         rows = await self._finish(encoded, seeds, first)
@@ -145,22 +146,34 @@ class ShardWorker:
     async def probe(self, shard_index: int, rows: list[int]) -> int:
         """Run some rows of a shard and keep nothing; the driver is looking for rows that
         kill the worker (it calls this alone on a worker). Returns how many rows ran."""
-        _, _, encoded, seeds = await self._load(shard_index)
+        _, _, encoded, seeds, _ = await self._load(shard_index)
         tasks = await self._submit(encoded, seeds, [i for i in rows if not isinstance(encoded[i], RowError)])
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         return len(tasks)
 
-    async def _load(self, shard_index: int) -> tuple[pa.Table, pa.Array, list, list[int]]:
+    async def _load(self, shard_index: int) -> tuple[pa.Table, pa.Array, list, list[int], list[int]]:
         """A shard's input rows, their ids, their encoded prompts (token ids, or a RowError
-        each) and their sampling seeds. A row's seed comes from sampling.seed and the row's id only,
-        so it samples the same text whatever shard, batch, worker or attempt runs it."""
+        each), their sampling seeds and the order to submit them in (`_order`). A row's seed
+        comes from sampling.seed and the row's id only, so it samples the same text whatever
+        shard, batch, worker or attempt runs it.
+
+        Shards are loaded one at a time, in the order they arrived (asyncio.Lock wakes its
+        waiters first come, first served): when a run starts each worker gets several shards
+        together, and reading and encoding them side by side on a few cores would keep the
+        engine waiting for all of them, not just the first (issue 11: 2-4 s at the start of
+        a few-shot run, where one shard of long prompts takes 0.35 s to encode)."""
         shard = self.plan.shards[shard_index]
-        table = await asyncio.to_thread(self._read, shard)
         column = self.cfg.input.prompt_column or self.cfg.input.messages_column
-        encoded = await asyncio.to_thread(self.prompts.encode, table.column(column).to_pylist())
+        async with self.load_lock:
+            table = await asyncio.to_thread(self._read, shard)
+            encoded, order = await asyncio.to_thread(self._encode, table.column(column).to_pylist())
         ids = self._ids(table, shard)
         seeds = [row_seed(self.cfg.sampling.seed, i) for i in ids.to_pylist()]
-        return table, ids, encoded, seeds
+        return table, ids, encoded, seeds, order
+
+    def _encode(self, cells: list) -> tuple[list, list[int]]:
+        encoded = self.prompts.encode(cells)
+        return encoded, self._order(encoded)
 
     # ------------------------------------------------------------------ rows through the engine
 
@@ -293,6 +306,12 @@ class ShardWorker:
         if self._restart_lock is None:
             self._restart_lock = asyncio.Lock()
         return self._restart_lock
+
+    @property
+    def load_lock(self) -> asyncio.Lock:
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+        return self._load_lock
 
     async def _end_turn(self, ticket: int) -> None:
         """Let the next shard queue its rows (also when this one failed before its turn)."""

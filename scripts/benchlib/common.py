@@ -182,12 +182,18 @@ def prompt_ids(tok, prompt: str) -> list[int]:
 
 
 def write_prompts(folder: Path, prompts: list[str], *, files: int = 1, row_group_size: int = 512,
-                  start: int = 0) -> Path:
-    """Write `prompts` as Parquet (columns id, prompt) over `files` files; return the folder."""
+                  start: int = 0, whole_groups: bool = False) -> Path:
+    """Write `prompts` as Parquet (columns id, prompt) over `files` files; return the folder.
+    With `whole_groups`, each file holds a whole number of row groups (so shards of a
+    multiple of `row_group_size` rows come out even), in as many files as that takes."""
     folder.mkdir(parents=True, exist_ok=True)
     per = -(-len(prompts) // files)
+    if whole_groups:
+        per = -(-per // row_group_size) * row_group_size
     for f in range(files):
         chunk = prompts[f * per:(f + 1) * per]
+        if not chunk:
+            break
         ids = [f"r{start + f * per + i:08d}" for i in range(len(chunk))]
         pq.write_table(pa.table({"id": ids, "prompt": chunk}), str(folder / f"part-{f:05d}.parquet"),
                        row_group_size=row_group_size)

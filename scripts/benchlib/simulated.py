@@ -74,7 +74,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return {"tok_s_per_worker": result["tokens_per_s"] / max(1, result["workers"]),
             "busy_mean": statistics.fmean(busy) if busy else None,
             "busy_min": min(busy) if busy else None, "tail_s": result.get("tail_s"),
-            "generate_s": result["generate_s"], "rows": result["rows"]}
+            "generate_s": result["generate_s"], "rows": result["rows"], "reused": _reused(result)}
 
 
 # ---------------------------------------------------------------------- workloads
@@ -125,13 +125,14 @@ def rows_per_second(workload: Workload, prompts: list[str], tok) -> float:
 # ---------------------------------------------------------------------- the part
 
 SIZES = {
-    # shards of engine work per worker; worker counts on 128/128; other workloads and their
+    # shards of engine work per worker (full: 8, so that at 4 workers the plan is big enough
+    # for plan.taper_end to cut its last shards, as a night's plan is); worker counts on 128/128; other workloads and their
     # worker counts; Ray Data on the other workloads too; headroom speeds (one worker, 128/128)
     "tiny": {"shards": 2, "speed": 20.0, "workers": [1], "others": {},
              "ray_data_others": False, "headroom": [40.0]},
     "quick": {"shards": 4, "speed": 1.0, "workers": [4], "others": {}, "ray_data_others": False,
               "headroom": [10.0]},
-    "full": {"shards": 5, "speed": 1.0, "workers": [1, 4, 8], "others": {w: [4] for w in
+    "full": {"shards": 8, "speed": 1.0, "workers": [1, 4, 8], "others": {w: [4] for w in
              ("2048/128", "mixed", "few-shot")}, "ray_data_others": True, "headroom": [10.0, 20.0, 40.0]},
 }
 SHARD_ROWS = 512
@@ -150,22 +151,23 @@ class Bench:
         prompts = workload.prompts(rows, self.tok)
         folder = self.workdir / "inputs" / f"{workload.name.replace('/', '-')}-{rows}"
         if not folder.exists():
-            common.write_prompts(folder, prompts, files=FILES, row_group_size=64)
+            common.write_prompts(folder, prompts, files=FILES, row_group_size=64, whole_groups=True)
         return folder, prompts, rows_per_second(workload, prompts, self.tok)
 
     def config(self, workload: Workload, name: str, inputs: Path, speed: float, workers: int,
-               rows_per_shard: int) -> dict[str, Any]:
+               rows_per_shard: int, **run: Any) -> dict[str, Any]:
         return common.base_config(
             self.workdir, name, inputs,
             engine=engine_section(speed, output_lengths=workload.output_lengths),
             sampling={"max_tokens": workload.max_tokens},
-            run={"num_workers": workers, "rows_per_shard": rows_per_shard, "cpus_per_worker": 1})
+            run={"num_workers": workers, "rows_per_shard": rows_per_shard, "cpus_per_worker": 1, **run})
 
     def sizes(self, workload: Workload, speed: float) -> tuple[float, int, int]:
         """The engine's rows/s at `speed`, rows per worker, rows per shard."""
         _, _, rate = self.inputs(workload, 512)
         rate *= speed
-        shard = SHARD_ROWS if workload.name == "128/128" else max(64, round(rate / speed * SHARD_SECONDS))
+        # Whole row groups of 64, so every worker gets the same number of equal shards.
+        shard = SHARD_ROWS if workload.name == "128/128" else 64 * max(1, round(rate / speed * SHARD_SECONDS / 64))
         if self.size == "tiny":
             shard = 64
         return rate, shard * self.plan["shards"], shard
@@ -174,8 +176,10 @@ class Bench:
         """The engine alone, then batchinfer (and Ray Data) at each worker count, on one
         workload, each worker given the same seconds of engine work."""
         rate, per_worker, shard_rows = self.sizes(workload, speed)
-        folder, prompts, _ = self.inputs(workload, per_worker)
-        d = direct(self.config(workload, "direct", folder, speed, 1, shard_rows), prompts)
+        # The engine alone gets one worker's share of the biggest input: on the few-shot
+        # workload each engine then sees as many rows per shared prefix as a worker does.
+        folder, prompts, _ = self.inputs(workload, per_worker * max(workers))
+        d = direct(self.config(workload, "direct", folder, speed, 1, shard_rows), prompts[:per_worker])
         out = [{"workload": workload.name, "runner": "engine alone", "workers": 1, **summarize(d)}]
         self.raw[f"direct {workload.name} x{speed:g}"] = d
         for n in workers:
@@ -186,6 +190,13 @@ class Bench:
                    "vs_direct": r["tokens_per_s"] / n / d["tokens_per_s"], "shard_s": shard_rows / rate}
             out.append(row)
             self.raw[f"batchinfer {tag}"] = r
+            if workload.name == "few-shot":  # what submitting rows sorted by prompt buys
+                u = common.run_batchinfer(self.config(workload, f"bi-unsorted-{tag}", folder, speed, n,
+                                                      shard_rows, prefix_order=False))
+                out.append({"workload": workload.name, "runner": "batchinfer, prefix_order off", "workers": n,
+                            **summarize(u), "vs_direct": u["tokens_per_s"] / n / d["tokens_per_s"],
+                            "shard_s": shard_rows / rate})
+                self.raw[f"batchinfer unsorted {tag}"] = u
             if ray_data:
                 from scripts.benchlib import raydata
 
@@ -210,11 +221,18 @@ class Bench:
         return out
 
 
+def _reused(result: dict[str, Any]) -> float | None:
+    """The share of prompt tokens the engines took from their KV cache (prefix block reuse)."""
+    engines = result.get("engines") or []
+    prompt = sum(e.get("prompt_tokens", 0) for e in engines)
+    return sum(e.get("reused_tokens", 0) for e in engines) / prompt if prompt else None
+
+
 FILES = 16
 """Input files per workload (Ray Data reads one block per file by default)."""
 
 COLUMNS = ["workload", "runner", "workers", "output tok/s per worker", "vs engine alone", "vs Ray Data",
-           "engine busy (mean / min)", "tail s (shard s)", "rows", "generate s"]
+           "engine busy (mean / min)", "tail s (shard s)", "prompt tokens from KV cache", "rows", "generate s"]
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -225,7 +243,7 @@ def _row(r: dict) -> list:
     tail = "–" if r.get("tail_s") is None else f"{r['tail_s']:.1f} ({r.get('shard_s', 0):.1f})"
     return [r["workload"], r["runner"], r["workers"], f"{r['tok_s_per_worker']:,.0f}", _fmt(r.get("vs_direct"), ".3f"),
             _fmt(r.get("vs_ray_data"), ".2f"), f"{_fmt(r['busy_mean'])} / {_fmt(r['busy_min'])}", tail,
-            r["rows"], f"{r['generate_s']:.1f}"]
+            _fmt(r.get("reused"), ".1%"), r["rows"], f"{r['generate_s']:.1f}"]
 
 
 def run(size: str, workdir: Path) -> common.Part:
@@ -240,7 +258,8 @@ def run(size: str, workdir: Path) -> common.Part:
         key="simulated", title="Simulated L40S (Llama-3.1-8B FP8, TensorRT-LLM in-flight batching)",
         settings={"profile": PROFILE, "engine.max_batch_size": MAX_BATCH, "speed": speed,
                   "shards per worker": plan["shards"],
-                  "rows per shard": f"{SHARD_ROWS} on 128/128, else {SHARD_SECONDS:g} s of engine work (>= 64)",
+                  "rows per shard": f"{SHARD_ROWS} on 128/128, else {SHARD_SECONDS:g} s of engine work "
+                                    "(in whole row groups of 64)",
                   "workloads": {w.name: {"max_tokens": w.max_tokens, "output_lengths": w.output_lengths}
                                 for w in WORKLOADS.values()},
                   "Ray Data": "read_parquet -> map_batches(async actor, batch 64, ~2 x max_batch_size in flight) "
