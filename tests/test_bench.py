@@ -31,6 +31,8 @@ def test_every_part_of_the_benchmark_runs_at_its_tiny_size(tmp_path):
         assert part["tables"] and all(t["rows"] for t in part["tables"]), letter
         assert all(len(row) == len(t["columns"]) for t in part["tables"] for row in t["rows"]), letter
         assert part["targets"], f"part {letter} checks none of the issue's targets"
+    simulated_rows = [row for t in results["parts"]["b"]["tables"] for row in t["rows"]]
+    assert {"batchinfer, prefix_order on", "batchinfer, prefix_order off"} <= {row[1] for row in simulated_rows}
     text = out.read_text()
     assert "## Targets (issue 11)" in text and "no GPU" in text
     for letter, part in results["parts"].items():
