@@ -8,8 +8,9 @@ one place, `LeaseBook.leases`; what a slot holds is read from there, never kept 
 
 The rules it keeps:
 - a worker holds `shards_per_worker` shards if set; else 2, or more while they hold fewer
-  rows than its engine's window, or while those queued behind its current one hold less
-  than `prefetch_s` of its work, but never more than an even share of the shards left;
+  rows than its engine's window plus one shard, or while those queued behind its current
+  one hold less than `prefetch_s` of its work, but never more than an even share of the
+  shards left;
   shards go out one per worker per round, the emptiest first; when one ends it gets the next;
 - a shard whose lease ended without a commit is tried again, up to `max_attempts`, then
   recorded as failed; a retry after its worker died runs alone on a worker (solo), so
@@ -254,7 +255,8 @@ class LeaseBook:
             return []
         out: list[Decision] = []
         # Nothing joins solo work on its worker, so that its death is its own; while some
-        # waits, the least busy worker takes no new shards until it is idle.
+        # waits, the least busy worker not already running solo work takes no new shards
+        # until it is idle.
         for slot in self.slots:
             if self.solo and not self.held(slot.index):
                 shard, rows = self.solo.popleft()
@@ -262,7 +264,8 @@ class LeaseBook:
                     self.attempts[shard] += 1
                 out.append(Start(self._lease(slot, shard, self.attempts[shard], now,
                                              probe=rows, solo=True)))
-        draining = min(self.slots, key=lambda s: len(self.held(s.index))) if self.solo else None
+        sharing = [s for s in self.slots if not any(lease.solo for lease in self.held(s.index))]
+        draining = min(sharing, key=lambda s: len(self.held(s.index)), default=None) if self.solo else None
         held = {slot.index: self.held(slot.index) for slot in self.slots}
         room = {slot.index: self.capacity(slot) - len(held[slot.index]) for slot in self.slots
                 if slot is not draining and not any(lease.solo for lease in held[slot.index])}
@@ -286,8 +289,8 @@ class LeaseBook:
         window plus one shard, or while the shards queued behind its current one hold less
         than `prefetch_s` of its work at its recent rate. A fast worker (a short-prompt
         workload, a fast GPU) then never drains its engine while a committed shard's
-        replacement is read and tokenized. As the queue runs out this tapers back, and it is
-        never more than `_fair_share`."""
+        replacement is read and tokenized. As the queue runs out this tapers back, and
+        (left automatic) it is never more than `_fair_share`."""
         if self.rules.shards_per_worker is not None:
             return self.rules.shards_per_worker
         if not self.rows:
@@ -306,11 +309,13 @@ class LeaseBook:
         return min(max(floor, min(MAX_HELD, wanted)), self._fair_share())
 
     def _fair_share(self) -> int:
-        """The most shards one worker may hold while others could take them: the shards not
-        yet committed (queued or held, copies not counted) shared out evenly, and at least
-        MIN_HELD. Near the start and the end of a run the window floor would otherwise let
-        the first workers asked take everything, and the others idle or race copies."""
-        outstanding = len(self.queue) + sum(1 for lease in self.leases.values() if not lease.speculative)
+        """The most shards one worker may hold while others could take them: the work not
+        yet done (shards queued, leases held, copies not counted, and solo work waiting)
+        shared out evenly, and at least MIN_HELD. Near the start and the end of a run the
+        window floor would otherwise let the first workers asked take everything, and the
+        others idle or race copies."""
+        held = sum(1 for lease in self.leases.values() if not lease.speculative)
+        outstanding = len(self.queue) + held + len(self.solo)
         return max(MIN_HELD, math.ceil(outstanding / len(self.slots)))
 
     def speculate(self, now: float) -> list[Decision]:

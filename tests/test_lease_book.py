@@ -233,6 +233,27 @@ def test_poison_rows_in_one_row_shards_are_narrowed_and_their_neighbours_survive
     assert sorted(p.shard for p in of(Poisoned, made)) == [1, 2]
 
 
+def test_while_solo_work_waits_a_worker_not_running_solo_work_drains_for_it():
+    """Slot 0 runs one solo probe and another waits: the least busy of the other workers
+    stops taking shards so the waiting one gets an idle worker (it used to pick slot 0,
+    which holds one lease, and solo work then ran one at a time behind it)."""
+    book = make_book(40, slots=3, rows=5, shards_per_worker=2)
+    for lease in started(book.fill(0)):
+        if lease.slot == 0:
+            book.succeeded(lease.id, summary(lease))
+    book.queue.remove(38)  # as if shard 38 were being narrowed
+    book.attempts[38] = 2
+    book.solo.extend([(38, [0, 1]), (38, [2, 3])])
+    [probe] = started(book.fill(1))
+    assert probe.slot == 0 and probe.solo and len(book.solo) == 1
+    first, second = book.held(1)
+    book.succeeded(first.id, summary(first))
+    assert started(book.fill(2)) == []  # slot 1 drains: no new shard in the room it has
+    book.succeeded(second.id, summary(second))
+    [waiting] = started(book.fill(3))  # idle now: the waiting probe is its
+    assert waiting.slot == 1 and waiting.solo and waiting.probe == [2, 3] and not book.solo
+
+
 def test_a_shard_out_of_attempts_is_not_narrowed_but_failed():
     book = make_book(1, rows=5, max_attempts=2)
     made = play(book, {0: {2}})

@@ -274,7 +274,7 @@ def run(size: str, workdir: Path) -> common.Part:
     part = common.Part(
         key="simulated", title="Simulated L40S (Llama-3.1-8B FP8, TensorRT-LLM in-flight batching)",
         settings={"profile": PROFILE, "engine.max_batch_size": MAX_BATCH, "speed": speed,
-                  "shards per worker": plan["shards"],
+                  "shards of work per worker (the job's size; run.shards_per_worker is left automatic)": plan["shards"],
                   "rows per shard": f"{SHARD_ROWS} on 128/128, else {SHARD_SECONDS:g} s of engine work "
                                     "(in whole row groups of 64)",
                   "workloads": {w.name: {"max_tokens": w.max_tokens, "output_lengths": w.output_lengths}
@@ -308,8 +308,9 @@ def run(size: str, workdir: Path) -> common.Part:
             part.notes.append(
                 f"run.prefix_order: with a KV cache of {PRESSURE_KV_TOKENS:,} tokens, rows sorted by prompt ran "
                 f"{on['vs_off']:.2f}x the output tokens/s of rows in input order ({_fmt(on['reused'], '.1%')} "
-                f"vs {_fmt(off['reused'], '.1%')} of prompt tokens from the cache); with the profile's "
-                "500,000-token cache every prefix stays cached and the order makes no difference. The "
+                f"vs {_fmt(off['reused'], '.1%')} of prompt tokens from the cache), one worker at "
+                f"{PRESSURE_SPEED:g}x an L40S; the few-shot rows above have the profile's 500,000-token "
+                "cache, which keeps every prefix of the workload. The "
                 "simulated engine offers a prompt's blocks for reuse from its admission; TensorRT-LLM "
                 "offers them as they are filled, so two requests with one prefix admitted in the same "
                 "iteration both compute it there, which sorting makes more likely.")
