@@ -264,11 +264,10 @@ class LeaseBook:
                     self.attempts[shard] += 1
                 out.append(Start(self._lease(slot, shard, self.attempts[shard], now,
                                              probe=rows, solo=True)))
-        sharing = [s for s in self.slots if not any(lease.solo for lease in self.held(s.index))]
-        draining = min(sharing, key=lambda s: len(self.held(s.index)), default=None) if self.solo else None
         held = {slot.index: self.held(slot.index) for slot in self.slots}
-        room = {slot.index: self.capacity(slot) - len(held[slot.index]) for slot in self.slots
-                if slot is not draining and not any(lease.solo for lease in held[slot.index])}
+        sharing = [slot for slot in self.slots if not any(lease.solo for lease in held[slot.index])]
+        draining = min(sharing, key=lambda s: len(held[s.index]), default=None) if self.solo else None
+        room = {slot.index: self.capacity(slot) - len(held[slot.index]) for slot in sharing if slot is not draining}
         # One shard per worker per round, the emptiest first: a queue shorter than the
         # workers' room is spread evenly, not taken whole by the first worker asked.
         while self.queue and any(n > 0 for n in room.values()):

@@ -339,9 +339,10 @@ def worker_main(config_path: str, result_path: str, cprofile: str | None = None)
     plan = store.write_plan(make_plan(cfg))
     worker = ShardWorker(config=cfg, plan=plan, worker_index=0, generation=lease.generation)
     load_s = time.perf_counter() - started
+    holds = cfg.run.shards_per_worker or MIN_HELD
 
     async def every_shard() -> list:
-        held = asyncio.Semaphore(cfg.run.shards_per_worker or MIN_HELD)
+        held = asyncio.Semaphore(holds)
 
         async def one(i: int):
             async with held:
@@ -365,7 +366,7 @@ def worker_main(config_path: str, result_path: str, cprofile: str | None = None)
     if rows != plan.total_rows:
         raise RuntimeError(f"the worker committed {rows} rows ok of {plan.total_rows}")
     Path(result_path).write_text(json.dumps({
-        "rows": rows, "shards": len(plan.shards), "shards_per_worker": cfg.run.shards_per_worker or MIN_HELD,
+        "rows": rows, "shards": len(plan.shards), "shards_per_worker": holds,
         "load_s": round(load_s, 3), "process_s": round(process_s, 3), "total_s": round(load_s + process_s, 3),
         "rows_per_s": round(rows / process_s, 1)}))
 

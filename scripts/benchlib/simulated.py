@@ -125,9 +125,10 @@ def rows_per_second(workload: Workload, prompts: list[str], tok) -> float:
 # ---------------------------------------------------------------------- the part
 
 SIZES = {
-    # shards of engine work per worker (full: 8, so that at 4 workers the plan is big enough
-    # for plan.taper_end to cut its last shards, as a night's plan is); worker counts on 128/128; other workloads and their
-    # worker counts; Ray Data on the other workloads too; headroom speeds (one worker, 128/128)
+    # shards of engine work per worker (full: 8, so that at 4 workers the plan is big
+    # enough for plan.taper_end to cut its last shards, as a night's plan is); worker counts
+    # on 128/128; other workloads and their worker counts; Ray Data on the other workloads
+    # too; headroom speeds (one worker, 128/128)
     "tiny": {"shards": 2, "speed": 20.0, "workers": [1], "others": {"few-shot": [1]},
              "ray_data_others": False, "headroom": [40.0]},
     "quick": {"shards": 4, "speed": 1.0, "workers": [4], "others": {}, "ray_data_others": False,
