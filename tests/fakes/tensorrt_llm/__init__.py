@@ -18,7 +18,10 @@ Real sources this mirrors (NVIDIA/TensorRT-LLM, 1.2.x; docs/trtllm-api.md has de
   tensorrt_llm/builder.py                       BuildConfig
   tensorrt_llm/models/modeling_utils.py         QuantConfig
   tensorrt_llm/quantization/mode.py             QuantAlgo
-  tensorrt_llm/sampling_params.py               SamplingParams (fields, defaults, _validate, _setup)
+  tensorrt_llm/sampling_params.py               GuidedDecodingParams, SamplingParams (fields,
+                                                defaults, _validate, _setup)
+  cpp/tensorrt_llm/executor/executorImpl.cpp    the refusal of a guided request when the TensorRT
+                                                LLM has no guided_decoding_backend
   tensorrt_llm/executor/result.py               CompletionOutput, GenerationResult (await, aresult)
   tensorrt_llm/executor/utils.py                RequestError
 """

@@ -1,9 +1,35 @@
-"""TEST DOUBLE of SamplingParams in tensorrt_llm/sampling_params.py (1.2.0rc2, b35ac1b6):
-keyword-only slots dataclass, same fields and defaults (max_tokens=32), same _validate
-refusals, and _setup fills end_id and the stop word ids in place, once."""
+"""TEST DOUBLE of GuidedDecodingParams and SamplingParams in tensorrt_llm/sampling_params.py
+(1.2.0rc2, b35ac1b6): keyword-only slots dataclasses, same fields and defaults (max_tokens=32),
+same _validate refusals (SamplingParams._validate also validates its guided_decoding: more than
+one guide is a ValueError when the SamplingParams is built), and _setup fills end_id and the
+stop word ids in place, once."""
+import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
 from typing import Any, List, Optional, Union
+
+from pydantic import BaseModel
+
+
+@dataclass(slots=True, kw_only=True)
+class GuidedDecodingParams:
+    """Only one of the fields may be set (counted by truthiness, as the real one does:
+    json={} or json_object=False count as unset). Not validated on construction; the
+    SamplingParams that carries it validates it."""
+
+    json: Optional[Union[str, BaseModel, dict]] = None
+    regex: Optional[str] = None
+    grammar: Optional[str] = None
+    json_object: bool = False
+    structural_tag: Optional[str] = None
+
+    def _validate(self):
+        num_guides = 0
+        for _field in fields(self):
+            num_guides += bool(getattr(self, _field.name))
+        if num_guides > 1:
+            raise ValueError(f"Only one guide can be used for a request, but got {num_guides}.")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -51,7 +77,7 @@ class SamplingParams:
     return_perf_metrics: bool = False
     additional_model_outputs: Optional[List[str]] = None
     lookahead_config: Any = None
-    guided_decoding: Any = None
+    guided_decoding: Optional[GuidedDecodingParams] = None
     ignore_eos: bool = False
     detokenize: bool = True
     add_special_tokens: bool = True
@@ -77,6 +103,8 @@ class SamplingParams:
         if (self.best_of is not None and self.best_of > 1 and self._greedy_decoding
                 and not os.environ.get("TLLM_ALLOW_N_GREEDY_DECODING", None)):
             raise ValueError("Greedy decoding in the LLM API does not allow multiple returns.")
+        if self.guided_decoding is not None:
+            self.guided_decoding._validate()
 
     @staticmethod
     def params_imply_greedy_decoding(*, temperature, top_p, top_k):
@@ -107,3 +135,27 @@ class SamplingParams:
             raise RuntimeError(f"{self.__class__.__name__}.stop ({self.stop}) is not processed by "
                                "tokenizer, please call the setup method.")
         return words + self._stop_word_ids
+
+    def _get_guided_decoding_params(self):
+        """What the worker puts in the executor request (the real one returns a
+        tllme.GuidedDecodingParams(GuideType.X, guide)); same order of precedence, same
+        conversion of a pydantic model or a dict schema to JSON text."""
+        g = self.guided_decoding
+        if g is None:
+            return None
+        if g.json_object:
+            return SimpleNamespace(guide_type="JSON", guide=None)
+        if g.json is not None:
+            schema = g.json
+            if isinstance(schema, BaseModel):
+                schema = schema.model_json_schema()
+            if isinstance(schema, dict):
+                schema = json.dumps(schema)
+            return SimpleNamespace(guide_type="JSON_SCHEMA", guide=schema)
+        if g.regex is not None:
+            return SimpleNamespace(guide_type="REGEX", guide=g.regex)
+        if g.grammar is not None:
+            return SimpleNamespace(guide_type="EBNF_GRAMMAR", guide=g.grammar)
+        if g.structural_tag is not None:
+            return SimpleNamespace(guide_type="STRUCTURAL_TAG", guide=g.structural_tag)
+        return None

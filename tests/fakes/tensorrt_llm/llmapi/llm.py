@@ -5,8 +5,12 @@ TensorRT-only argument on the PyTorch backend), the TensorRT backend's build fro
 checkpoint or load of an engine folder (config.json with version, pretrained_config,
 build_config; rank0.engine), `save`, `generate_async` with its synchronous length check
 (`_check_arguments`), results awaited in the caller's event loop, `shutdown`, and the
-refusal to be pickled. Generation itself runs on the CPU with transformers (see
-_runtime.py); the "engine" file records which checkpoint it stands for.
+refusal to be pickled, and guided decoding's refusals: the TensorRT backend takes
+guided_decoding_backend="xgrammar" only (ValueError from LLM(...) otherwise), and its C++
+executor answers a request carrying SamplingParams.guided_decoding with an error response when
+the LLM was built without a backend (RequestError when awaited). Generation itself runs on the
+CPU with transformers (see _runtime.py) and is NOT constrained by a guide; the "engine" file
+records which checkpoint it stands for.
 """
 
 import json
@@ -26,6 +30,17 @@ from tensorrt_llm.llmapi.utils import enable_worker_single_process_for_tp1
 from tensorrt_llm.quantization.quantize_by_modelopt import get_calib_dataloader
 from tensorrt_llm.sampling_params import SamplingParams
 from tensorrt_llm.version import __version__
+
+
+# cpp/tensorrt_llm/executor/executorImpl.cpp (b35ac1b6), Executor::Impl::fetchNewRequests:
+# TLLM_CHECK_WITH_INFO(mModel->hasGuidedDecoder(), "Request is specified with ...") inside a
+# per-request try; the catch enqueues an error response "Encountered an error when fetching new
+# request: " + e.what(). TllmException's what() is "[TensorRT-LLM][ERROR] Assertion failed: <info>
+# (<absolute source path>:<line>)" followed by a stack trace; the path here is shortened.
+GUIDED_DECODER_NOT_SETUP = (
+    "Encountered an error when fetching new request: [TensorRT-LLM][ERROR] Assertion failed: "
+    "Request is specified with GuidedDecodingParams, but GuidedDecoder is not setup. Please provide "
+    "a valid GuidedDecodingConfig to setup GuidedDecoder. (cpp/tensorrt_llm/executor/executorImpl.cpp)")
 
 
 class RequestOutput(GenerationResult):
@@ -86,14 +101,22 @@ class BaseLLM:
         result = RequestOutput(self._next_id, prompt_token_ids, sampling_params)
         self._next_id += 1
         try:  # executor/base_worker.py _enqueue_request: building the executor request
+            guide = sampling_params._get_guided_decoding_params()  # e.g. json.dumps of a dict schema
             sampling_params._get_stop_words()  # refuses a params copy never set up
         except Exception as e:  # ... wraps any failure: `raise RequestError(str(e)) from e`
             if self._single_process:  # the worker runs in this process: submit() raises
                 raise RequestError(str(e)) from e
             result._deliver("", [], None, error=str(e))  # proxy: an error response for this request
             return result
+        refusal = self._guided_decoding_refusal(guide)
+        if refusal is not None:  # the executor's own thread refuses it: always an error response
+            result._deliver("", [], None, error=refusal)
+            return result
         self._runtime.submit(result, sampling_params, self._max_input_len())
         return result
+
+    def _guided_decoding_refusal(self, guide) -> Optional[str]:
+        return None
 
     def _check_arguments(self, prompt_len, query_len, sampling_params, is_gen_only) -> None:
         raise NotImplementedError
@@ -132,6 +155,10 @@ class _TorchLLM(BaseLLM):
         super().__init__(model, tokenizer, **kwargs)
         self._start(str(model), tokenizer)
 
+    # No _guided_decoding_refusal here: no check was found in the 1.2-era PyTorch path (the
+    # PyExecutor only builds a GuidedDecoder when guided_decoding_backend is set), so a guided
+    # request on an LLM without a backend is taken and runs unconstrained, as in this double.
+
     def _check_arguments(self, prompt_len, query_len, sampling_params, is_gen_only) -> None:
         if not self.enable_chunked_prefill and self.max_num_tokens and prompt_len + query_len > self.max_num_tokens:
             # PyTorch backend: RequestError (the TensorRT backend below still raises ValueError)
@@ -159,6 +186,11 @@ class _TrtLLM(BaseLLM):
             config = json.loads((self._engine_dir / "config.json").read_text())
         self.build_config = config["build_config"]
         self.max_batch_size = min(self.max_batch_size, self.build_config["max_batch_size"])
+        # _TrtLLM._build_model, when it fills the ExecutorConfig (after the engine is built or
+        # loaded): "xgrammar" -> GuidedDecodingConfig(XGRAMMAR, **_xgrammar_tokenizer_info(...)).
+        backend = self.args.guided_decoding_backend
+        if backend is not None and backend != "xgrammar":
+            raise ValueError(f"Unsupported guided decoding backend {backend}")
         engine = json.loads((self._engine_dir / "rank0.engine").read_text())
         self._start(engine["checkpoint"], tokenizer)
 
@@ -193,6 +225,11 @@ class _TrtLLM(BaseLLM):
             raise RuntimeError("The engine is not built yet.")
         if Path(engine_dir).resolve() != self._engine_dir.resolve():
             shutil.copytree(self._engine_dir, engine_dir, dirs_exist_ok=True)
+
+    def _guided_decoding_refusal(self, guide) -> Optional[str]:
+        if guide is not None and self.args.guided_decoding_backend is None:
+            return GUIDED_DECODER_NOT_SETUP
+        return None
 
     def _check_arguments(self, prompt_len, query_len, sampling_params, is_gen_only) -> None:
         max_seq_len = self.build_config["max_seq_len"]

@@ -112,6 +112,9 @@ class BaseLlmArgs(StrictBaseModel):
     dtype: str = "auto"
     kv_cache_config: KvCacheConfig = Field(default_factory=KvCacheConfig)
     enable_chunked_prefill: bool = False
+    # "Guided decoding backend. llguidance is supported in PyTorch backend only." Any other
+    # string is a pydantic ValidationError, as in the real Literal field.
+    guided_decoding_backend: Optional[Literal["xgrammar", "llguidance"]] = None
     scheduler_config: SchedulerConfig = Field(default_factory=SchedulerConfig)
     max_batch_size: Optional[int] = None
     max_input_len: Optional[int] = None
