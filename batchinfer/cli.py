@@ -122,7 +122,10 @@ def format_summary(m: Manifest, *, did_work: bool = True) -> str:
                      f"{this.rows_per_s:.2f} rows/s, {this.tokens_per_s:.1f} tokens/s")
     for f in m.failed_shards:
         lines.append(f"  failed   {f.part}: {f.reason}")
-    lines.append(f"  output   {m.output}  (pandas.read_parquet reads it as one table)")
+    if any(s.part.endswith(".jsonl") for s in m.shard_summaries):
+        lines.append(f"  output   {m.output}  (part-*.jsonl: OpenAI batch output lines; errors/: failed requests)")
+    else:
+        lines.append(f"  output   {m.output}  (pandas.read_parquet reads it as one table)")
     if m.status == "interrupted":
         lines.append("  rerun the same command to finish the remaining shards")
     return "\n".join(lines)
@@ -149,8 +152,9 @@ def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
         _fail(EXIT_USAGE, str(e))
     sizes = [s.num_rows for s in p.shards]
     click.echo(f"inputs   {len(p.files)} files, {p.total_rows:,} rows ({cfg.input.path})")
+    units = "row groups" if cfg.input.format == "parquet" else "blocks of lines"
     for f in p.files[:20]:
-        click.echo(f"  {f.name}  " + (f"{f.num_rows:,} rows in {len(f.row_groups)} row groups"
+        click.echo(f"  {f.name}  " + (f"{f.num_rows:,} rows in {len(f.row_groups)} {units}"
                                         if f.num_rows else "skipped (empty)"))
     if len(p.files) > 20:
         click.echo(f"  ... and {len(p.files) - 20} more")
@@ -168,11 +172,10 @@ def plan(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
 
 def _first_prompt(cfg: Config, p) -> str:
     from batchinfer.plan import input_reader
-    from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
+    from batchinfer.prompts import PromptBuilder, RowError, first_cells, load_tokenizer
 
     first = p.files[p.shards[0].pieces[0].file]
-    column = cfg.input.prompt_column or cfg.input.messages_column
-    cell = input_reader(cfg).first_rows(first, [column], 1).column(0)[0].as_py()
+    cell = first_cells(cfg, input_reader(cfg), first, 1)[0]
     try:
         builder = PromptBuilder(load_tokenizer(cfg.engine), cfg.input)
     except ImportError as e:

@@ -40,9 +40,18 @@ class EngineOptions(Section):
     """A backend's own settings (`engine.options`); a backend without any uses this empty one."""
 
 
+INPUT_FORMATS = ("parquet", "openai_batch")
+"""input.format and output.format values (readers/ registers a reader per input format)."""
+
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "response_format")
+"""The settings a row may override (input.sampling_column, input.sampling_columns)."""
+
+
 class InputConfig(Section):
     path: Annotated[str, Neutral("the input files are fingerprinted by name, version and rows")] = "data/prompts/"
-    """A Parquet file, a folder/prefix, or a glob; any fsspec URL."""
+    """A file, a folder/prefix, or a glob of the input format's files (.parquet, or .jsonl/.jsonl.gz); any fsspec URL."""
+    format: Annotated[Literal["parquet", "openai_batch"], OUTPUT] = "parquet"
+    """parquet: a prompt or messages column per row; openai_batch: OpenAI Batch API JSONL lines {custom_id, method, url, body} (chat and completions), custom_id as the row id and the body's settings per row (the column settings below do not apply)."""
     id_column: Annotated[str | None, OUTPUT] = None
     """Column with a unique id per row; if null, ids are synthesized as "<file>:<row>"."""
     prompt_column: Annotated[str | None, OUTPUT] = "prompt"
@@ -55,9 +64,17 @@ class InputConfig(Section):
     """Input columns copied unchanged into the output rows."""
     allow_duplicate_ids: Annotated[bool, OUTPUT] = False
     """Accept inputs whose id_column repeats a value (refused by default: ids should be unique)."""
+    sampling_column: Annotated[str | None, OUTPUT] = None
+    """Column of per-row request settings: a struct, or a JSON object string, with any of max_tokens, temperature, top_p, seed, stop, response_format; a null setting (or row) uses the sampling section's."""
+    sampling_columns: Annotated[dict[str, str], OUTPUT] = {}
+    """Per-row settings each from a column of its own: setting -> column, e.g. {max_tokens: max_new_tokens}; a null cell uses the sampling section's value. Wins over sampling_column."""
+    models: Annotated[list[str] | None, OUTPUT] = None
+    """openai_batch: the body.model names this job serves (all run on engine.model); any other name stops the run before engines start. null: any name, reported once."""
 
     def problems(self) -> list[str]:
-        problems = []
+        if self.format == "openai_batch":
+            return self._openai_batch_problems()
+        problems = self._sampling_problems()
         if (self.prompt_column is None) == (self.messages_column is None):
             problems.append(
                 "input: set exactly one of prompt_column and messages_column; got "
@@ -69,15 +86,40 @@ class InputConfig(Section):
                             f"passthrough columns must not be named any of {sorted(reserved)}")
         if len(set(self.passthrough_columns)) != len(self.passthrough_columns):
             problems.append(f"input.passthrough_columns: got duplicates in {self.passthrough_columns}")
+        if self.models is not None:
+            problems.append("input.models applies to input.format openai_batch only; remove it")
         return problems
+
+    def _sampling_problems(self) -> list[str]:
+        problems = []
+        if unknown := sorted(set(self.sampling_columns) - set(SAMPLING_KEYS)):
+            problems.append(f"input.sampling_columns: unknown setting(s) {unknown}; expected any of "
+                            f"{', '.join(SAMPLING_KEYS)}")
+        used = {self.prompt_column, self.messages_column, self.id_column}
+        if clash := sorted(c for c in [self.sampling_column, *self.sampling_columns.values()] if c and c in used):
+            problems.append(f"input.sampling_column(s): {clash} is also the prompt, messages or id column")
+        return problems
+
+    def _openai_batch_problems(self) -> list[str]:
+        """openai_batch lines carry their own id, prompt and settings: the column settings
+        must stay unset (prompt_column keeps its default, which does not apply)."""
+        set_columns = {name: getattr(self, name) for name in
+                       ("id_column", "messages_column", "sampling_column", "sampling_columns",
+                        "passthrough_columns") if getattr(self, name)}
+        if set_columns:
+            return [f"input.format openai_batch takes each row's id, prompt and settings from its "
+                    f"line (custom_id, body); remove {', '.join(f'input.{k}' for k in set_columns)}"]
+        return []
 
 
 class OutputConfig(Section):
     path: Annotated[str, Neutral("where results go, not what they are")] = "out/run-1/"
     """Run directory (any fsspec URL): result parts, plan record, manifest."""
+    format: Annotated[Literal["parquet", "openai_batch"], OUTPUT] = "parquet"
+    """parquet: one Parquet part per shard (id, output, finish_reason, tokens, error); openai_batch: JSONL parts in the OpenAI Batch API's output shape, failed requests also under errors/."""
     compression: Annotated[Literal["zstd", "snappy", "gzip", "none"],
                            Neutral("how parts are encoded; the rows read back the same")] = "zstd"
-    """Parquet compression codec of the result parts."""
+    """Parquet compression codec of the result parts (openai_batch parts are plain JSONL)."""
 
 
 _STORAGE = Neutral("how storage is reached, not what is read or written")
@@ -142,10 +184,12 @@ class SamplingConfig(Section):
     """Sampling temperature; 0 = greedy."""
     top_p: Annotated[float, Gt(0), Le(1), OUTPUT] = 1.0
     """Nucleus sampling probability mass."""
-    seed: Annotated[int, OUTPUT] = 0
-    """Random seed for sampling."""
+    seed: Annotated[int, Ge(0), Le(2**63 - 1), OUTPUT] = 0
+    """Random seed for sampling; each row samples with a seed made from it and the row id, unless the row sets its own."""
     stop: Annotated[list[str], OUTPUT] = []
     """Strings that end generation; the stop string itself is not part of the output."""
+    response_format: Annotated[dict[str, Any] | None, OUTPUT] = None
+    """Constrain every completion (rows may set their own): {type: json_object}, {type: json_schema, json_schema: {name, schema}} (OpenAI's shape), {type: regex, regex: ...} or {type: choice, choice: [...]}; null: free text. Checked when the config loads (sampling.py)."""
 
 
 _SCHEDULING = Neutral("where and when rows run; every row's output is the same")

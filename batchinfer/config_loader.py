@@ -21,8 +21,9 @@ import yaml
 from annotated_types import Ge, Gt, Le
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from batchinfer import registry
+from batchinfer import registry, sampling
 from batchinfer.config import Config, ConfigError, EngineOptions, Section, is_secret
+from batchinfer.errors import RowError
 
 # Keys that moved, so an old config gets a pointer instead of a bare "unknown key"; a
 # top-level section named after a backend (an older release's layout) moved to engine.options.
@@ -116,10 +117,21 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         problems += more
     for section in [*sections.values(), getattr(sections["engine"], "options", None)]:
         problems += section.problems() if isinstance(section, Section) else []
+    if sections["sampling"] is not None:
+        problems += _response_format_problems(sections["sampling"].response_format)
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems in the config:\n"
                           + "\n".join(f"  - {p}" for p in problems))
     return Config(**sections)
+
+
+def _response_format_problems(value: Any) -> list[str]:
+    """A global response format that cannot be compiled stops the run before any engine starts."""
+    try:
+        sampling.parse_response_format(value)
+    except RowError as e:
+        return [f"sampling.response_format: {e.message}"]
+    return []
 
 
 def _options_model(backend: str, problems: list[str]) -> type[EngineOptions] | None:

@@ -1,4 +1,4 @@
-"""One way to put an exception into a log line, a status record or a row error."""
+"""One way to put an exception into a log line, a status record or a row error; the row error itself."""
 
 from __future__ import annotations
 
@@ -19,3 +19,13 @@ def describe(error: BaseException) -> str:
     if type(error).__module__.split(".")[0] == "ray":
         return lines[-1]
     return f"{type(error).__name__}: {lines[0]}"
+
+
+class RowError(ValueError):
+    """A row that cannot be turned into a request (a bad prompt, bad sampling settings, a bad
+    OpenAI batch line); `code` is machine-readable and heads the row's `error` column."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +26,8 @@ from batchinfer.config import Config
 from batchinfer.fingerprint import fingerprinted
 from batchinfer.readers import FileFacts, InputError, ReadColumn, Reader  # also plan.InputError
 from batchinfer.records import now_iso
+
+log = logging.getLogger(__name__)
 
 PLAN_VERSION = 2
 
@@ -42,6 +45,10 @@ class InputFile:
     num_rows: int
     row_groups: tuple[int, ...]
     """Rows in each row group."""
+    offsets: tuple[int, ...] = ()
+    """Byte offset where the first row of each row group (read unit) starts, for formats read
+    as a byte stream (FileFacts.offsets), so a shard seeks to its rows; may cover only the
+    first units, or none (Parquet, compressed files, plans made before it was recorded)."""
 
     def row_groups_for(self, start: int, num_rows: int) -> tuple[list[int], int]:
         """Row groups covering rows [start, start+num_rows) and the offset of `start` in the first."""
@@ -114,7 +121,8 @@ class Plan:
             raise InputError(f"plan record version {d.get('version')!r} is not supported "
                              f"(expected 1 or {PLAN_VERSION})")
         d.pop("fingerprint", None)
-        d["files"] = [InputFile(**{**f, "row_groups": tuple(f["row_groups"])}) for f in d["files"]]
+        d["files"] = [InputFile(**{**f, "row_groups": tuple(f["row_groups"]),
+                                   "offsets": tuple(f.get("offsets", ()))}) for f in d["files"]]
         if d["version"] == 1:  # one row range of one file per shard: run directories of older releases
             d["shards"] = [{"index": s["index"], "pieces": [{k: s[k] for k in ("file", "row_start", "num_rows")}]}
                            for s in d["shards"]]
@@ -192,17 +200,26 @@ def settings_of(cfg: Config) -> dict[str, Any]:
     return settings
 
 
+OPENAI_COLUMNS = ("custom_id", "line", "request")
+"""The columns of an openai_batch line (readers/openai_batch.py): id, line number, raw bytes."""
+
+
+def id_column(cfg: Config) -> str | None:
+    """The column holding each row's id: custom_id for openai_batch input, else input.id_column."""
+    return "custom_id" if cfg.input.format == "openai_batch" else cfg.input.id_column
+
+
 def needed_columns(cfg: Config) -> list[str]:
+    if cfg.input.format == "openai_batch":
+        return list(OPENAI_COLUMNS)
     cols = [cfg.input.id_column, cfg.input.prompt_column, cfg.input.messages_column,
-            *cfg.input.passthrough_columns]
+            cfg.input.sampling_column, *cfg.input.sampling_columns.values(), *cfg.input.passthrough_columns]
     return list(dict.fromkeys(c for c in cols if c))
 
 
 def input_reader(cfg: Config) -> Reader:
-    """The reader of the run's input format (planning, workers, previews).
-
-    Always readers.DEFAULT_FORMAT (Parquet) until the config names a format (input.format)."""
-    return readers.reader_for(readers.DEFAULT_FORMAT, storage=cfg.storage)
+    """The reader of the run's input format, input.format (planning, workers, previews)."""
+    return readers.reader_for(cfg.input.format, storage=cfg.storage)
 
 
 def list_inputs(cfg: Config, *, reader: Reader | None = None) -> list[dict[str, Any]]:
@@ -273,9 +290,10 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
                         row_groups=()) for info in infos]
     scanned = reader.scan_files(listed, _id_scan(cfg))
     columns = needed_columns(cfg)
-    files, ids, schemas = [], [], []
+    files, ids, schemas, censuses = [], [], [], []
     for file, (fact, file_ids) in zip(listed, scanned, strict=True):
-        file = replace(file, num_rows=fact.num_rows, row_groups=fact.units)
+        censuses.append(fact.census)
+        file = replace(file, num_rows=fact.num_rows, row_groups=fact.units, offsets=fact.offsets)
         if fact.num_rows:
             schemas.append((file.url, _select(fact.schema, columns, file.url, cfg)))
             ids.append(file_ids)
@@ -284,8 +302,10 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
     if not schemas:  # an empty file alone just contributes no shard
         raise InputError(f"every input file under {cfg.input.path!r} is empty (0 rows); nothing to do")
     schema = _unify(schemas)
-    if cfg.input.id_column:
+    if id_column(cfg):
         check_ids(cfg, [f for f in files if f.num_rows], ids, reader)
+    if cfg.input.format == "openai_batch":
+        check_census(cfg, files, censuses)
     del ids
     return Plan(
         files=files,
@@ -318,7 +338,7 @@ def _id_scan(cfg: Config) -> Callable[[InputFile, FileFacts, ReadColumn],
     naming every column), nor, with duplicate ids allowed, of one whose facts (Parquet:
     footer statistics) rule out nulls.
     """
-    column, allow_repeats = cfg.input.id_column, cfg.input.allow_duplicate_ids
+    column, allow_repeats = id_column(cfg), cfg.input.allow_duplicate_ids
 
     def visit(file: InputFile, facts: FileFacts, read_column: ReadColumn
               ) -> tuple[FileFacts, FileIds | None]:
@@ -344,11 +364,11 @@ def check_ids(cfg: Config, files: list[InputFile], ids: list[FileIds | None], re
     on 64-bit hashes and confirmed on the ids themselves, read again (at the same versions)
     only from the files holding a hash that occurs twice.
     """
-    column = cfg.input.id_column
+    column = id_column(cfg)
     read = [(f, x) for f, x in zip(files, ids, strict=True) if x is not None]
     _refuse_null_ids(column, read)
     if not cfg.input.allow_duplicate_ids:
-        _refuse_repeated_ids(column, read, reader)
+        _refuse_repeated_ids(column, read, reader, cfg.input.format == "openai_batch")
 
 
 def _refuse_null_ids(column: str, read: list[tuple[InputFile, FileIds]]) -> None:
@@ -362,7 +382,8 @@ def _refuse_null_ids(column: str, read: list[tuple[InputFile, FileIds]]) -> None
             "or leave input.id_column unset to use \"<file>:<row>\" ids")
 
 
-def _refuse_repeated_ids(column: str, read: list[tuple[InputFile, FileIds]], reader: Reader) -> None:
+def _refuse_repeated_ids(column: str, read: list[tuple[InputFile, FileIds]], reader: Reader,
+                         openai: bool = False) -> None:
     if not read:
         return
     ordered = np.concatenate([x.hashes for _, x in read])
@@ -391,6 +412,11 @@ def _refuse_repeated_ids(column: str, read: list[tuple[InputFile, FileIds]], rea
         where = [f.name for f, arr in zip(files, per_file, strict=True)
                  if pc.any(pc.equal(arr, pa.scalar(value, type=arr.type))).as_py()]
         examples.append(f"{value!r} (in {', '.join(where)})")
+    if openai:
+        raise InputError(
+            f"custom_id repeats {len(repeated)} value(s), e.g. {'; '.join(examples)}; expected a unique "
+            "custom_id per request line, as the OpenAI Batch API requires (results are matched to "
+            "requests by it). Fix the input file")
     raise InputError(
         f"input.id_column {column!r} repeats {len(repeated)} value(s), e.g. {'; '.join(examples)}; "
         "each row needs its own id for exactly-once results. Fix the inputs, or set "
@@ -434,7 +460,10 @@ def _unified_type(t: pa.DataType) -> pa.DataType:
 
 
 def _select(schema: pa.Schema, columns: list[str], url: str, cfg: Config) -> pa.Schema:
-    """The columns the run reads, in their unified types (see `_unified_type`)."""
+    """The columns the run reads, in their unified types (see `_unified_type`); InputError
+    naming the file, the column, its type and the type expected."""
+    if cfg.input.format == "openai_batch":  # the reader's own columns, always the same types
+        return pa.schema([pa.field(c, _unified_type(schema.field(c).type)) for c in columns])
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise InputError(
@@ -458,7 +487,87 @@ def _select(schema: pa.Schema, columns: list[str], url: str, cfg: Config) -> pa.
                 f"{schema.field(cfg.input.messages_column).type}; "
                 "expected list<struct<role: string, content: string>>"
             )
+    _check_sampling_columns(selected, url, cfg)
     return selected
+
+
+SETTING_TYPES = {"max_tokens": "integer", "seed": "integer", "temperature": "number", "top_p": "number",
+                 "stop": "string or list<string>", "response_format": "string (JSON) or struct"}
+"""What a column holding one per-row setting (input.sampling_columns) may be."""
+
+
+def _setting_type_ok(setting: str, t: pa.DataType) -> bool:
+    if pa.types.is_null(t):  # every row null: every row uses the config's value
+        return True
+    if setting in ("max_tokens", "seed"):
+        return pa.types.is_integer(t)
+    if setting in ("temperature", "top_p"):
+        return pa.types.is_integer(t) or pa.types.is_floating(t)
+    if setting == "stop":
+        return t == pa.string() or (pa.types.is_list(t) and t.value_type == pa.string())
+    return t == pa.string() or pa.types.is_struct(t)
+
+
+def _check_sampling_columns(selected: pa.Schema, url: str, cfg: Config) -> None:
+    """input.sampling_column is a struct of settings or a JSON string; each of
+    input.sampling_columns holds its setting's type (SETTING_TYPES). Values are checked per
+    row (a bad one is that row's bad_sampling error); a wrong column type stops the run here."""
+    column = cfg.input.sampling_column
+    if column:
+        t = selected.field(column).type
+        if pa.types.is_struct(t):
+            for f in t:
+                if f.name not in SETTING_TYPES:
+                    raise InputError(
+                        f"input file {url!r}: sampling column {column!r} has field {f.name!r}; expected "
+                        f"fields among {', '.join(SETTING_TYPES)}")
+                if not _setting_type_ok(f.name, f.type):
+                    raise InputError(
+                        f"input file {url!r}: sampling column {column!r} field {f.name!r} has type {f.type}; "
+                        f"expected {SETTING_TYPES[f.name]}")
+        elif t not in (pa.string(), pa.null()):
+            raise InputError(f"input file {url!r}: sampling column {column!r} has type {t}; expected a "
+                             "struct of settings or a string holding a JSON object")
+    for setting, col in cfg.input.sampling_columns.items():
+        t = selected.field(col).type
+        if not _setting_type_ok(setting, t):
+            raise InputError(f"input file {url!r}: column {col!r} (input.sampling_columns.{setting}) has type "
+                             f"{t}; expected {SETTING_TYPES[setting]}")
+
+
+CENSUS_REPORTED = 10
+"""Ignored body fields named when a plan reports them (the most frequent first)."""
+
+
+def check_census(cfg: Config, files: list[InputFile], censuses: list[Any]) -> None:
+    """What the openai_batch lines asked for, counted while planning (FileFacts.census):
+    body.model names not in input.models stop the run (InputError naming them); with
+    input.models null the names found are logged once. Body fields batchinfer does not
+    apply are logged once with their counts, so none is dropped silently."""
+    from batchinfer.openai_batch import KNOWN_FIELDS
+
+    models: dict[str, int] = {}
+    fields: dict[str, int] = {}
+    for census in censuses:
+        for name, n in (census or {}).get("model", {}).items():
+            models[name] = models.get(name, 0) + n
+        for name, n in (census or {}).get("body_field", {}).items():
+            if name not in KNOWN_FIELDS:
+                fields[name] = fields.get(name, 0) + n
+    if cfg.input.models is not None:
+        if unknown := {m: n for m, n in models.items() if m not in cfg.input.models}:
+            listed = ", ".join(f"{m!r} ({n} requests)" for m, n in sorted(unknown.items(), key=lambda x: -x[1])[:5])
+            raise InputError(f"openai_batch input asks for body.model {listed}; this job serves "
+                             f"{cfg.input.models} (input.models) on {cfg.engine.model}. Add the names to "
+                             "input.models, or fix the input")
+    elif models:
+        log.warning("openai_batch input: body.model %s all run on engine.model %s (set input.models to "
+                    "accept only some names)", ", ".join(f"{m!r} ({n})" for m, n in sorted(models.items())),
+                    cfg.engine.model)
+    if fields:
+        top = sorted(fields.items(), key=lambda x: -x[1])[:CENSUS_REPORTED]
+        log.warning("openai_batch input: body fields not applied by batchinfer (each request is run "
+                    "without them): %s", ", ".join(f"{k} ({n} requests)" for k, n in top))
 
 
 def _unify(schemas: list[tuple[str, pa.Schema]]) -> pa.Schema:

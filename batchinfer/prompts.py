@@ -14,6 +14,8 @@ from typing import Any
 
 from batchinfer import model_refs
 from batchinfer.config import Config, ConfigError, EngineConfig, InputConfig
+from batchinfer.errors import RowError
+from batchinfer.openai_batch import Completion, parse_request
 from batchinfer.plan import InputError, Plan, input_reader
 
 log = logging.getLogger(__name__)
@@ -23,15 +25,6 @@ SAMPLE_FILES = 4
 """`check_sample` reads this many input files (the first non-empty ones) ..."""
 SAMPLE_ROWS = 8
 """... and this many rows of each, from its first non-empty row group."""
-
-
-class RowError(ValueError):
-    """A row that cannot be turned into a request; `code` is machine-readable."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 def load_tokenizer(engine: EngineConfig):
@@ -62,7 +55,7 @@ class PromptBuilder:
         message is not a system message; one that opens with its own system message keeps
         it. A system message later in a conversation does not count: without the configured
         one first, the chat template would put its own default system prompt there."""
-        if self.cfg.messages_column:
+        if self.cfg.messages_column or isinstance(cell, list):  # a list: an OpenAI batch chat request
             messages = _check_messages(cell)
         else:
             if cell is None:
@@ -82,7 +75,14 @@ class PromptBuilder:
         return messages
 
     def render(self, cell: Any) -> str:
-        """The exact text the model sees for one row."""
+        """The exact text the model sees for one row (a `Completion`: its text as is; a
+        RowError, a request that did not parse, is raised)."""
+        if isinstance(cell, RowError):
+            raise cell
+        if isinstance(cell, Completion):
+            if not cell.text.strip():
+                raise RowError("empty_prompt", "prompt is empty")
+            return cell.text
         messages = self.conversation(cell)
         if self._frame is not None and len(messages) == 1 and messages[0]["role"] == "user":
             return self._frame[0] + messages[0]["content"] + self._frame[1]
@@ -114,20 +114,26 @@ class PromptBuilder:
         return before, after
 
     def encode(self, cells: Sequence[Any]) -> list[list[int] | RowError]:
-        """Token ids per row, or the RowError that row produced."""
+        """Token ids per row, or the RowError that row produced. A cell may already be a
+        RowError (a row whose request could not be parsed); it is passed through."""
         texts: list[str | RowError] = []
         for cell in cells:
             try:
                 texts.append(self.render(cell))
             except RowError as e:
                 texts.append(e)
-        good = [t for t in texts if isinstance(t, str)]
-        ids = iter(self._token_ids(good)) if good else iter(())
-        return [next(ids) if isinstance(t, str) else t for t in texts]
+        # The template already wrote any BOS/special tokens; adding them again would double
+        # them. Completion prompts (and every prompt of a model without a template) get them.
+        raw = [isinstance(c, Completion) or not self.has_template for c in cells]
+        encoded: list[list[int] | RowError] = list(texts)  # type: ignore[arg-type]
+        for special in (False, True):
+            rows = [i for i, t in enumerate(texts) if isinstance(t, str) and raw[i] == special]
+            if rows:
+                for i, ids in zip(rows, self._token_ids([texts[i] for i in rows], special), strict=True):
+                    encoded[i] = ids
+        return encoded
 
-    def _token_ids(self, texts: list[str]) -> list[list[int]]:
-        # The template already wrote any BOS/special tokens; adding them again would double them.
-        special = not self.has_template
+    def _token_ids(self, texts: list[str], special: bool) -> list[list[int]]:
         backend = getattr(self.tokenizer, "backend_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
         if backend is None:
             return self.tokenizer(texts, add_special_tokens=special)["input_ids"]
@@ -210,18 +216,36 @@ def check_sample(cfg: Config, plan: Plan) -> None:
         raise ConfigError(str(e)) from None
     column = cfg.input.prompt_column or cfg.input.messages_column
     setting = "input.prompt_column" if cfg.input.prompt_column else "input.messages_column"
+    if cfg.input.format == "openai_batch":
+        column, setting = "request", "input.format"
     reader = input_reader(cfg)
     for f in [f for f in plan.files if f.num_rows][:SAMPLE_FILES]:
         # Rows of the first read unit (Parquet: row group) only, so the check reads one unit.
-        batch = reader.first_rows(f, [column], min(SAMPLE_ROWS, next(n for n in f.row_groups if n)))
+        cells = first_cells(cfg, reader, f, min(SAMPLE_ROWS, next(n for n in f.row_groups if n)))
         errors = []
-        for cell in batch.column(0).to_pylist():
+        for cell in cells:
             try:
                 builder.render(cell)
             except RowError as e:
                 errors.append(e)
-        if len(errors) == batch.num_rows and len({e.code for e in errors}) == 1:
+        if len(errors) == len(cells) and len({e.code for e in errors}) == 1:
             raise InputError(
-                f"input file {f.name!r}: none of the first {batch.num_rows} rows of column {column!r} "
+                f"input file {f.name!r}: none of the first {len(cells)} rows of column {column!r} "
                 f"becomes a prompt, all fail with {errors[0].code} (first row: {errors[0].message}); "
                 f"every row of the run would be that error. Fix the inputs or {setting}")
+
+
+def first_cells(cfg: Config, reader: Any, file: Any, n: int) -> list[Any]:
+    """The prompt cells of a file's first `n` rows, as `PromptBuilder.render` takes them: the
+    prompt or messages column's values, or each OpenAI batch line's prompt (or its RowError)."""
+    if cfg.input.format != "openai_batch":
+        column = cfg.input.prompt_column or cfg.input.messages_column
+        return reader.first_rows(file, [column], n).column(0).to_pylist()
+    batch = reader.first_rows(file, ["request", "line"], n)
+    cells: list[Any] = []
+    for raw, line in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+        try:
+            cells.append(parse_request(raw, line).prompt)
+        except RowError as e:
+            cells.append(e)
+    return cells

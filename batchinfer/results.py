@@ -1,8 +1,12 @@
-"""Result rows -> one Parquet part per shard, with a schema that is the same for every part.
+"""Result rows -> one part per shard, in the output format (output.format).
 
-Columns: `id`, the passthrough columns, then `output`, `finish_reason`, `prompt_tokens`,
-`completion_tokens`, `latency_s`, `error`. The shard's summary rides along in the file's
-key-value metadata so a part describes itself.
+parquet: columns `id`, the passthrough columns, then `output`, `finish_reason`,
+`prompt_tokens`, `completion_tokens`, `latency_s`, `error`, the same schema in every part. The
+shard's summary rides along in the file's key-value metadata so a part describes itself.
+
+openai_batch: JSONL in the OpenAI Batch API's output shape (openai_batch.py), one line per
+request, and the failed requests again in an error file. JSONL has nowhere to keep the
+summary, so a part whose commit record was lost to a crash is summarized from its lines.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batchinfer.records import RESULT_COLUMNS, RowCounts, ShardSummary
+from batchinfer import openai_batch
+from batchinfer.plan import id_column
+from batchinfer.records import RESULT_COLUMNS, RowCounts, ShardSummary, now_iso
 
 if TYPE_CHECKING:  # annotations only
     from batchinfer.config import Config
     from batchinfer.engines.base import Result
+    from batchinfer.rows import RowRequests
 
 SUMMARY_KEY = b"batchinfer.shard"
 
@@ -29,7 +36,8 @@ RESULT_FIELDS = [pa.field(name, _RESULT_TYPES[name]) for name in RESULT_COLUMNS]
 
 
 def output_schema(input_schema: pa.Schema, cfg: Config) -> pa.Schema:
-    id_type = input_schema.field(cfg.input.id_column).type if cfg.input.id_column else pa.string()
+    column = id_column(cfg)
+    id_type = input_schema.field(column).type if column else pa.string()
     passthrough = [input_schema.field(c) for c in cfg.input.passthrough_columns]
     return pa.schema([pa.field("id", id_type), *passthrough, *RESULT_FIELDS])
 
@@ -79,3 +87,91 @@ def to_parquet(table: pa.Table, summary: ShardSummary, compression: str) -> byte
     pq.write_table(table.replace_schema_metadata(meta), buf,
                    compression=None if compression == "none" else compression)
     return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- part writers
+
+
+@dataclass(frozen=True)
+class EncodedPart:
+    data: bytes
+    """The part file's bytes: what the commit makes visible."""
+    errors: bytes | None = None
+    """openai_batch: the shard's error file (its failed requests), None when none failed."""
+
+
+class ParquetParts:
+    suffix = ".parquet"
+
+    def __init__(self, cfg: Config, input_schema: pa.Schema):
+        self.cfg = cfg
+        self.schema = output_schema(input_schema, cfg)
+
+    def encode(self, table: pa.Table, ids: pa.Array, requests: RowRequests, rows: list[RowOutcome],
+               summary: ShardSummary) -> EncodedPart:
+        """The shard's result part as Parquet bytes (run in a thread: building columns of many
+        rows must not hold up the event loop that feeds the engine)."""
+        passthrough = {c: table.column(c) for c in self.cfg.input.passthrough_columns}
+        return EncodedPart(to_parquet(build_table(self.schema, ids, passthrough, rows), summary,
+                                      self.cfg.output.compression))
+
+
+class OpenAIBatchParts:
+    suffix = ".jsonl"
+
+    def __init__(self, cfg: Config, fingerprint: str):
+        self.model = cfg.engine.model
+        self.fingerprint = fingerprint
+
+    def encode(self, table: pa.Table, ids: pa.Array, requests: RowRequests, rows: list[RowOutcome],
+               summary: ShardSummary) -> EncodedPart:
+        """One OpenAI batch output line per row, in row order; the failed ones also in `errors`."""
+        lines = [openai_batch.result_line(
+                     openai_batch.Row(custom_id=None if i is None else str(i), kind=kind, model=model,
+                                      text=r.result.text, finish_reason=r.result.finish_reason,
+                                      prompt_tokens=r.result.prompt_tokens,
+                                      completion_tokens=r.result.completion_tokens, error=r.result.error),
+                     self.fingerprint, self.model)
+                 for i, kind, model, r in zip(ids.to_pylist(), requests.kinds, requests.models, rows, strict=True)]
+        failed = [line for line in lines if line["error"] is not None]
+        return EncodedPart(openai_batch.to_jsonl(lines), openai_batch.to_jsonl(failed) if failed else None)
+
+
+def part_writer(cfg: Config, input_schema: pa.Schema, fingerprint: str) -> ParquetParts | OpenAIBatchParts:
+    """The writer of output.format."""
+    if cfg.output.format == "openai_batch":
+        return OpenAIBatchParts(cfg, fingerprint)
+    return ParquetParts(cfg, input_schema)
+
+
+PART_SUFFIXES = (ParquetParts.suffix, OpenAIBatchParts.suffix)
+
+
+def summary_from_part(name: str, data: bytes) -> ShardSummary:
+    """The summary a committed part holds (Parquet metadata), or, for a JSONL part, the one
+    its lines give: counts, tokens and error codes; attempt, worker and timings are unknown
+    (0, -1), the fingerprint absent."""
+    if name.endswith(ParquetParts.suffix):
+        meta = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.metadata or {}
+        return ShardSummary.from_json(meta[SUMMARY_KEY])
+    errors: dict[str, int] = {}
+    rows = prompt = completion = 0
+    for line in openai_batch.read_jsonl(data):
+        rows += 1
+        if line.get("error"):
+            code = line["error"].get("code") or "error"
+            errors[code] = errors.get(code, 0) + 1
+        usage = ((line.get("response") or {}).get("body") or {}).get("usage") or {}
+        prompt += usage.get("prompt_tokens", 0)
+        completion += usage.get("completion_tokens", 0)
+    failed = sum(errors.values())
+    return ShardSummary(shard=int(name.split("-")[1].split(".")[0]), part=name, rows=rows,
+                        rows_ok=rows - failed, rows_failed=failed, prompt_tokens=prompt,
+                        completion_tokens=completion, errors=errors, attempt=0, worker=-1,
+                        generate_s=0.0, committed_at=now_iso())
+
+
+def error_lines(data: bytes) -> bytes | None:
+    """The failed requests of a JSONL part (its error file's content), None when none failed."""
+    failed = [line for line in openai_batch.read_jsonl(data) if line.get("error")]
+    return openai_batch.to_jsonl(failed) if failed else None

@@ -3,6 +3,8 @@
 Layout (everything but the parts starts with "_", which Parquet dataset readers skip):
 
     part-000000.parquet ...            one per committed shard, visible only once complete
+                                       (output.format openai_batch: part-000000.jsonl ...)
+    errors/part-000000.jsonl ...       openai_batch: the shard's failed requests, if any
     _SUCCESS                           written when every shard has committed
     _batchinfer/plan.json              the plan and its fingerprint
     _batchinfer/commits/part-*.json    the summary of each committed shard
@@ -13,7 +15,9 @@ Layout (everything but the parts starts with "_", which Parquet dataset readers 
 
 A part file is the commit: it appears in one atomic create-if-absent step, so only the
 first attempt to commit a shard wins. Its summary is stored in the part's own Parquet
-metadata too, so a commit record lost to a crash is rebuilt from the part.
+metadata too (a JSONL part's is counted from its lines), so a commit record lost to a crash
+is rebuilt from the part. An error file is written by the winner after its part, and is
+rebuilt from the part when a crash came between the two (`repair_error_files`).
 """
 
 from __future__ import annotations
@@ -21,16 +25,15 @@ from __future__ import annotations
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-import pyarrow.parquet as pq
-
 from batchinfer import atomic, faults, lease, storage
 from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
 from batchinfer.records import Manifest, Record, RunStatus, ShardSummary
-from batchinfer.results import SUMMARY_KEY
+from batchinfer.results import error_lines, summary_from_part
 
 META_DIR = storage.RUN_META_DIR
-PART_RE = re.compile(r"^part-(\d+)\.parquet$")
+PART_RE = re.compile(r"^part-(\d+)\.(?:parquet|jsonl)$")
+ERRORS_DIR = "errors"
 
 
 class RunStore:
@@ -57,21 +60,27 @@ class RunStore:
 
     # ------------------------------------------------------------------ commits
 
-    def part(self, shard_name: str) -> storage.Location:
-        return self.root.child(f"{shard_name}.parquet")
+    def part(self, part: str) -> storage.Location:
+        """A part file by its name (`ShardSummary.part`, e.g. part-000003.parquet)."""
+        return self.root.child(part)
 
-    def commit(self, shard_name: str, data: bytes, summary: ShardSummary, generation: int) -> bool:
-        """Make a shard's part visible unless another attempt did first; True if this one won.
+    def commit(self, part: str, data: bytes, summary: ShardSummary, generation: int,
+               errors: bytes | None = None) -> bool:
+        """Make a shard's part (file name `part`) visible unless another attempt did first;
+        True if this one won. The winner then writes the commit record and `errors`, the
+        shard's error file, if it has one.
 
         Fenced: raises lease.LeaseLost, committing nothing, unless the driver `generation`
         this attempt was started for still holds the run.
         """
         lease.check_fence(self.meta, generation)
         faults.point("commit")
-        won = atomic.put_if_absent(self.part(shard_name), data, self._staging())
+        won = atomic.put_if_absent(self.part(part), data, self._staging())
         if won:
             faults.point("part-committed")
-            self._write(self._record(shard_name), summary)
+            self._write(self._record(_shard_name(part)), summary)
+            if errors is not None:
+                atomic.put(self.root.child(ERRORS_DIR, part), errors, self._staging())
         return won
 
     def committed(self) -> dict[int, ShardSummary]:
@@ -82,13 +91,13 @@ class RunStore:
 
         def summary(item: tuple[int, str]) -> tuple[int, ShardSummary]:
             index, name = item
-            shard_name = name.removesuffix(".parquet")
+            shard_name = _shard_name(name)
             if shard_name in records:
                 found = self._read(self._record(shard_name), ShardSummary)
                 if found is not None:
                     return index, found
                 # a record cut short by a crash (or gone): the part itself knows the summary
-            found = self.summary_from_part(shard_name)
+            found = self.summary_from_part(name)
             try:
                 self._write(self._record(shard_name), found)
             except OSError:  # a full or read-only output: the part itself stays the record
@@ -98,10 +107,25 @@ class RunStore:
         with ThreadPoolExecutor(16) as pool:
             return dict(pool.map(summary, sorted(indexes.items())))
 
-    def summary_from_part(self, shard_name: str) -> ShardSummary:
-        with self.fs.open(self.part(shard_name).path, "rb") as f:
-            meta = pq.ParquetFile(f).schema_arrow.metadata or {}
-        return ShardSummary.from_json(meta[SUMMARY_KEY])
+    def summary_from_part(self, part: str) -> ShardSummary:
+        return summary_from_part(part, self.fs.cat_file(self.part(part).path))
+
+    def summary_of(self, part: str) -> ShardSummary:
+        """A committed part's summary: its commit record, else what the part itself says."""
+        found = self._read(self._record(_shard_name(part)), ShardSummary)
+        return found if found is not None else self.summary_from_part(part)
+
+    def repair_error_files(self, committed: dict[int, ShardSummary]) -> int:
+        """Write the error file of every committed JSONL part with failed rows that lacks one
+        (its winner crashed between the part and the error file); returns how many."""
+        have = set(self._ls(self.root.child(ERRORS_DIR)))
+        missing = [s.part for s in committed.values()
+                   if s.part.endswith(".jsonl") and s.rows_failed and s.part not in have]
+        for part in missing:
+            errors = error_lines(self.fs.cat_file(self.part(part).path))
+            if errors is not None:
+                atomic.put(self.root.child(ERRORS_DIR, part), errors, self._staging())
+        return len(missing)
 
     def _record(self, shard_name: str) -> storage.Location:
         return self.meta.child("commits", f"{shard_name}.json")
@@ -129,6 +153,9 @@ class RunStore:
         for name in self._ls(self.root):
             if PART_RE.match(name) or name == "_SUCCESS":
                 self.fs.rm(self.root.child(name).path)
+        for name in self._ls(self.root.child(ERRORS_DIR)):
+            if PART_RE.match(name):
+                self.fs.rm(self.root.child(ERRORS_DIR, name).path)
         keep = {lease.LEASE_FILE, f"{lease.LEASE_FILE}.lock"}
         for name in self._ls(self.meta):
             if name not in keep:
@@ -165,3 +192,8 @@ class RunStore:
 
     def _write(self, loc: storage.Location, record: Record) -> None:
         atomic.put(loc, record.to_json().encode(), self._staging())
+
+
+def _shard_name(part: str) -> str:
+    """part-000003.parquet -> part-000003"""
+    return part.rsplit(".", 1)[0]

@@ -131,7 +131,7 @@ def verify_committed(plan: Plan, committed: dict[int, ShardSummary], store: RunS
     for another plan (or a run directory changed by hand) is refused, never counted."""
     problems = []
     for index, summary in sorted(committed.items()):
-        name = f"part-{index:06d}.parquet"
+        name = summary.part
         if index >= len(plan.shards):
             problems.append(f"{name} is not in the plan ({len(plan.shards)} shards)")
         elif summary.fingerprint not in (None, plan.fingerprint):
@@ -224,6 +224,8 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
     verify_committed(plan, committed, store)
     pending = [s.index for s in plan.shards if s.index not in committed]
     if not pending:
+        with storage.errors(cfg.output.path, "output.path"):
+            store.repair_error_files(committed)
         manifest = store.read_manifest()
         if manifest is None or not manifest.describes(plan.fingerprint, len(committed)):
             manifest = build_manifest(plan, store, committed, {}, {}, started, started, 0, None)
@@ -286,6 +288,8 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
                               "interrupted" if outcome.interrupted else None,
                               tail_s=outcome.tail_s, engines=outcome.engines)
     faults.point("manifest")
+    with storage.errors(cfg.output.path, "output.path"):
+        store.repair_error_files(committed)
     if outcome.interrupted:
         status.write("interrupted", force=True, reason="stopped by a signal")
         return RunReport("interrupted", EXIT_FAILED, manifest, True)
@@ -347,6 +351,11 @@ def _unwrap(call: Callable[[], Any]) -> Any:
         raise
 
 
+def part_suffix(plan: Plan) -> str:
+    """The file suffix of the plan's parts (output.format is in its settings)."""
+    return ".jsonl" if plan.settings.get("output", {}).get("format") == "openai_batch" else ".parquet"
+
+
 def exit_code_for(status: str) -> int:
     """The exit code of a run (or `status`) in this state: 0 complete, 3 partial, 4 running
     (another driver holds the run), 1 anything else (failed, interrupted, stale: rerun)."""
@@ -401,7 +410,7 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
             tail_s=tail_s,
             engines=engines or [],
         ),
-        failed_shards=[FailedShard(shard=i, part=f"{plan.shards[i].name}.parquet", reason=r)
+        failed_shards=[FailedShard(shard=i, part=f"{plan.shards[i].name}{part_suffix(plan)}", reason=r)
                        for i, r in sorted(failed.items())],
         shard_summaries=summaries,
     )

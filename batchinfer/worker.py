@@ -11,10 +11,12 @@ and the worker directly; the driver only sees shard indexes and summaries.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -23,13 +25,31 @@ from batchinfer.config import Config
 from batchinfer.engines import Engine, Request, Result, get_engine_class, row_seed
 from batchinfer.errors import describe
 from batchinfer.lease import LeaseStale
-from batchinfer.plan import Plan, Shard, input_reader
+from batchinfer.plan import Plan, Shard, id_column, input_reader
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 from batchinfer.records import ShardAttempt, ShardSummary, WorkerInfo, WorkerProgress, now_iso
-from batchinfer.results import RowOutcome, build_table, output_schema, summarize, to_parquet
+from batchinfer.results import EncodedPart, RowOutcome, part_writer, summarize
+from batchinfer.rows import RowRequestBuilder, RowRequests
 from batchinfer.run_store import RunStore
+from batchinfer.sampling import output_problem
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardInput:
+    """One shard's rows as the worker holds them while they run."""
+
+    table: pa.Table
+    """The input columns the run reads."""
+    ids: pa.Array
+    requests: RowRequests
+    encoded: list
+    """Per row: prompt token ids, or the RowError that row is."""
+    seeds: list[int]
+    """Per row: the seed it samples with."""
+    order: list[int]
+    """The rows to submit, in submission order (`ShardWorker._order`)."""
 
 
 class EngineFailed(RuntimeError):
@@ -46,7 +66,8 @@ class ShardWorker:
         self.store = RunStore(config.output.path, config.storage)
         self.input_schema = plan.schema()
         self.reader = input_reader(config)
-        self.schema = output_schema(self.input_schema, config)
+        self.writer = part_writer(config, self.input_schema, plan.fingerprint)
+        self.requests = RowRequestBuilder(config)
         started = time.perf_counter()
         self.engine_cls = get_engine_class(config.engine.backend)
         self.engine = self.engine_cls(config=config)
@@ -93,38 +114,33 @@ class ShardWorker:
         ticket = self._tickets
         self._tickets += 1
         try:
-            table, ids, encoded, seeds, order = await self._load(shard_index)
+            shard_in = await self._load(shard_index)
             for i, reason in (skip or {}).items():
-                encoded[i] = RowError("worker_died", reason)
+                shard_in.encoded[i] = RowError("worker_died", reason)
             # Shards queue their rows at the engine in the order they arrived, whichever was
             # read first, so the current shard drains (and commits) before the next one.
             async with self.turns:
                 await self.turns.wait_for(lambda: self._serving == ticket)
-            first = await self._submit(encoded, seeds, [i for i in order if not isinstance(encoded[i], RowError)])
+            first = await self._submit(shard_in, [i for i in shard_in.order
+                                                  if not isinstance(shard_in.encoded[i], RowError)])
         finally:
             await self._end_turn(ticket)
-        rows = await self._finish(encoded, seeds, first)
+        rows = await self._finish(shard_in, first)
         generate_s = time.perf_counter() - started
         summary = ShardSummary(
-            shard=shard.index, part=f"{shard.name}.parquet", attempt=attempt,
+            shard=shard.index, part=f"{shard.name}{self.writer.suffix}", attempt=attempt,
             worker=self.worker_index, **summarize(rows).model_dump(),
             generate_s=round(generate_s, 3), engine_restarts=self.engine_restarts - restarts_before,
             committed_at=now_iso(), fingerprint=self.plan.fingerprint, generation=self.generation,
         )
-        passthrough = {c: table.column(c) for c in self.cfg.input.passthrough_columns}
-        data = await asyncio.to_thread(self._encode_part, ids, passthrough, rows, summary)
-        won = await asyncio.to_thread(self._commit, shard.name, data, summary)
+        part = await asyncio.to_thread(self.writer.encode, shard_in.table, shard_in.ids, shard_in.requests,
+                                       rows, summary)
+        won = await asyncio.to_thread(self._commit, part, summary)
         if not won:  # another attempt committed first; its result is the one that counts
-            summary = await asyncio.to_thread(self.store.summary_from_part, shard.name)
+            summary = await asyncio.to_thread(self.store.summary_of, summary.part)
         return ShardAttempt(summary=summary, won=won)
 
-    def _encode_part(self, ids: pa.Array, passthrough: dict, rows: list[RowOutcome],
-                     summary: ShardSummary) -> bytes:
-        """The shard's result part as Parquet bytes (in a thread: building columns of many
-        rows must not hold up the event loop that feeds the engine)."""
-        return to_parquet(build_table(self.schema, ids, passthrough, rows), summary, self.cfg.output.compression)
-
-    def _commit(self, shard_name: str, data: bytes, summary: ShardSummary) -> bool:
+    def _commit(self, part: EncodedPart, summary: ShardSummary) -> bool:
         """Commit, turning errors no retry can fix (no space, read-only, permission) into a
         StorageError that names the path; the driver stops the run on it.
 
@@ -137,7 +153,8 @@ class ShardWorker:
         while True:
             try:
                 with storage.errors(self.cfg.output.path, "output.path", permanent_only=True):
-                    return self.store.commit(shard_name, data, summary, self.generation)
+                    return self.store.commit(summary.part, part.data, summary, self.generation,
+                                             errors=part.errors)
             except LeaseStale:
                 if time.monotonic() > deadline:
                     raise
@@ -146,16 +163,15 @@ class ShardWorker:
     async def probe(self, shard_index: int, rows: list[int]) -> int:
         """Run some rows of a shard and keep nothing; the driver is looking for rows that
         kill the worker (it calls this alone on a worker). Returns how many rows ran."""
-        _, _, encoded, seeds, _ = await self._load(shard_index)
-        tasks = await self._submit(encoded, seeds, [i for i in rows if not isinstance(encoded[i], RowError)])
+        shard_in = await self._load(shard_index)
+        tasks = await self._submit(shard_in, [i for i in rows if not isinstance(shard_in.encoded[i], RowError)])
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         return len(tasks)
 
-    async def _load(self, shard_index: int) -> tuple[pa.Table, pa.Array, list, list[int], list[int]]:
-        """A shard's input rows, their ids, their encoded prompts (token ids, or a RowError
-        each), their sampling seeds and the order to submit them in (`_order`). A row's seed
-        comes from sampling.seed and the row's id only, so it samples the same text whatever
-        shard, batch, worker or attempt runs it.
+    async def _load(self, shard_index: int) -> ShardInput:
+        """A shard's input rows as requests: `ShardInput`. A row's seed is its own (a
+        sampling column, an OpenAI body's seed), else made from sampling.seed and the row's id
+        only, so it samples the same text whatever shard, batch, worker or attempt runs it.
 
         Shards are loaded one at a time, in the order they arrived (asyncio.Lock wakes its
         waiters first come, first served): when a run starts each worker gets several shards
@@ -163,17 +179,18 @@ class ShardWorker:
         engine waiting for all of them, not just the first (issue 11: 2-4 s at the start of
         a few-shot run, where one shard of long prompts takes 0.35 s to encode)."""
         shard = self.plan.shards[shard_index]
-        column = self.cfg.input.prompt_column or self.cfg.input.messages_column
         async with self.load_lock:
             table = await asyncio.to_thread(self._read, shard)
-            encoded, order = await asyncio.to_thread(self._encode, table.column(column).to_pylist())
+            requests, encoded, order = await asyncio.to_thread(self._encode, table)
         ids = self._ids(table, shard)
-        seeds = [row_seed(self.cfg.sampling.seed, i) for i in ids.to_pylist()]
-        return table, ids, encoded, seeds, order
+        seeds = [row_seed(self.cfg.sampling.seed, i) if s.seed is None else s.seed
+                 for i, s in zip(ids.to_pylist(), requests.sampling, strict=True)]
+        return ShardInput(table, ids, requests, encoded, seeds, order)
 
-    def _encode(self, cells: list) -> tuple[list, list[int]]:
-        encoded = self.prompts.encode(cells)
-        return encoded, self._order(encoded)
+    def _encode(self, table: pa.Table) -> tuple[RowRequests, list, list[int]]:
+        requests = self.requests.build(table)
+        encoded = self.prompts.encode(requests.cells)
+        return requests, encoded, self._order(encoded)
 
     # ------------------------------------------------------------------ rows through the engine
 
@@ -188,7 +205,7 @@ class ShardWorker:
             rows.sort(key=encoded.__getitem__)
         return rows
 
-    async def _submit(self, encoded: list, seeds: list[int], rows: list[int]) -> dict[int, asyncio.Task]:
+    async def _submit(self, shard_in: ShardInput, rows: list[int]) -> dict[int, asyncio.Task]:
         """Hand `rows` to the engine in order, each as soon as the in-flight window has room;
         returns when all are submitted. One waiter per shard on the window, not one per row:
         asyncio.Semaphore scans its waiters on every acquire, and a worker holding many
@@ -197,7 +214,8 @@ class ShardWorker:
         try:
             for i in rows:
                 await self.window.acquire()
-                tasks[i] = asyncio.ensure_future(self._generate(Request(i, encoded[i], seeds[i])))
+                request = Request(i, shard_in.encoded[i], shard_in.seeds[i], shard_in.requests.sampling[i])
+                tasks[i] = asyncio.ensure_future(self._generate(request))
                 # released however the task ends, also when cancelled before it ever ran
                 tasks[i].add_done_callback(self._release_slot)
         except BaseException:
@@ -206,8 +224,7 @@ class ShardWorker:
             raise
         return tasks
 
-    async def _finish(self, encoded: list, seeds: list[int],
-                      tasks: dict[int, asyncio.Task]) -> list[RowOutcome]:
+    async def _finish(self, shard_in: ShardInput, tasks: dict[int, asyncio.Task]) -> list[RowOutcome]:
         """Every row's outcome. Rows that make the engine raise are retried or isolated:
 
         - some rows of a round succeed and others raise: the engine works, so the ones
@@ -217,6 +234,7 @@ class ShardWorker:
           that passes that check are poison rows; an engine that keeps failing after
           `run.engine_restarts` restarts gives the shard attempt back (EngineFailed).
         """
+        encoded = shard_in.encoded
         outcomes: dict[int, RowOutcome] = {
             i: RowOutcome(Result.failed(e.code, e.message), None)
             for i, e in enumerate(encoded) if isinstance(e, RowError)}
@@ -241,7 +259,7 @@ class ShardWorker:
                                        f"restarts in place: {first_error}")
                 restarts += 1
                 verified = await self._restart_engine(self.engine, first_error)
-                tasks = await self._submit(encoded, seeds, list(failed))
+                tasks = await self._submit(shard_in, list(failed))
         except BaseException:
             for t in tasks.values():
                 t.cancel()
@@ -257,6 +275,11 @@ class ShardWorker:
         else:
             result = await asyncio.wait_for(self.engine.generate(request), timeout)
         latency = time.perf_counter() - started
+        fmt = request.sampling.response_format if request.sampling else None
+        if fmt is not None and result.error is None:
+            problem = output_problem(result.text, result.finish_reason, result.completion_tokens, fmt)
+            if problem is not None:
+                result = dataclasses.replace(result, error=problem)
         if result.error is None:
             self._canary = request.prompt_token_ids
             self.rows_done += 1
@@ -328,8 +351,9 @@ class ShardWorker:
         return self.reader.read_shard(self.plan.files, shard, self.input_schema)
 
     def _ids(self, table: pa.Table, shard: Shard) -> pa.Array:
-        if self.cfg.input.id_column:
-            return table.column(self.cfg.input.id_column)
+        column = id_column(self.cfg)
+        if column:
+            return table.column(column)
         return pa.array([f"{self.plan.files[p.file].name}:{p.row_start + i}"
                          for p in shard.pieces for i in range(p.num_rows)])
 

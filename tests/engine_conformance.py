@@ -9,8 +9,10 @@ built with those config fields (max_tokens, stop, max_model_len, ...), and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from batchinfer.engines import Engine, Request, Result, row_seed
+from batchinfer.sampling import Sampling
 
 FRANCE = "What is the capital of France? Answer in one short sentence."
 STORY = "Write a very long story about a dragon who learns to bake bread."
@@ -137,6 +139,22 @@ class EngineConformance:
         [r] = engine.run([prompt])
         assert r.error is None
         assert r.completion_tokens <= 64 - len(prompt)
+
+    def test_each_request_keeps_its_own_settings_in_a_shared_batch(self, make_engine, encode):
+        # Issue 12: rows with their own max_tokens, temperature and seed share one submission
+        # (one batch, or one in-flight window) and each gets exactly what it asked for.
+        engine = make_engine(max_tokens=10)
+        base = Sampling(max_tokens=10, temperature=0.0, top_p=1.0, stop=())
+        short = dataclasses.replace(base, max_tokens=3)
+        sampled = dataclasses.replace(base, temperature=1.0, seed=5)
+        rows = [Request(0, encode(STORY), None, short), Request(1, encode(STORY)),
+                Request(2, encode(STORY), 5, sampled), Request(3, encode(POEM), 5, sampled),
+                Request(4, encode(STORY), 5, sampled)]
+        r = engine.run(rows)
+        assert (r[0].completion_tokens, r[0].finish_reason) == (3, "length")
+        assert (r[1].completion_tokens, r[1].finish_reason) == (10, "length")
+        assert r[2].text == r[4].text  # a row's own seed: the same sample wherever it sits
+        assert all(x.error is None for x in r)
 
     def test_sampling_with_a_seed_gives_each_row_its_own_text_whatever_its_batch(self, make_engine, encode):
         # Issue 9, item 5: a row's sampled text depends on the config, the model and the row

@@ -74,6 +74,10 @@ SKIP = {
     ("engine", "options"): "the backend's part: checked field by field below",
     ("input", "prompt_column"): "exactly one of prompt/messages column: checked as a pair below",
     ("input", "messages_column"): "exactly one of prompt/messages column: checked as a pair below",
+    ("input", "format"): "openai_batch takes no column settings: checked below",
+    ("input", "sampling_columns"): "keys must be settings: checked below",
+    ("input", "models"): "openai_batch input only: checked below",
+    ("sampling", "response_format"): "must be a valid format: checked below",
 }
 
 
@@ -136,6 +140,19 @@ def test_prompt_or_messages_column_changes_the_fingerprint():
     assert changes(base, "input", "prompt_column", "text")
     to_messages = {"input": {"prompt_column": None, "messages_column": "messages"}}
     assert settings_of(config_from_dict(base)) != settings_of(config_from_dict(to_messages))
+
+
+def test_request_settings_and_formats_change_the_fingerprint():
+    """Per-row settings' columns, the response format and the OpenAI batch formats all change
+    what a row's output is, so a resume with another value is refused (issue 12)."""
+    base = {"input": {"prompt_column": "prompt"}}
+    assert changes(base, "input", "sampling_columns", {"max_tokens": "limit"})
+    assert changes(base, "sampling", "response_format", {"type": "json_object"})
+    assert changes(base, "sampling", "response_format",
+                   {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}})
+    openai = {"input": {"format": "openai_batch"}}
+    assert settings_of(config_from_dict(base)) != settings_of(config_from_dict(openai))
+    assert changes(openai, "input", "models", ["gpt-4o-mini"])
 
 
 @pytest.mark.parametrize("backend", ["transformers", "trtllm"])

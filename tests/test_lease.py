@@ -119,13 +119,13 @@ def test_commits_are_fenced_by_generation_and_heartbeat(tmp_path):
     generation = held.acquire().generation
     data, summary = part_bytes(0, 0)
     with pytest.raises(LeaseLost, match="generation 7"):
-        store.commit("part-000000", data, summary, 7)
+        store.commit("part-000000.parquet", data, summary, 7)
     age_record(store.meta, 6)  # renewed more than half a lease ago: its driver may be gone
     with pytest.raises(LeaseLost, match="has not renewed its lease"):
-        store.commit("part-000000", data, summary, generation)
+        store.commit("part-000000.parquet", data, summary, generation)
     assert not (tmp_path / "run" / "part-000000.parquet").exists()
     assert held.renew() is True
-    assert store.commit("part-000000", data, summary, generation) is True
+    assert store.commit("part-000000.parquet", data, summary, generation) is True
 
 
 def test_renewal_thread_keeps_the_heartbeat_fresh_and_reports_a_takeover(tmp_path):

@@ -135,7 +135,7 @@ def test_the_rust_batch_encoder_gives_the_tokenizers_own_ids(tokenizer, template
     b = PromptBuilder(tokenizer, InputConfig())
     b.has_template = template
     texts = [b.render("Say hi"), "plain <|im_start|> text with émoji 😀", "x" * 3000]
-    assert b._token_ids(texts) == tokenizer(texts, add_special_tokens=not template)["input_ids"]
+    assert b._token_ids(texts, not template) == tokenizer(texts, add_special_tokens=not template)["input_ids"]
 
 
 def test_a_plain_prompt_skips_the_jinja_render_only_where_the_template_keeps_it_verbatim(tokenizer):

@@ -77,7 +77,7 @@ def test_a_legacy_run_directory_reads_whole(tmp_path):
     committed = store.committed()
     manifest = store.read_manifest()
     assert manifest.describes(plan.fingerprint, len(committed))
-    assert committed[0] == store.summary_from_part("part-000000")  # record and part metadata agree
+    assert committed[0] == store.summary_from_part("part-000000.parquet")  # record and part metadata agree
     assert store.read_status().state == "complete"
     result = CliRunner().invoke(main, ["status", str(run), "--json"])
     assert result.exit_code == 0, result.output

@@ -36,7 +36,7 @@ def _commit_in_process(args):
     url, generation, worker, barrier = args
     data, summary = part_bytes(7, worker)
     barrier.wait()
-    return worker, RunStore(url).commit("part-000007", data, summary, generation)
+    return worker, RunStore(url).commit("part-000007.parquet", data, summary, generation)
 
 
 def test_same_shard_committed_concurrently_by_processes_exactly_one_wins(tmp_path):
@@ -62,10 +62,10 @@ def test_a_losing_commit_leaves_the_winner_untouched(tmp_path):
     gen = hold_run(store.url)
     first, s1 = part_bytes(0, 1)
     second, s2 = part_bytes(0, 2)
-    assert store.commit("part-000000", first, s1, gen) is True
+    assert store.commit("part-000000.parquet", first, s1, gen) is True
     path = tmp_path / "run" / "part-000000.parquet"
     before = (path.stat().st_ino, path.stat().st_mtime_ns)
-    assert store.commit("part-000000", second, s2, gen) is False
+    assert store.commit("part-000000.parquet", second, s2, gen) is False
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == before
     assert path.read_bytes() == first
 
@@ -75,7 +75,7 @@ def test_metadata_is_invisible_to_dataset_readers(tmp_path):
     gen = hold_run(store.url)
     for i in range(3):
         data, summary = part_bytes(i, 0)
-        store.commit(f"part-{i:06d}", data, summary, gen)
+        store.commit(f"part-{i:06d}.parquet", data, summary, gen)
     store.write_status(RunStatus(state="running"))
     store.write_manifest(a_manifest(), success=True)
     (tmp_path / "run" / "_batchinfer" / "staging" / "part-000009.parquet.tmp").write_bytes(b"junk")
@@ -88,7 +88,7 @@ def test_lost_or_torn_commit_records_are_rebuilt_from_the_parts(tmp_path):
     gen = hold_run(store.url)
     for i in range(3):
         data, summary = part_bytes(i, i)
-        store.commit(f"part-{i:06d}", data, summary, gen)
+        store.commit(f"part-{i:06d}.parquet", data, summary, gen)
     records = tmp_path / "run" / "_batchinfer" / "commits"
     os.remove(records / "part-000001.json")           # crash between part and record
     (records / "part-000002.json").write_text('{"sha')  # crash mid-write of a record
@@ -103,7 +103,7 @@ def test_clear_removes_the_previous_run_only(tmp_path):
     store = RunStore(str(run))
     gen = hold_run(store.url)
     data, summary = part_bytes(0, 0)
-    store.commit("part-000000", data, summary, gen)
+    store.commit("part-000000.parquet", data, summary, gen)
     store.write_manifest(a_manifest(), success=True)
     (run / "notes.txt").write_text("user file")
     store.clear()

@@ -71,7 +71,7 @@ def _commit_on_s3(args):
     data, summary = part_bytes(3, worker)
     store = RunStore(url, StorageConfig(endpoint_url=endpoint))
     barrier.wait()
-    return worker, store.commit("part-000003", data, summary, generation)
+    return worker, store.commit("part-000003.parquet", data, summary, generation)
 
 
 def test_same_shard_committed_concurrently_on_s3_exactly_one_wins(s3):

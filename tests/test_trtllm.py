@@ -10,6 +10,7 @@ inside real Ray workers, and a whole job, with the double in place of the librar
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,9 +26,11 @@ import pytest
 from batchinfer import runner
 from batchinfer.config_loader import config_from_dict
 from batchinfer.engines import EngineUnavailable
+from batchinfer.engines.base import Engine, Request
 from batchinfer.engines.trtllm import artifacts
 from batchinfer.engines.trtllm.artifacts import EngineArtifactError, GpuIdentity
 from batchinfer.engines.trtllm.engine import (
+    TrtLlmEngine,
     build_args,
     check_config,
     rejected,
@@ -35,6 +38,7 @@ from batchinfer.engines.trtllm.engine import (
     sampling_params,
     to_result,
 )
+from batchinfer.sampling import Sampling, resolve
 from scripts.sample_prompts import prompt, write_sample_prompts
 from tests.conftest import REPO, TRTLLM_DOUBLE_ENV, hold_run, ids_of, write_yaml
 from tests.engine_conformance import EngineConformance, RayEngine, generate_all
@@ -156,15 +160,50 @@ def test_pytorch_mode_arguments(tmp_path, model_folder, api):
 
 def test_sampling_params_always_set_max_tokens(tmp_path, model_folder, api):
     cfg = trt(tmp_path, model_folder, sampling={"max_tokens": 100, "stop": ["###"], "seed": 7})
-    p = sampling_params(cfg, api, 100)
+    p = sampling_params(api, Sampling.from_config(cfg.sampling), 100, 7)
     assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop) == (100, 0.0, 1.0, 7, ["###"])
+    assert p.guided_decoding is None
     assert api.SamplingParams().max_tokens == 32  # what we would get without it
 
 
-def test_sampling_params_carry_the_row_seed(tmp_path, model_folder, api):
-    cfg = trt(tmp_path, model_folder, sampling={"temperature": 1.0, "seed": 7})
-    assert sampling_params(cfg, api, 10, seed=2**63 - 1).seed == 2**63 - 1  # a row's own seed
-    assert sampling_params(cfg, api, 10).seed == 7  # a request without one (the canary)
+def test_each_request_gets_its_own_settings_and_seed(tmp_path, model_folder, api):
+    """A row's own settings reach TensorRT-LLM: one SamplingParams per distinct greedy setting
+    (never shared across settings, never copied), a fresh one per sampled request with its
+    seed; a request without a seed of its own (the canary) uses sampling.seed."""
+    cfg = trt(tmp_path, model_folder, sampling={"temperature": 0.0, "seed": 7, "max_tokens": 20})
+    engine = TrtLlmEngine.__new__(TrtLlmEngine)
+    Engine.__init__(engine, config=cfg)
+    engine.api, engine._params, engine._max_model_len, engine._max_input_len = api, {}, 512, 400
+    defaults = engine.sampling
+    own = resolve(defaults, {"max_tokens": 5, "stop": "!", "temperature": 0.7, "top_p": 0.9, "seed": 3})
+    greedy_json = resolve(defaults, {"response_format": {"type": "json_object"}})
+    a = engine._sampling_params(Request(0, [1, 2], 11))
+    b = engine._sampling_params(Request(1, [1, 2, 3], 12))
+    assert a is b and (a.max_tokens, a.temperature, a.seed) == (20, 0.0, 7)  # greedy: one object
+    c = engine._sampling_params(Request(2, [1], 3, own))
+    assert (c.max_tokens, c.temperature, c.top_p, c.seed, c.stop) == (5, 0.7, 0.9, 3, ["!"])
+    assert engine._sampling_params(Request(3, [1], 3, own)) is not c  # sampled: fresh each time
+    j = engine._sampling_params(Request(4, [1], 9, greedy_json))
+    assert j is not a and j.guided_decoding.json_object is True
+    assert engine._sampling_params(Request(5, [1], None, own)).seed == 3  # the row's own seed
+
+
+@pytest.mark.parametrize("fmt, guide", [
+    ({"type": "json_object"}, {"json_object": True}),
+    ({"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}},
+     {"json": '{"properties": {"a": {"type": "integer"}}, "type": "object"}'}),
+    ({"type": "regex", "regex": "(yes|no)"}, {"regex": "(yes|no)"}),
+    ({"type": "choice", "choice": ["pos", 'say "neg"']}, {"grammar": 'root ::= "pos" | "say \\"neg\\""'}),
+])
+def test_response_formats_become_one_guide_each(tmp_path, model_folder, api, fmt, guide):
+    """Each response format is exactly one GuidedDecodingParams guide (the real class refuses
+    two), and an LLM that may see one is built with guided_decoding_backend xgrammar."""
+    cfg = trt(tmp_path, model_folder, sampling={"response_format": fmt})
+    p = sampling_params(api, Sampling.from_config(cfg.sampling), 10, 0)
+    set_guides = {k: v for k, v in dataclasses.asdict(p.guided_decoding).items() if v not in (None, False)}
+    assert set_guides == guide
+    assert runtime_args(cfg, api)["guided_decoding_backend"] == "xgrammar"
+    assert "guided_decoding_backend" not in runtime_args(trt(tmp_path, model_folder), api)
 
 
 # --------------------------------------------------------------------------- outputs and refusals
@@ -331,6 +370,32 @@ def test_rejections_and_request_failures_are_row_errors(tmp_path, model_folder, 
         assert r.error == "request_failed: Encountered an error in forwardAsync"
     finally:
         engine.shutdown()
+
+
+def test_guided_requests_need_the_guided_decoder_the_engine_sets_up(tmp_path, model_folder, trtllm_double, encode):
+    """A config that may constrain rows builds its LLM with guided_decoding_backend xgrammar, and
+    a row with a response format runs; the same row on an LLM without it is the row error the
+    real executor gives ("GuidedDecoder is not setup"), never the engine's failure."""
+    from batchinfer.engines.trtllm.engine import TrtLlmEngine
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    row = Request(0, encode("Hello"), 1, resolve(Sampling(4, 0.0, 1.0, ()), {"response_format": fmt}))
+    engine = TrtLlmEngine(config=trt(tmp_path, model_folder, sampling={"response_format": fmt}))
+    try:
+        assert engine.llm.args.guided_decoding_backend == "xgrammar"
+        [r] = asyncio.run(generate_all(engine, [row]))
+        assert r.error is None and r.completion_tokens > 0
+    finally:
+        engine.shutdown()
+    plain = TrtLlmEngine(config=trt(tmp_path, model_folder))
+    try:
+        assert plain.llm.args.guided_decoding_backend is None
+        [r] = asyncio.run(generate_all(plain, [row]))
+        assert r.error.startswith("request_failed: ") and "GuidedDecoder is not setup" in r.error
+        [ok] = asyncio.run(generate_all(plain, [encode("Hello")]))  # the engine goes on
+        assert ok.error is None
+    finally:
+        plain.shutdown()
 
 
 def test_busy_reports_the_longest_prompt_of_unfinished_requests(tmp_path, model_folder, trtllm_double, encode):

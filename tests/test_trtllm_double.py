@@ -15,6 +15,7 @@ import pytest
 
 from batchinfer.config_loader import config_from_dict
 from batchinfer.engines.trtllm.engine import build_args, runtime_args, sampling_params
+from batchinfer.sampling import Sampling, parse_response_format
 
 API = json.loads((Path(__file__).parent / "fakes" / "trtllm_1_2_api.json").read_text())
 CLASSES = API["classes"]
@@ -115,8 +116,13 @@ class Recorder:
 
 def recording_api(calls):
     names = ["BuildConfig", "CalibConfig", "KvCacheConfig", "SchedulerConfig", "CapacitySchedulerPolicy",
-             "QuantAlgo", "QuantConfig", "SamplingParams"]
+             "QuantAlgo", "QuantConfig", "SamplingParams", "GuidedDecodingParams"]
     return SimpleNamespace(**{n: Recorder(n, calls) for n in names})
+
+
+FORMATS = [{"type": "json_object"}, {"type": "regex", "regex": "(yes|no)"},
+           {"type": "choice", "choice": ["a", "b"]},
+           {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}}]
 
 
 def config(tmp_path, model_folder, **trtllm):
@@ -125,7 +131,8 @@ def config(tmp_path, model_folder, **trtllm):
         "engine": {"backend": "trtllm", "model": model_folder, "max_batch_size": 8, "max_model_len": 512,
                    "options": {"max_input_len": 400, "max_num_tokens": 1024, "calib_dataset": str(tmp_path),
                                **trtllm}},
-        "sampling": {"max_tokens": 4, "stop": ["###"], "temperature": 0.5},
+        "sampling": {"max_tokens": 4, "stop": ["###"], "temperature": 0.5,
+                     "response_format": {"type": "json_object"}},
         "run": {"gpus_per_worker": 1}})
 
 
@@ -137,7 +144,9 @@ def test_batchinfer_passes_only_fields_of_the_data_file(tmp_path, model_folder, 
     llm_kwargs = {"model"} | set(runtime_args(cfg, api))
     if mode == "engine":
         llm_kwargs |= set(build_args(cfg, api))
-    sampling_params(cfg, api, 4, seed=1)
+    for fmt in FORMATS:  # every guide batchinfer may pass, with the LLM's guided decoding set up
+        sampling_params(api, Sampling.from_config(cfg.sampling).__class__(
+            max_tokens=4, temperature=0.5, top_p=1.0, stop=("###",), response_format=parse_response_format(fmt)), 4, 1)
     assert llm_kwargs <= set(_fields(CLASSES[args_class]))
     for name, used in calls.items():
         known = API["enums"][name]["members"] if name in API["enums"] else CLASSES[name]["fields"]

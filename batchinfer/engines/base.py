@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 from batchinfer.config import Config, EngineOptions
 from batchinfer.fingerprint import fingerprinted
+from batchinfer.sampling import Sampling
 
 T = TypeVar("T")
 
@@ -55,14 +56,17 @@ class EngineSetupError(RuntimeError):
 class Request:
     """One row's prompt, already rendered through the chat template and tokenized.
 
-    `seed` is this row's own sampling seed (`row_seed`); a backend that samples draws the
-    row's tokens from a generator seeded with it, so the row's text does not depend on
-    which rows share its batch. None (e.g. the worker's canary) means `sampling.seed`.
+    `seed` is this row's own sampling seed (its `sampling.seed`, else `row_seed`); a backend
+    that samples draws the row's tokens from a generator seeded with it, so the row's text
+    does not depend on which rows share its batch. None (e.g. the worker's canary) means
+    `sampling.seed`. `sampling` is the row's settings (sampling.py: the config's, with the
+    row's own overrides); None means the config's.
     """
 
     id: int
     prompt_token_ids: list[int]
     seed: int | None = None
+    sampling: Sampling | None = None
 
 
 def row_seed(seed: int, row_id: object) -> int:
@@ -108,7 +112,8 @@ class Engine(ABC):
     def __init__(self, *, config: Config):
         self.cfg = config
         self.config = config.engine
-        self.sampling = config.sampling
+        self.sampling = Sampling.from_config(config.sampling)
+        """The config's sampling settings: what a request without its own `sampling` gets."""
         self._heartbeat = 0
         self._step: tuple[int, float] | None = None  # (prompt tokens, monotonic start) of a running step
 
@@ -161,9 +166,20 @@ class Engine(ABC):
             return Result.failed("prompt_too_long", f"{n} tokens > {self.max_prompt_len}", n)
         return None
 
-    def max_new_tokens(self, prompt_tokens: int) -> int:
-        """sampling.max_tokens, cut so prompt + completion stays within max_model_len."""
-        return min(self.sampling.max_tokens, self.max_model_len - prompt_tokens)
+    def sampling_of(self, request: Request) -> Sampling:
+        """The request's sampling settings (its own, else the config's)."""
+        return request.sampling or self.sampling
+
+    def seed_of(self, request: Request) -> int:
+        """The seed a sampled request draws with: its own (`Request.seed`), else the config's."""
+        if request.seed is not None:
+            return request.seed
+        own = self.sampling_of(request).seed
+        return self.cfg.sampling.seed if own is None else own
+
+    def max_new_tokens(self, request: Request) -> int:
+        """The request's max_tokens, cut so prompt + completion stays within max_model_len."""
+        return min(self.sampling_of(request).max_tokens, self.max_model_len - len(request.prompt_token_ids))
 
     @property
     def heartbeat(self) -> int:

@@ -12,6 +12,7 @@ built, not with this module: the driver imports it for the class's hooks and nee
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 from typing import Annotated, Literal
@@ -19,8 +20,10 @@ from typing import Annotated, Literal
 from batchinfer import model_refs
 from batchinfer.config import Config, EngineOptions
 from batchinfer.engines.base import BatchEngine, Request, Result
+from batchinfer.errors import describe
 from batchinfer.fingerprint import OUTPUT
 from batchinfer.prompts import load_tokenizer
+from batchinfer.sampling import ResponseFormat, Sampling, may_constrain, to_grammar
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +75,16 @@ class TransformersEngine(BatchEngine):
         # transformers 5 renamed the KV cache argument (and output) past_key_values -> cache.
         forward = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward else "past_key_values"
+        self._grammars: dict[ResponseFormat, object] | None = None  # xgrammar loads on first use
         log.info("transformers engine: %s on %s (%s), max_model_len=%d",
                  config.model, self.device, dtype, self._max_model_len)
+
+    @classmethod
+    def check_config(cls, config: Config) -> list[str]:
+        if may_constrain(config) and importlib.util.find_spec("xgrammar") is None:
+            return ["response formats (structured output) on the transformers backend need xgrammar, "
+                    "which is not installed here: pip install 'batchinfer[cpu]' (or pip install xgrammar)"]
+        return []
 
     @staticmethod
     def _device(choice: str) -> str:
@@ -89,23 +100,45 @@ class TransformersEngine(BatchEngine):
         return self._max_model_len
 
     def generate_batch(self, requests: list[Request]) -> list[Result]:
+        """One static batch. Rows may differ in every setting (sampling.py): a batch of rows
+        that all decode greedily with the same stop strings and no response format goes
+        through `model.generate`; any other batch through this module's own decode loop,
+        which applies each row's settings, seed and grammar to that row alone, so rows with
+        different settings share a batch and the window never drains to regroup them."""
         import torch
+        settings = [self.sampling_of(r) for r in requests]
         lengths = [len(r.prompt_token_ids) for r in requests]
         width = max(lengths)
-        # Each row may generate up to max_tokens but never past the model length.
-        limits = [self.max_new_tokens(n) for n in lengths]
+        # Each row may generate up to its max_tokens but never past the model length.
+        limits = [self.max_new_tokens(r) for r in requests]
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(requests), width), dtype=torch.long)
         for i, r in enumerate(requests):  # left padding: every row ends where generation starts
             input_ids[i, width - lengths[i]:] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
             attention[i, width - lengths[i]:] = 1
-        if self.sampling.temperature > 0:
-            seeds = [self.sampling.seed if r.seed is None else r.seed for r in requests]
-            new = self._sample(input_ids.to(self.device), attention.to(self.device), limits, seeds)
-            return [self._result(tokens, limit, n) for tokens, limit, n in zip(new, limits, lengths, strict=True)]
+        first = settings[0]
+        if first.greedy and first.response_format is None and all(
+                s.greedy and s.stop == first.stop and s.response_format is None for s in settings):
+            new = self._generate_greedy(input_ids, attention, limits, first.stop, width)
+        else:
+            matchers = self._matchers(settings)
+            failed = {i: m for i, m in enumerate(matchers) if isinstance(m, Result)}
+            for i in failed:  # not decoded: a grammar the compiler refused
+                matchers[i], limits[i] = None, 0
+            seeds = [self.seed_of(r) for r in requests]
+            new = self._decode(input_ids.to(self.device), attention.to(self.device), limits, settings,
+                               seeds, matchers)
+            return [failed[i] if i in failed else self._result(tokens, limit, n, s)
+                    for i, (tokens, limit, n, s) in enumerate(zip(new, limits, lengths, settings, strict=True))]
+        return [self._result(tokens, limit, n, s) for tokens, limit, n, s in zip(new, limits, lengths, settings, strict=True)]
+
+    def _generate_greedy(self, input_ids, attention, limits: list[int], stop: tuple[str, ...],
+                         width: int) -> list[list[int]]:
+        import torch
+
         kwargs = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        if self.sampling.stop:
-            kwargs.update(stop_strings=self.sampling.stop, tokenizer=self.tokenizer)
+        if stop:
+            kwargs.update(stop_strings=list(stop), tokenizer=self.tokenizer)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
@@ -115,22 +148,28 @@ class TransformersEngine(BatchEngine):
                 eos_token_id=sorted(self.eos_ids),
                 **kwargs,
             )
-        new = out[:, width:].tolist()
-        return [self._result(tokens, limit, n) for tokens, limit, n in zip(new, limits, lengths, strict=True)]
+        return out[:, width:].tolist()
 
-    def _sample(self, input_ids, attention, limits: list[int], seeds: list[int]) -> list[list[int]]:
-        """Sampled completions of a left-padded batch, one `torch.Generator` per row.
+    def _decode(self, input_ids, attention, limits: list[int], settings: list[Sampling],
+                seeds: list[int], matchers: list) -> list[list[int]]:
+        """Completions of a left-padded batch, each row with its own settings.
 
-        Each row draws exactly one token per step from its own generator while it runs, and
-        the attention mask keeps padding and other rows out of its logits, so a row's tokens
-        depend on its prompt and seed only (up to float rounding that differs between batch
-        shapes; README, "Reproducible sampling"). A row that ends (end of sequence, a stop
-        string, its limit) stops drawing; the batch runs until every row has ended.
+        A sampled row draws exactly one token per step from its own `torch.Generator` while
+        it runs, and the attention mask keeps padding and other rows out of its logits, so a
+        row's tokens depend on its prompt, settings and seed only (up to float rounding that
+        differs between batch shapes; README, "Reproducible sampling"). A greedy row takes the
+        most likely token. A row with a response format has its logits masked by its xgrammar
+        matcher first, so only tokens that keep the output valid can be chosen. A row that ends
+        (end of sequence, a stop string, its grammar complete, its limit) stops; the batch runs
+        until every row has ended.
         """
         import torch
 
-        rows = len(seeds)
-        generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        rows = len(settings)
+        generators = [None if s.greedy else torch.Generator(device=self.device).manual_seed(seed)
+                      for s, seed in zip(settings, seeds, strict=True)]
+        constrained = [i for i, m in enumerate(matchers) if m is not None]
+        bitmask = self._xgr.allocate_token_bitmask(rows, self._token_info.vocab_size) if constrained else None
         tokens: list[list[int]] = [[] for _ in range(rows)]
         live = [limit > 0 for limit in limits]
         # Positions count real tokens only, as `generate` does for left-padded rows.
@@ -143,38 +182,49 @@ class TransformersEngine(BatchEngine):
                                  use_cache=True, logits_to_keep=1, **{cache: past})
                 past = getattr(out, cache)
                 logits = out.logits[:, -1, :].float()
+                masked = [i for i in constrained if live[i]]
+                if masked:
+                    for i in masked:
+                        matchers[i].fill_next_token_bitmask(bitmask, i)
+                    self._xgr.apply_token_bitmask_inplace(
+                        logits, bitmask.to(logits.device), vocab_size=self._token_info.vocab_size, indices=masked)
                 step_ids = torch.full((rows, 1), self.pad_id, dtype=torch.long, device=self.device)
                 for i in range(rows):
                     if live[i]:
-                        token = self._draw(logits[i], generators[i])
+                        token = self._draw(logits[i], generators[i], settings[i])
                         tokens[i].append(token)
                         step_ids[i, 0] = token
-                        live[i] = not self._ended(tokens[i], limits[i])
+                        live[i] = not self._ended(tokens[i], limits[i], settings[i], matchers[i])
                 attention = torch.cat([attention, attention.new_ones((rows, 1))], dim=1)
                 positions = positions[:, -1:] + 1
         return tokens
 
-    def _draw(self, logits, generator) -> int:
-        """One token from one row's logits: temperature, then top_p, then its own generator."""
+    def _draw(self, logits, generator, s: Sampling) -> int:
+        """One token from one row's logits: the most likely (greedy), or temperature, then
+        top_p, then its own generator."""
         import torch
 
-        probs = torch.softmax(logits / self.sampling.temperature, dim=-1)
-        if self.sampling.top_p >= 1:
+        if generator is None:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if s.top_p >= 1:
             return int(torch.multinomial(probs, 1, generator=generator))
         ordered, order = probs.sort(descending=True, stable=True)
         # Keep the most likely tokens until their mass reaches top_p (at least one).
-        ordered = ordered * ((ordered.cumsum(0) - ordered) < self.sampling.top_p)
+        ordered = ordered * ((ordered.cumsum(0) - ordered) < s.top_p)
         return int(order[torch.multinomial(ordered, 1, generator=generator)])
 
-    def _ended(self, tokens: list[int], limit: int) -> bool:
+    def _ended(self, tokens: list[int], limit: int, s: Sampling, matcher) -> bool:
+        if matcher is not None and (not matcher.accept_token(tokens[-1]) or matcher.is_terminated()):
+            return True
         if len(tokens) >= limit or tokens[-1] in self.eos_ids:
             return True
-        if self.sampling.stop:
+        if s.stop:
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            return any(s in text for s in self.sampling.stop)
+            return any(stop in text for stop in s.stop)
         return False
 
-    def _result(self, tokens: list[int], limit: int, prompt_tokens: int) -> Result:
+    def _result(self, tokens: list[int], limit: int, prompt_tokens: int, s: Sampling) -> Result:
         tokens = tokens[:limit]
         finish = "length"
         for i, t in enumerate(tokens):
@@ -182,12 +232,45 @@ class TransformersEngine(BatchEngine):
                 tokens, finish = tokens[: i + 1], "stop"
                 break
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for s in self.sampling.stop:
-            cut = text.find(s)
+        for stop in s.stop:
+            cut = text.find(stop)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
         return Result(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
                       completion_tokens=len(tokens))
+
+    # ------------------------------------------------------------------ structured output
+
+    def _matchers(self, settings: list[Sampling]) -> list:
+        """Per row: None (free text), a fresh xgrammar GrammarMatcher for its response
+        format, or the `bad_schema` Result of a format the grammar compiler refused."""
+        out: list = []
+        for s in settings:
+            fmt = s.response_format
+            if fmt is None:
+                out.append(None)
+                continue
+            compiled = self._compiled(fmt)
+            out.append(compiled if isinstance(compiled, Result) else self._xgr.GrammarMatcher(compiled))
+        return out
+
+    def _compiled(self, fmt: ResponseFormat):
+        """`fmt` compiled for this tokenizer (cached per format), or a bad_schema Result."""
+        if self._grammars is None:
+            import xgrammar
+
+            self._xgr = xgrammar
+            # The model's own end-of-sequence ids end a constrained row, as they end any other.
+            self._token_info = xgrammar.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.model.config.vocab_size, stop_token_ids=sorted(self.eos_ids))
+            self._grammars = {}
+            self._compiler = xgrammar.GrammarCompiler(self._token_info)
+        if fmt not in self._grammars:
+            try:
+                self._grammars[fmt] = self._compiler.compile_grammar(to_grammar(self._xgr, fmt))
+            except Exception as e:  # the driver checked it; a different xgrammar here may not agree
+                self._grammars[fmt] = Result.failed("bad_schema", f"the grammar compiler refused it: {describe(e)}")
+        return self._grammars[fmt]
 
 
 def _beat_points(model) -> list:

@@ -22,6 +22,7 @@ DEFAULT_FORMAT = "parquet"
 
 READERS: dict[str, str | type[Reader]] = {
     "parquet": "batchinfer.readers.parquet:ParquetReader",
+    "openai_batch": "batchinfer.readers.openai_batch:OpenAIBatchReader",
 }
 """Format name -> "module:Class" (imported on first use) or the class itself."""
 

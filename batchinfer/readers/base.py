@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import IO, TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import pyarrow as pa
@@ -65,6 +65,14 @@ class FileFacts:
     null_free: frozenset[str] = frozenset()
     """Columns the file's own metadata proves hold no null (Parquet column statistics):
     the id check need not read them when duplicate ids are allowed."""
+    offsets: tuple[int, ...] = ()
+    """Byte offset in the file where the first row of each unit starts, for formats read as
+    a byte stream, so a shard seeks to its rows (`plan.InputFile.offsets`). It may cover only
+    the first units, or none (Parquet: row groups are found in the footer; compressed
+    streams cannot seek); the reader says which."""
+    census: Mapping[str, Mapping[str, int]] = field(default_factory=dict, hash=False)
+    """Counts of values the format cares about, taken while the file was read whole for its
+    facts: {what: {value: rows}}; the reader says which. Empty where nothing was counted."""
 
 
 class FetchedFile(io.BytesIO):

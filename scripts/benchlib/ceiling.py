@@ -232,13 +232,13 @@ def _in_worker_path(frames: list[str]) -> bool:
 STAGES = (
     ("chat template (PromptBuilder.render)", ("PromptBuilder.render", "PromptBuilder.conversation")),
     ("tokenize (PromptBuilder.encode, less the template)", ("PromptBuilder.encode",)),
-    ("read the shard, ids and seeds", ("._load", "._read", "._ids", "readers/", "read_pinned", "row_seed",
-                                       "storage.py")),
+    ("read the shard, ids, seeds and row settings", ("._load", "._read", "._ids", "readers/", "read_pinned",
+                                                     "row_seed", "storage.py", "rows.py")),
     ("requests: submit, await and gather per row", ("._submit", "._generate", "._finish", "._release_slot",
                                                      "ShardWorker.process", "._end_turn", "check_length",
                                                      "max_new_tokens")),
     ("results table, Parquet, commit", ("build_table", "to_parquet", "summarize", "._commit", "run_store.py",
-                                        "atomic.py", "records.py", "lease.py")),
+                                        "atomic.py", "records.py", "lease.py", "results.py")),
 )
 """The worker path's stages, by the innermost batchinfer function a sample is charged to."""
 

@@ -140,7 +140,7 @@ def _engine_alone(engine, builder, inputs: Path, s: Size) -> dict[str, Any]:
     encoded = builder.encode(table.column("prompt").to_pylist())
     tokenize_s = time.perf_counter() - started
     ids = table.column("id").to_pylist()
-    requests = [Request(i, e, row_seed(engine.sampling.seed, ids[i])) for i, e in enumerate(encoded)]
+    requests = [Request(i, e, row_seed(engine.cfg.sampling.seed, ids[i])) for i, e in enumerate(encoded)]
     tokens = 0
     started = time.perf_counter()
     for b in range(0, len(requests), s.max_batch_size):

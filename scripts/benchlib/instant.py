@@ -27,7 +27,7 @@ class InstantEngine(Engine):
         if refused is not None:
             return refused
         n = len(request.prompt_token_ids)
-        tokens = self.max_new_tokens(n)
+        tokens = self.max_new_tokens(request)
         self.beat()
         return Result(text=f"[instant: {tokens} tokens]", finish_reason="length", prompt_tokens=n,
                       completion_tokens=tokens)

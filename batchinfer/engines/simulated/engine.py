@@ -152,13 +152,13 @@ class SimulatedEngine(Engine):
     def _result(self, request: Request) -> Result:
         """The row's synthetic answer: its length decides everything; the text says what it is."""
         n = len(request.prompt_token_ids)
-        limit = self.max_new_tokens(n)
-        seed = self.sampling.seed if request.seed is None else request.seed
+        limit = self.max_new_tokens(request)
+        seed = self.seed_of(request)
         length = limit
         if self.options.output_lengths == "seeded":
             length = random.Random(seed).randint(1, limit)
         text = f"[simulated: {length} tokens]"
-        if self.sampling.temperature > 0:  # sampled rows differ by row, as a real model's would
+        if not self.sampling_of(request).greedy:  # sampled rows differ by row, as a real model's would
             text = f"[simulated: {length} tokens, sample {seed % 16 ** 6:06x}]"
         finish = "stop" if length < limit else "length"
         return Result(text=text, finish_reason=finish, prompt_tokens=n, completion_tokens=length)

@@ -31,6 +31,7 @@ from batchinfer.engines.base import Cluster, Engine, Request, Result
 from batchinfer.engines.trtllm import artifacts, calibration
 from batchinfer.engines.trtllm.options import BakedIn, TrtllmOptions, build_settings
 from batchinfer.fingerprint import decision, fingerprinted
+from batchinfer.sampling import ResponseFormat, Sampling, may_constrain
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ log = logging.getLogger(__name__)
 # read): run the executor worker in this process instead of spawning an MPI worker, the
 # right shape when one Ray actor owns one GPU.
 TRTLLM_ENV = {"TLLM_WORKER_USE_SINGLE_PROCESS": "1"}
+
+PARAMS_KEPT = 4096
+"""Greedy SamplingParams kept for reuse (one per distinct setting); rows with ever new settings
+(per-row max_tokens, schemas) start the cache over rather than grow it without bound."""
 
 
 def import_api() -> types.SimpleNamespace:
@@ -50,6 +55,7 @@ def import_api() -> types.SimpleNamespace:
         BuildConfig,
         CalibConfig,
         CapacitySchedulerPolicy,
+        GuidedDecodingParams,
         KvCacheConfig,
         QuantAlgo,
         QuantConfig,
@@ -63,7 +69,7 @@ def import_api() -> types.SimpleNamespace:
         BuildConfig=BuildConfig, CalibConfig=CalibConfig, KvCacheConfig=KvCacheConfig,
         SchedulerConfig=SchedulerConfig, CapacitySchedulerPolicy=CapacitySchedulerPolicy,
         QuantAlgo=QuantAlgo, QuantConfig=QuantConfig, RequestError=RequestError,
-        SamplingParams=SamplingParams)
+        SamplingParams=SamplingParams, GuidedDecodingParams=GuidedDecodingParams)
 
 
 # --------------------------------------------------------------------------- config -> arguments
@@ -150,6 +156,10 @@ def runtime_args(cfg: Config, api: Any) -> dict[str, Any]:
     }
     if t.mode == "pytorch":
         args.update(max_input_len=t.max_input_len, max_seq_len=cfg.engine.max_model_len)
+    if may_constrain(cfg):
+        # Without it the engine fails every guided request ("GuidedDecoder is not setup");
+        # xgrammar is the one guided backend of both runtimes (llm_args.py, BaseLlmArgs).
+        args["guided_decoding_backend"] = "xgrammar"
     return args
 
 
@@ -168,12 +178,27 @@ def build_args(cfg: Config, api: Any) -> dict[str, Any]:
     return args
 
 
-def sampling_params(cfg: Config, api: Any, max_tokens: int, seed: int | None = None) -> Any:
-    """SamplingParams for one request; `seed` is the row's own (Request.seed), else sampling.seed."""
-    s = cfg.sampling
+def sampling_params(api: Any, s: Sampling, max_tokens: int, seed: int) -> Any:
+    """A new SamplingParams for requests with settings `s` (the row's own, sampling.py),
+    `max_tokens` (cut to fit the engine) and `seed` (Engine.seed_of)."""
     # max_tokens is always set: TensorRT-LLM's default is 32.
-    return api.SamplingParams(max_tokens=max_tokens, temperature=s.temperature, top_p=s.top_p,
-                              seed=s.seed if seed is None else seed, stop=list(s.stop) or None)
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                              "seed": seed, "stop": list(s.stop) or None}
+    if s.response_format is not None:
+        kwargs["guided_decoding"] = guided_decoding(api, s.response_format)
+    return api.SamplingParams(**kwargs)
+
+
+def guided_decoding(api: Any, fmt: ResponseFormat) -> Any:
+    """The GuidedDecodingParams of a response format: one guide each (sampling_params.py
+    refuses more than one); a choice is an EBNF grammar of its strings."""
+    if fmt.kind == "json_object":
+        return api.GuidedDecodingParams(json_object=True)
+    if fmt.kind == "json_schema":
+        return api.GuidedDecodingParams(json=fmt.schema)
+    if fmt.kind == "regex":
+        return api.GuidedDecodingParams(regex=fmt.pattern)
+    return api.GuidedDecodingParams(grammar=fmt.grammar())
 
 
 # --------------------------------------------------------------------------- outputs -> rows
@@ -265,10 +290,10 @@ class TrtLlmEngine(Engine):
         self._max_model_len = (build_config.get("max_seq_len") or config.engine.max_model_len
                                or _context_length(config))
         self._max_input_len = build_config.get("max_input_len") or t.max_input_len
-        # Greedy: one SamplingParams per max_tokens value, made fresh: generate_async
-        # completes an instance in place the first time (end_id, stop word ids), so never
-        # copy one. Sampling: a fresh one per request, which carries the row's own seed.
-        self._params: dict[int, Any] = {}
+        # Greedy: one SamplingParams per distinct setting (max_tokens, stop, format...), made
+        # fresh: generate_async completes an instance in place the first time (end_id, stop
+        # word ids), so never copy one. Sampling: a fresh one per request, with the row's seed.
+        self._params: dict[tuple[Sampling, int], Any] = {}
         # Prompt tokens of the requests in the engine, for busy(): without streaming the first
         # token is not seen, so a request counts as unprefilled until it finishes (an upper
         # bound on the prefill work in hand, which errs towards waiting, not killing).
@@ -295,13 +320,7 @@ class TrtLlmEngine(Engine):
         if refused is not None:
             return refused
         n = len(request.prompt_token_ids)
-        max_tokens = self.max_new_tokens(n)  # prompt + completion stays within the engine
-        if self.sampling.temperature > 0:
-            params = sampling_params(self.cfg, self.api, max_tokens, request.seed)
-        else:
-            params = self._params.get(max_tokens)
-            if params is None:
-                params = self._params[max_tokens] = sampling_params(self.cfg, self.api, max_tokens)
+        params = self._sampling_params(request)
         try:
             pending = self.llm.generate_async(request.prompt_token_ids, sampling_params=params)
         except (ValueError, self.api.RequestError) as e:
@@ -322,6 +341,19 @@ class TrtLlmEngine(Engine):
         self.beat()
         self._since = time.monotonic()
         return to_result(output)
+
+    def _sampling_params(self, request: Request) -> Any:
+        s = self.sampling_of(request)
+        max_tokens = self.max_new_tokens(request)  # prompt + completion stays within the engine
+        if not s.greedy:
+            return sampling_params(self.api, s, max_tokens, self.seed_of(request))
+        key = (s, max_tokens)
+        params = self._params.get(key)
+        if params is None:
+            if len(self._params) >= PARAMS_KEPT:
+                self._params.clear()
+            params = self._params[key] = sampling_params(self.api, s, max_tokens, self.cfg.sampling.seed)
+        return params
 
     def busy(self) -> dict[str, Any]:
         """Continuous batching has no batch boundary: the engine is "in a step" while it holds
