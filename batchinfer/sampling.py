@@ -151,11 +151,7 @@ def parse_response_format(value: Any) -> ResponseFormat | None:
     found against what was expected."""
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise RowError("bad_schema", f"response_format is not valid JSON ({e.msg} at {e.pos})") from None
+    value = _parsed(value, "response_format")
     if not isinstance(value, Mapping):
         raise RowError("bad_schema", f"response_format is {type(value).__name__}; expected an object "
                        "with a type (text, json_object, json_schema, regex or choice)")
@@ -181,16 +177,22 @@ def parse_response_format(value: Any) -> ResponseFormat | None:
     raise RowError("bad_schema", f"response_format type {kind!r}; expected one of text, {', '.join(FORMAT_KINDS)}")
 
 
+def _parsed(value: Any, what: str) -> Any:
+    """`value`, or the JSON it holds if it is a string (a format or schema kept in a string
+    column); RowError bad_schema for a string that is not JSON."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise RowError("bad_schema", f"{what} is not valid JSON ({e.msg} at {e.pos})") from None
+
+
 def _json_schema(spec: Any) -> ResponseFormat:
     if not isinstance(spec, Mapping):
         raise RowError("bad_schema", f"response_format json_schema: got {_short(spec)}; expected "
                        '{"name": ..., "schema": {...}}')
-    schema = spec.get("schema")
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise RowError("bad_schema", f"json_schema.schema is not valid JSON ({e.msg})") from None
+    schema = _parsed(spec.get("schema"), "json_schema.schema")
     if not isinstance(schema, Mapping):
         raise RowError("bad_schema", f"json_schema.schema: got {_short(schema)}; expected a JSON Schema object")
     name = spec.get("name")
