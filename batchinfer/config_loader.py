@@ -119,6 +119,8 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         problems += section.problems() if isinstance(section, Section) else []
     if sections["sampling"] is not None:
         problems += _response_format_problems(sections["sampling"].response_format)
+    if sections["input"] is not None and sections["output"] is not None:
+        problems += _passthrough_problems(sections["input"], sections["output"])
     if problems:
         raise ConfigError(problems[0] if len(problems) == 1 else f"{len(problems)} problems in the config:\n"
                           + "\n".join(f"  - {p}" for p in problems))
@@ -131,6 +133,14 @@ def _response_format_problems(value: Any) -> list[str]:
         sampling.parse_response_format(value)
     except RowError as e:
         return [f"sampling.response_format: {e.message}"]
+    return []
+
+
+def _passthrough_problems(input_cfg: Any, output_cfg: Any) -> list[str]:
+    if output_cfg.format == "openai_batch" and input_cfg.passthrough_columns:
+        return [f"input.passthrough_columns {input_cfg.passthrough_columns}: output.format openai_batch writes "
+                "the OpenAI Batch API's line shape, which has no place for input columns; remove them, or "
+                "use output.format parquet"]
     return []
 
 

@@ -227,3 +227,6 @@ def test_openai_batch_input_refuses_column_settings():
         config_from_dict({"input": {"format": "openai_batch", "id_column": "id", "sampling_column": "s"}})
     with pytest.raises(ConfigError, match="input.sampling_columns: unknown setting"):
         config_from_dict({"input": {"sampling_columns": {"n": "x"}}})
+    with pytest.raises(ConfigError, match=r"input.passthrough_columns \['topic'\]: output.format openai_batch "
+                                          "writes the OpenAI Batch API's line shape"):
+        config_from_dict({"input": {"passthrough_columns": ["topic"]}, "output": {"format": "openai_batch"}})
