@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Gt, Le
+from annotated_types import Ge, Gt, Le, MinLen
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, model_validator
 
 from batchinfer import registry
@@ -180,13 +180,13 @@ class EngineConfig(Section):
 class SamplingConfig(Section):
     max_tokens: Annotated[int, Ge(1), OUTPUT] = 64
     """Most tokens generated per row."""
-    temperature: Annotated[float, Ge(0), OUTPUT] = 0.0
-    """Sampling temperature; 0 = greedy."""
+    temperature: Annotated[float, Ge(0), Le(2), OUTPUT] = 0.0
+    """Sampling temperature, 0 to 2 (OpenAI's range); 0 = greedy."""
     top_p: Annotated[float, Gt(0), Le(1), OUTPUT] = 1.0
     """Nucleus sampling probability mass."""
     seed: Annotated[int, Ge(0), Le(2**63 - 1), OUTPUT] = 0
     """Random seed for sampling; each row samples with a seed made from it and the row id, unless the row sets its own."""
-    stop: Annotated[list[str], OUTPUT] = []
+    stop: Annotated[list[Annotated[str, MinLen(1)]], OUTPUT] = []
     """Strings that end generation; the stop string itself is not part of the output."""
     response_format: Annotated[dict[str, Any] | None, OUTPUT] = None
     """Constrain every completion (rows may set their own): {type: json_object}, {type: json_schema, json_schema: {name, schema}} (OpenAI's shape), {type: regex, regex: ...} or {type: choice, choice: [...]}; null: free text. Checked when the config loads (sampling.py)."""

@@ -86,7 +86,7 @@ def parse_request(raw: bytes | str | None, line: int) -> ParsedRequest:
     body = request.get("body")
     if not isinstance(body, dict):
         raise bad(f"body is {_short(body)}; expected an object")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise bad(f"body.n is {_short(body.get('n'))}; batchinfer returns one choice per request (expected 1)")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
@@ -100,11 +100,22 @@ def parse_request(raw: bytes | str | None, line: int) -> ParsedRequest:
     return ParsedRequest(custom_id, "completion", prompt, _settings(body, bad), model)
 
 
+def is_request(raw: bytes | str | None) -> bool:
+    """Whether a line is an OpenAI batch request at all (a JSON object with custom_id, url and
+    body), however bad its parts: telling a wrong file from bad requests."""
+    try:
+        request = _json_object(raw, lambda message: RowError("bad_request", message))
+    except RowError:
+        return False
+    return {"custom_id", "url", "body"} <= request.keys()
+
+
 def _json_object(raw: bytes | str | None, bad) -> dict[str, Any]:
     if raw is None:
         raise bad("empty line")
     try:
-        request = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        request = json.loads(text.removeprefix("\ufeff"))  # a byte order mark, as Windows tools write
     except UnicodeDecodeError as e:
         raise bad(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:

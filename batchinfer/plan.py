@@ -47,8 +47,10 @@ class InputFile:
     """Rows in each row group."""
     offsets: tuple[int, ...] = ()
     """Byte offset where the first row of each row group (read unit) starts, for formats read
-    as a byte stream (FileFacts.offsets), so a shard seeks to its rows; may cover only the
-    first units, or none (Parquet, compressed files, plans made before it was recorded)."""
+    as a byte stream (FileFacts.offsets), so a shard seeks to its rows; none for Parquet and
+    compressed files."""
+    unit_lines: tuple[int, ...] = ()
+    """With `offsets`: the line number of each unit's first row (FileFacts.unit_lines)."""
 
     def row_groups_for(self, start: int, num_rows: int) -> tuple[list[int], int]:
         """Row groups covering rows [start, start+num_rows) and the offset of `start` in the first."""
@@ -122,7 +124,8 @@ class Plan:
                              f"(expected 1 or {PLAN_VERSION})")
         d.pop("fingerprint", None)
         d["files"] = [InputFile(**{**f, "row_groups": tuple(f["row_groups"]),
-                                   "offsets": tuple(f.get("offsets", ()))}) for f in d["files"]]
+                                   "offsets": tuple(f.get("offsets", ())),
+                                   "unit_lines": tuple(f.get("unit_lines", ()))}) for f in d["files"]]
         if d["version"] == 1:  # one row range of one file per shard: run directories of older releases
             d["shards"] = [{"index": s["index"], "pieces": [{k: s[k] for k in ("file", "row_start", "num_rows")}]}
                            for s in d["shards"]]
@@ -293,7 +296,8 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
     files, ids, schemas, censuses = [], [], [], []
     for file, (fact, file_ids) in zip(listed, scanned, strict=True):
         censuses.append(fact.census)
-        file = replace(file, num_rows=fact.num_rows, row_groups=fact.units, offsets=fact.offsets)
+        file = replace(file, num_rows=fact.num_rows, row_groups=fact.units, offsets=fact.offsets,
+                       unit_lines=fact.unit_lines)
         if fact.num_rows:
             schemas.append((file.url, _select(fact.schema, columns, file.url, cfg)))
             ids.append(file_ids)
@@ -469,7 +473,7 @@ def _select(schema: pa.Schema, columns: list[str], url: str, cfg: Config) -> pa.
         raise InputError(
             f"input file {url!r} has no column {', '.join(repr(c) for c in missing)} "
             f"(columns found: {', '.join(schema.names)}); check input.id_column, "
-            "input.prompt_column, input.messages_column and input.passthrough_columns"
+            "input.prompt_column, input.messages_column, input.sampling_column(s) and input.passthrough_columns"
         )
     selected = pa.schema([pa.field(c, _unified_type(schema.field(c).type)) for c in columns])
     if cfg.input.prompt_column:

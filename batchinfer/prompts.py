@@ -15,7 +15,7 @@ from typing import Any
 from batchinfer import model_refs
 from batchinfer.config import Config, ConfigError, EngineConfig, InputConfig
 from batchinfer.errors import RowError
-from batchinfer.openai_batch import Completion, parse_request
+from batchinfer.openai_batch import Completion, is_request, parse_request
 from batchinfer.plan import InputError, Plan, input_reader
 
 log = logging.getLogger(__name__)
@@ -216,9 +216,10 @@ def check_sample(cfg: Config, plan: Plan) -> None:
         raise ConfigError(str(e)) from None
     column = cfg.input.prompt_column or cfg.input.messages_column
     setting = "input.prompt_column" if cfg.input.prompt_column else "input.messages_column"
-    if cfg.input.format == "openai_batch":
-        column, setting = "request", "input.format"
     reader = input_reader(cfg)
+    if cfg.input.format == "openai_batch":
+        _check_openai_sample(plan, reader)
+        return
     for f in [f for f in plan.files if f.num_rows][:SAMPLE_FILES]:
         # Rows of the first read unit (Parquet: row group) only, so the check reads one unit.
         cells = first_cells(cfg, reader, f, min(SAMPLE_ROWS, next(n for n in f.row_groups if n)))
@@ -233,6 +234,26 @@ def check_sample(cfg: Config, plan: Plan) -> None:
                 f"input file {f.name!r}: none of the first {len(cells)} rows of column {column!r} "
                 f"becomes a prompt, all fail with {errors[0].code} (first row: {errors[0].message}); "
                 f"every row of the run would be that error. Fix the inputs or {setting}")
+
+
+def _check_openai_sample(plan: Plan, reader: Any) -> None:
+    """An OpenAI batch file none of whose first lines is a request at all ({custom_id, url,
+    body}) is the wrong file or format, not bad requests: InputError naming it. Requests that
+    are malformed one by one (n: 2, bad messages, bad settings) are their rows' errors."""
+    for f in [f for f in plan.files if f.num_rows][:SAMPLE_FILES]:
+        batch = reader.first_rows(f, ["request", "line"], min(SAMPLE_ROWS, f.num_rows))
+        raws, lines = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        if any(is_request(raw) for raw in raws):
+            continue
+        try:
+            parse_request(raws[0], lines[0])
+            why = "it has no custom_id, url and body"
+        except RowError as e:
+            why = e.message
+        raise InputError(
+            f"input file {f.name!r}: none of the first {len(raws)} lines is an OpenAI batch request "
+            f'{{"custom_id", "method", "url", "body"}} (first: {why}); every line of the run would be a '
+            "bad_request error. Check the file, or input.format (parquet for Parquet prompts)")
 
 
 def first_cells(cfg: Config, reader: Any, file: Any, n: int) -> list[Any]:

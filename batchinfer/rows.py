@@ -37,6 +37,15 @@ class RowRequests:
     """openai_batch: "chat" or "completion" (None: the line did not parse); else all None."""
     models: list[str | None]
     """openai_batch: each request's body.model; else all None."""
+    lines: list[int | None]
+    """openai_batch: each request's line number in its file; else all None."""
+
+    def at_line(self, error: RowError, i: int) -> RowError:
+        """Row `i`'s error naming its line, as bad_request errors do (openai_batch only)."""
+        line = self.lines[i]
+        if line is None or error.message.startswith("line "):
+            return error
+        return RowError(error.code, f"line {line}: {error.message}")
 
 
 class RowRequestBuilder:
@@ -60,7 +69,7 @@ class RowRequestBuilder:
                 sampling[i] = resolve(self.defaults, overrides)
             except RowError as e:
                 cells[i] = e
-        return RowRequests(cells, sampling, [None] * len(cells), [None] * len(cells))
+        return RowRequests(cells, sampling, [None] * len(cells), [None] * len(cells), [None] * len(cells))
 
     def _overrides(self, table: pa.Table) -> list[dict[str, Any] | RowError | None]:
         """Each row's own settings from the sampling column(s); None: the row sets none."""
@@ -95,7 +104,7 @@ class RowRequestBuilder:
             sampling.append(settings)
             kinds.append(request.kind if request else None)
             models.append(request.model if request else None)
-        return RowRequests(cells, sampling, kinds, models)
+        return RowRequests(cells, sampling, kinds, models, lines)
 
 
 def _setting_object(value: Any) -> dict[str, Any] | RowError | None:

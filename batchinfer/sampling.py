@@ -132,9 +132,10 @@ def resolve(defaults: Sampling, overrides: Mapping[str, Any] | None) -> Sampling
 
 
 def _expected(error: ValidationError) -> str:
-    first = error.errors()[0]
-    msg = first["msg"]
-    return "expected " + msg.removeprefix("Input should be ") if msg.startswith("Input should be ") else msg
+    msg = error.errors()[0]["msg"]
+    if msg.startswith("Input should be "):
+        return "expected " + msg.removeprefix("Input should be ")
+    return "expected: " + msg[0].lower() + msg[1:]  # e.g. "string should have at least 1 character"
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -276,22 +277,30 @@ def _ebnf_literal(text: str) -> str:
 def output_problem(text: str | None, finish_reason: str, completion_tokens: int | None,
                    fmt: ResponseFormat) -> str | None:
     """The row error (`code: message`) of a completion that does not satisfy its response
-    format, or None. Cut by max_tokens: `incomplete_json` (or `incomplete_output`) with
-    finish_reason left as `length`. Otherwise the text must parse (`invalid_json`), match its
-    schema (`schema_mismatch`, checked with the `jsonschema` package) or be one of the choices
-    (`invalid_choice`); the engine's grammar makes these failures rare (a stop string cut
+    format, or None. The text must parse (`invalid_json`), match its schema
+    (`schema_mismatch`, checked with the `jsonschema` package), be one of the choices
+    (`invalid_choice`) or match the whole regex (`pattern_mismatch`, checked with Python's
+    `re`). Text that does not, cut by max_tokens (finish_reason `length`, left as it is), is
+    `incomplete_json` or `incomplete_output`; text that does is complete, even when it used
+    every token allowed. The engine's grammar makes the other failures rare (a stop string cut
     the text, or a schema keyword the grammar does not enforce)."""
-    if finish_reason == "length":
+    if text is None:
+        return None
+    problem = _mismatch(text, fmt)
+    if problem is not None and finish_reason == "length":
         code = "incomplete_json" if fmt.is_json else "incomplete_output"
         what = "JSON value" if fmt.is_json else f"{fmt.kind} output"
         return (f"{code}: the completion reached its max_tokens ({completion_tokens}) before the "
                 f"{what} was complete")
-    if text is None:
-        return None
+    return problem
+
+
+def _mismatch(text: str, fmt: ResponseFormat) -> str | None:
     if fmt.kind == "choice":
         return None if text in fmt.choices else f"invalid_choice: {_short(text)} is not one of {list(fmt.choices)}"
-    if not fmt.is_json:
-        return None
+    if fmt.kind == "regex":
+        return None if re.fullmatch(fmt.pattern, text) else \
+            f"pattern_mismatch: {_short(text)} does not match {_short(fmt.pattern)}"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

@@ -189,7 +189,8 @@ class ShardWorker:
 
     def _encode(self, table: pa.Table) -> tuple[RowRequests, list, list[int]]:
         requests = self.requests.build(table)
-        encoded = self.prompts.encode(requests.cells)
+        encoded = [requests.at_line(e, i) if isinstance(e, RowError) else e
+                   for i, e in enumerate(self.prompts.encode(requests.cells))]
         return requests, encoded, self._order(encoded)
 
     # ------------------------------------------------------------------ rows through the engine

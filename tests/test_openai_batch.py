@@ -64,6 +64,10 @@ def check_output(parts: dict[str, bytes], errors: dict[str, bytes], source: str)
         if line["error"] is not None:  # output kept, but cut by max_tokens before its format was complete
             assert line["error"]["code"] in ("incomplete_json", "incomplete_output")
             assert parsed.choices[0].finish_reason == "length"
+    bad_role = by_id["bad-role"]  # a request whose messages the chat template cannot take
+    assert bad_role["response"] is None and bad_role["error"] == {
+        "code": "bad_messages", "message": "line 36: message 0 has role 'robot', expected one of system, user, "
+                                           "assistant, tool"}
     broken = by_id[broken_id]
     assert broken["response"] is None and broken["error"]["code"] == "bad_request"
     assert broken["error"]["message"].startswith(f"line {BROKEN_LINE}: not valid JSON")
@@ -151,10 +155,10 @@ def test_a_batch_file_killed_mid_run_resumes_to_exactly_once(tmp_path, driver, w
     for name, stat in survived.items():  # committed before the kill: never recomputed
         assert after[name] == stat, f"{name} was rewritten"
     by_id = check_output(parts, where.files("errors"), where.source)
-    assert sum(1 for line in by_id.values() if line["response"]) >= len(REQUESTS) - 2
+    assert sum(1 for line in by_id.values() if line["response"]) >= len(REQUESTS) - 3
     manifest = where.manifest()
     assert manifest["rows"]["total"] == len(REQUESTS) + 1 and manifest["rows"]["missing"] == 0
-    assert manifest["errors"]["bad_request"] == 1
+    assert manifest["errors"]["bad_request"] == 1 and manifest["errors"]["bad_messages"] == 1
 
 
 def test_an_openai_batch_file_to_parquet_results(tmp_path, ray_cluster):
@@ -168,7 +172,7 @@ def test_an_openai_batch_file_to_parquet_results(tmp_path, ray_cluster):
     assert (report.status, report.exit_code) == ("partial", 3)
     df = pd.read_parquet(local.out)
     assert sorted(df.id) == sorted([r["custom_id"] for r in REQUESTS] + [f"{EXAMPLE.name}:{BROKEN_LINE}"])
-    assert df.error.str.startswith("bad_request").sum() == 1
+    assert df.error.str.startswith("bad_request").sum() == 1 and df.error.str.startswith("bad_messages").sum() == 1
 
 
 def test_a_repeated_custom_id_or_an_unserved_model_stops_before_any_engine(tmp_path):
@@ -185,5 +189,5 @@ def test_a_repeated_custom_id_or_an_unserved_model_stops_before_any_engine(tmp_p
     done = subprocess.run([sys.executable, "-m", "batchinfer.cli", "run", str(write_yaml(tmp_path / "b.yaml", cfg))],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
-    assert "asks for body.model 'gpt-4o-mini' (34 requests); this job serves ['llama']" in done.stderr
+    assert "asks for body.model 'gpt-4o-mini' (35 requests); this job serves ['llama']" in done.stderr
     assert not (tmp_path / "out" / "_batchinfer" / "plan.json").exists()

@@ -35,7 +35,7 @@ def planned(reader, url):
                         version=storage.version_tag(i), size=i["size"], num_rows=0, row_groups=())
               for i in infos]
     facts = reader.scan_files(listed, lambda file, f, read_column: f)
-    return [replace(file, num_rows=f.num_rows, row_groups=f.units, offsets=f.offsets)
+    return [replace(file, num_rows=f.num_rows, row_groups=f.units, offsets=f.offsets, unit_lines=f.unit_lines)
             for file, f in zip(listed, facts, strict=True)]
 
 
@@ -136,9 +136,10 @@ def test_blank_lines_and_crlf(tmp_path, reader, small_units):
     url = write(tmp_path / "in.jsonl", lines, ending=b"\r\n")
     [file] = planned(reader, url)
     assert file.num_rows == 8 and file.row_groups == (3, 3, 2)
-    # Past the blank lines a unit's line number is unknown: offsets stop there and such
-    # shards read on from the last unit that has one.
-    assert file.offsets == (0, 3 * (len(request("a")) + 2))
+    # Every unit has its offset and its first line's number, blank lines before it or not,
+    # so a shard past them still seeks straight to its own lines.
+    width = len(request("a")) + 2
+    assert file.offsets == (0, 3 * width, 6 * width + 2 + 5) and file.unit_lines == (1, 4, 9)
     table = reader.read_rows(url, file, 0, 8, SCHEMA.names)
     assert table.column("custom_id").to_pylist() == list("abcdefgh")
     assert table.column("line").to_pylist() == [1, 2, 3, 4, 7, 8, 9, 10]
@@ -148,7 +149,7 @@ def test_blank_lines_and_crlf(tmp_path, reader, small_units):
             == [1, 2, 3, 4, 7, 8, 9, 10][start:start + 2]
     (tmp_path / "lead.jsonl").write_bytes(b"\n" + request("x").encode())  # no final newline
     [lead] = planned(reader, str(tmp_path / "lead.jsonl"))
-    assert lead.num_rows == 1 and lead.offsets == ()
+    assert lead.num_rows == 1 and (lead.offsets, lead.unit_lines) == ((1,), (2,))
     assert reader.read_rows(lead.url, lead, 0, 1, ["line", "custom_id"]).to_pylist() \
         == [{"line": 2, "custom_id": "x"}]
 
@@ -179,7 +180,7 @@ def test_census_counts_request_fields(tmp_path, reader, monkeypatch):
     assert facts.census == {
         "method": {"POST": 3, "GET": 1},
         "url": {"/v1/chat/completions": 3, "/v1/embeddings": 1},
-        "model": {"m1": 2, "m2": 1, "null": 1},
+        "model": {"m1": 2, "m2": 1},  # a null model is no model, as OpenAI reads it
         "body_field": {"model": 4, "messages": 3, "temperature": 1, "input": 1},
     }
     monkeypatch.setattr(openai_batch, "CENSUS_MAX_VALUES", 2)

@@ -49,6 +49,8 @@ def test_a_row_overrides_only_what_it_sets():
     ({"top_p": 1.5}, "top_p: got 1.5; expected less than or equal to 1"),
     ({"top_p": 0}, "top_p: got 0; expected greater than 0"),
     ({"seed": -3}, "seed: got -3; expected greater than or equal to 0"),
+    ({"temperature": 1e308}, "temperature: got 1e+308; expected less than or equal to 2"),
+    ({"stop": [""]}, "stop: got ['']; expected: string should have at least 1 character"),
     ({"seed": 2**64}, "seed: got 18446744073709551616; expected less than or equal to 9223372036854775807"),
     ({"stop": [1]}, "stop: got [1]; expected a valid string"),
     ({"n": 2}, "unknown setting 'n'; expected any of max_tokens, temperature, top_p, seed, stop, response_format"),
@@ -113,6 +115,11 @@ def test_a_bad_global_response_format_stops_the_config():
     ("[1, 2]", "stop", {"type": "json_object"}, "invalid_json: the completion is a JSON list, expected an object"),
     ("maybe", "stop", {"type": "choice", "choice": ["yes", "no"]}, "invalid_choice: 'maybe' is not one of ['yes', 'no']"),
     ("ye", "length", {"type": "choice", "choice": ["yes", "no"]}, "incomplete_output: the completion reached its max_tokens (7)"),
+    ("yes", "length", {"type": "choice", "choice": ["yes", "no"]}, None),  # complete on its last token
+    ('{"name": "Ann", "age": 3}', "length", schema_format(), None),
+    ("555-1234", "stop", {"type": "regex", "regex": "[0-9]{3}-[0-9]{4}"}, None),
+    ("555-12", "stop", {"type": "regex", "regex": "[0-9]{3}-[0-9]{4}"}, "pattern_mismatch: '555-12' does not match"),
+    ("555-12", "length", {"type": "regex", "regex": "[0-9]{3}-[0-9]{4}"}, "incomplete_output"),
 ])
 def test_outputs_are_checked_against_their_format(text, finish, fmt, error):
     found = output_problem(text, finish, 7, parse_response_format(fmt))
@@ -135,6 +142,12 @@ def test_a_chat_request_becomes_messages_and_settings():
     assert r.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert r.settings == {"max_tokens": 7, "temperature": 0.5, "seed": 1, "stop": "\n",
                           "response_format": {"type": "json_object"}}  # logprobs: reported by the plan
+
+
+def test_a_byte_order_mark_and_null_fields_are_what_openai_makes_of_them():
+    r = parse_request("\ufeff".encode() + line({"messages": [{"role": "user", "content": "x"}], "n": None,
+                                                   "model": None, "temperature": None}), 1)
+    assert (r.custom_id, r.model, r.settings) == ("r1", None, {})
 
 
 def test_a_completions_request_is_its_prompt_text_without_a_template():
@@ -230,3 +243,31 @@ def test_openai_batch_input_refuses_column_settings():
     with pytest.raises(ConfigError, match=r"input.passthrough_columns \['topic'\]: output.format openai_batch "
                                           "writes the OpenAI Batch API's line shape"):
         config_from_dict({"input": {"passthrough_columns": ["topic"]}, "output": {"format": "openai_batch"}})
+
+
+# --------------------------------------------------------------------------- checks before any engine
+
+
+def batch_plan(tmp_path, lines: list[str]):
+    (tmp_path / "in").mkdir(exist_ok=True)
+    (tmp_path / "in" / "batch.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = config_from_dict({"input": {"path": str(tmp_path / "in"), "format": "openai_batch"},
+                            "output": {"path": str(tmp_path / "out")}})
+    return cfg, make_plan(cfg)
+
+
+def test_a_file_of_bad_requests_runs_but_a_file_of_no_requests_is_refused(tmp_path):
+    """Requests malformed one by one (n: 2 on every sampled line) are their rows' bad_request
+    errors, and the run goes on; a file none of whose lines is a request at all (another
+    JSONL format) is the wrong input, refused before any engine starts."""
+    from batchinfer.prompts import check_sample
+
+    bad_n = [line({"messages": [{"role": "user", "content": "hi"}], "n": 2}).decode().replace('"r1"', f'"r{i}"')
+             for i in range(10)]
+    check_sample(*batch_plan(tmp_path, bad_n))
+    other = [json.dumps({"id": i, "prompt": "hi"}) for i in range(10)]
+    with pytest.raises(InputError) as e:
+        check_sample(*batch_plan(tmp_path, other))
+    assert str(e.value).startswith(
+        "input file 'batch.jsonl': none of the first 8 lines is an OpenAI batch request "
+        '{"custom_id", "method", "url", "body"} (first: line 1: custom_id is null; expected a non-empty string)')

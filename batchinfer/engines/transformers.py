@@ -28,6 +28,8 @@ from batchinfer.sampling import ResponseFormat, Sampling, may_constrain, to_gram
 log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes engine.dtype may give
+GRAMMARS_KEPT = 256
+"""Compiled response formats kept for reuse (a job's rows usually share a few)."""
 
 
 class TransformersOptions(EngineOptions):
@@ -266,6 +268,8 @@ class TransformersEngine(BatchEngine):
             self._grammars = {}
             self._compiler = xgrammar.GrammarCompiler(self._token_info)
         if fmt not in self._grammars:
+            if len(self._grammars) >= GRAMMARS_KEPT:  # rows with ever new schemas: start over
+                self._grammars.clear()
             try:
                 self._grammars[fmt] = self._compiler.compile_grammar(to_grammar(self._xgr, fmt))
             except Exception as e:  # the driver checked it; a different xgrammar here may not agree

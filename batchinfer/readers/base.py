@@ -67,9 +67,11 @@ class FileFacts:
     the id check need not read them when duplicate ids are allowed."""
     offsets: tuple[int, ...] = ()
     """Byte offset in the file where the first row of each unit starts, for formats read as
-    a byte stream, so a shard seeks to its rows (`plan.InputFile.offsets`). It may cover only
-    the first units, or none (Parquet: row groups are found in the footer; compressed
-    streams cannot seek); the reader says which."""
+    a byte stream, so a shard seeks to its rows (`plan.InputFile.offsets`); none for Parquet
+    (row groups are found in the footer) and streams that cannot seek (compressed files)."""
+    unit_lines: tuple[int, ...] = ()
+    """With `offsets`: the line number (from 1) of each unit's first row, for formats whose
+    rows are lines and may skip some (blank lines)."""
     census: Mapping[str, Mapping[str, int]] = field(default_factory=dict, hash=False)
     """Counts of values the format cares about, taken while the file was read whole for its
     facts: {what: {value: rows}}; the reader says which. Empty where nothing was counted."""

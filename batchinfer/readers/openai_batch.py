@@ -84,7 +84,7 @@ class OpenAIBatchReader(Reader):
         with self.open_binary(source) as f:
             facts, held = _read_whole(f, _name(source), file.name)
             whole = replace(file, num_rows=facts.num_rows, row_groups=facts.units,
-                            offsets=facts.offsets)
+                            offsets=facts.offsets, unit_lines=facts.unit_lines)
 
             def read_column(name: str) -> pa.ChunkedArray:
                 if name in held:
@@ -95,8 +95,8 @@ class OpenAIBatchReader(Reader):
 
     def read_rows(self, source: str | IO[bytes], file: InputFile, start: int, num_rows: int,
                   columns: Sequence[str]) -> pa.Table:
-        """Seeks to the last unit at or before row `start` that has an offset (a plain file),
-        or reads from the file's start (gzip, or no offsets), skipping lines up to `start`.
+        """Seeks to the unit holding row `start` (a plain file), or reads from the file's start
+        (gzip, or a plan without offsets), skipping lines up to `start`.
         Raises InputError for a column not in SCHEMA or a gzip file that cannot be
         decompressed."""
         if missing := [c for c in columns if c not in SCHEMA.names]:
@@ -160,19 +160,18 @@ def _decoded(f: IO[bytes], url: str) -> Iterator[tuple[IO[bytes], bool]]:
 @contextlib.contextmanager
 def _rows_from(f: IO[bytes], file: InputFile, start: int) -> Iterator[Iterator[tuple[int, int, bytes]]]:
     """The rows of `file` (`_rows`) from row `start` on, through the closest offset."""
-    if not file.offsets:
+    if not file.offsets or len(file.unit_lines) != len(file.offsets):
         with _decoded(f, file.url) as (stream, _):
             yield itertools.islice(_rows(stream, 0, 1), start, None)
         return
-    # Offsets are kept only while no blank line came before (line == row + 1 there).
-    offset, row, first = file.offsets[0], 0, 0
-    for at, n in zip(file.offsets, file.row_groups, strict=False):
+    offset, line, first, row = file.offsets[0], file.unit_lines[0], 0, 0
+    for at, number, n in zip(file.offsets, file.unit_lines, file.row_groups, strict=False):
         if row > start:
             break
-        offset, first = at, row
+        offset, line, first = at, number, row
         row += n
     f.seek(offset)
-    yield itertools.islice(_rows(f, offset, first + 1), start - first, None)
+    yield itertools.islice(_rows(f, offset, line), start - first, None)
 
 
 # ---------------------------------------------------------------------- rows
@@ -237,7 +236,7 @@ class _Census:
                 self._count("body_field", key)
 
     def _value(self, what: str, obj: dict[str, Any], key: str) -> None:
-        if key in obj:
+        if obj.get(key) is not None:  # null is no value, as OpenAI reads it
             value = obj[key]
             self._count(what, value if isinstance(value, str) else json.dumps(value))
 
@@ -257,6 +256,7 @@ class _Pass:
     plain: bool
     num_rows: int = 0
     offsets: list[int] = field(default_factory=list)
+    unit_lines: list[int] = field(default_factory=list)
     census: _Census = field(default_factory=_Census)
     ids: list[str] = field(default_factory=list)
     id_chunks: list[pa.Array] = field(default_factory=list)
@@ -264,10 +264,9 @@ class _Pass:
 
     def add(self, line: int, offset: int, raw: bytes) -> None:
         row = self.num_rows
-        # A unit's line number is row + 1 only while no blank line came before: past one,
-        # offsets stop, and shards there read from the last unit that has one.
-        if self.plain and row % UNIT_ROWS == 0 and line == row + 1:
+        if self.plain and row % UNIT_ROWS == 0:  # a unit starts: where, and at which line
             self.offsets.append(offset)
+            self.unit_lines.append(line)
         obj = _parse(raw)
         if obj is not None:
             self.census.add(obj)
@@ -285,6 +284,7 @@ class _Pass:
     def facts(self) -> FileFacts:
         return FileFacts(num_rows=self.num_rows, units=_units(self.num_rows), schema=SCHEMA,
                          null_free=frozenset(SCHEMA.names), offsets=tuple(self.offsets),
+                         unit_lines=tuple(self.unit_lines),
                          census={k: dict(v) for k, v in self.census.counts.items()})
 
     def columns(self) -> dict[str, pa.ChunkedArray]:
