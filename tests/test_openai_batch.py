@@ -165,14 +165,17 @@ def test_an_openai_batch_file_to_parquet_results(tmp_path, ray_cluster):
     """Either format converts: JSONL requests in, one Parquet table out (custom_id as id)."""
     import pandas as pd
 
-    local = Local(tmp_path)
-    cfg = openai_config(tmp_path, local.input, local.output, run={"num_workers": 2})
+    lines = EXAMPLE.read_text().splitlines()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "few.jsonl").write_text("\n".join([*lines[:3], lines[-15], lines[BROKEN_LINE - 1]]) + "\n")
+    cfg = openai_config(tmp_path, str(tmp_path / "in"), str(tmp_path / "out"))
     cfg.output.format = "parquet"
     report = runner.run(cfg, progress=False)
     assert (report.status, report.exit_code) == ("partial", 3)
-    df = pd.read_parquet(local.out)
-    assert sorted(df.id) == sorted([r["custom_id"] for r in REQUESTS] + [f"{EXAMPLE.name}:{BROKEN_LINE}"])
-    assert df.error.str.startswith("bad_request").sum() == 1 and df.error.str.startswith("bad_messages").sum() == 1
+    df = pd.read_parquet(tmp_path / "out").set_index("id")
+    assert sorted(df.index) == sorted([json.loads(x)["custom_id"] for x in [*lines[:3], lines[-15]]] + ["few.jsonl:5"])
+    assert df.error["few.jsonl:5"].startswith("bad_request: line 5: not valid JSON")
+    assert df.error.notna().sum() == 1 and (df.completion_tokens[df.error.isna()] > 0).all()
 
 
 def test_a_repeated_custom_id_or_an_unserved_model_stops_before_any_engine(tmp_path):

@@ -115,7 +115,7 @@ def job_config(tmp_path, rows_per_file: int, **run) -> str:
     write_sample_prompts(str(tmp_path / "prompts"), files=2, rows_per_file=rows_per_file,
                          row_group_size=5)
     cfg = make_config(tmp_path, run={"num_workers": 2, "rows_per_shard": 5,
-                                     "progress_interval_s": 2, **run})
+                                     "progress_interval_s": 0.5, **run})
     return str(write_yaml(tmp_path / "job.yaml", cfg))
 
 
