@@ -21,6 +21,7 @@ from batchinfer.errors import describe
 from batchinfer.lease import LeaseLost, RunBusy, RunLapsed
 from batchinfer.prompts import check_sample
 from batchinfer.records import Manifest, RunStatus
+from batchinfer.results import OpenAIBatchParts
 from batchinfer.run_store import RunStore
 from batchinfer.runner import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
@@ -122,7 +123,7 @@ def format_summary(m: Manifest, *, did_work: bool = True) -> str:
                      f"{this.rows_per_s:.2f} rows/s, {this.tokens_per_s:.1f} tokens/s")
     for f in m.failed_shards:
         lines.append(f"  failed   {f.part}: {f.reason}")
-    if any(s.part.endswith(".jsonl") for s in m.shard_summaries):
+    if any(s.part.endswith(OpenAIBatchParts.suffix) for s in m.shard_summaries):
         lines.append(f"  output   {m.output}  (part-*.jsonl: OpenAI batch output lines; errors/: failed requests)")
     else:
         lines.append(f"  output   {m.output}  (pandas.read_parquet reads it as one table)")

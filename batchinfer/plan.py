@@ -25,6 +25,7 @@ from batchinfer import model_refs, readers, registry, storage
 from batchinfer.config import Config
 from batchinfer.fingerprint import fingerprinted
 from batchinfer.readers import FileFacts, InputError, ReadColumn, Reader  # also plan.InputError
+from batchinfer.readers.openai_batch import SCHEMA as OPENAI_BATCH_SCHEMA
 from batchinfer.records import now_iso
 
 log = logging.getLogger(__name__)
@@ -203,10 +204,6 @@ def settings_of(cfg: Config) -> dict[str, Any]:
     return settings
 
 
-OPENAI_COLUMNS = ("custom_id", "line", "request")
-"""The columns of an openai_batch line (readers/openai_batch.py): id, line number, raw bytes."""
-
-
 def id_column(cfg: Config) -> str | None:
     """The column holding each row's id: custom_id for openai_batch input, else input.id_column."""
     return "custom_id" if cfg.input.format == "openai_batch" else cfg.input.id_column
@@ -214,7 +211,7 @@ def id_column(cfg: Config) -> str | None:
 
 def needed_columns(cfg: Config) -> list[str]:
     if cfg.input.format == "openai_batch":
-        return list(OPENAI_COLUMNS)
+        return list(OPENAI_BATCH_SCHEMA.names)  # the reader's own columns: custom_id, line, request
     cols = [cfg.input.id_column, cfg.input.prompt_column, cfg.input.messages_column,
             cfg.input.sampling_column, *cfg.input.sampling_columns.values(), *cfg.input.passthrough_columns]
     return list(dict.fromkeys(c for c in cols if c))
@@ -309,7 +306,7 @@ def make_plan(cfg: Config, infos: list[dict[str, Any]] | None = None, *,
     if id_column(cfg):
         check_ids(cfg, [f for f in files if f.num_rows], ids, reader)
     if cfg.input.format == "openai_batch":
-        check_census(cfg, files, censuses)
+        check_census(cfg, censuses)
     del ids
     return Plan(
         files=files,
@@ -543,7 +540,7 @@ CENSUS_REPORTED = 10
 """Ignored body fields named when a plan reports them (the most frequent first)."""
 
 
-def check_census(cfg: Config, files: list[InputFile], censuses: list[Any]) -> None:
+def check_census(cfg: Config, censuses: list[Any]) -> None:
     """What the openai_batch lines asked for, counted while planning (FileFacts.census):
     body.model names not in input.models stop the run (InputError naming them); with
     input.models null the names found are logged once. Body fields batchinfer does not

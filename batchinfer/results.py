@@ -12,8 +12,9 @@ summary, so a part whose commit record was lost to a crash is summarized from it
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -133,8 +134,7 @@ class OpenAIBatchParts:
                                       completion_tokens=r.result.completion_tokens, error=r.result.error),
                      self.fingerprint, self.model)
                  for i, kind, model, r in zip(ids.to_pylist(), requests.kinds, requests.models, rows, strict=True)]
-        failed = [line for line in lines if line["error"] is not None]
-        return EncodedPart(openai_batch.to_jsonl(lines), openai_batch.to_jsonl(failed) if failed else None)
+        return EncodedPart(openai_batch.to_jsonl(lines), _failed_jsonl(lines))
 
 
 def part_writer(cfg: Config, input_schema: pa.Schema, fingerprint: str) -> ParquetParts | OpenAIBatchParts:
@@ -144,19 +144,21 @@ def part_writer(cfg: Config, input_schema: pa.Schema, fingerprint: str) -> Parqu
     return ParquetParts(cfg, input_schema)
 
 
-PART_SUFFIXES = (ParquetParts.suffix, OpenAIBatchParts.suffix)
+def suffix_of(output_format: str) -> str:
+    """The part file suffix of an output.format."""
+    return OpenAIBatchParts.suffix if output_format == "openai_batch" else ParquetParts.suffix
 
 
-def summary_from_part(name: str, data: bytes) -> ShardSummary:
-    """The summary a committed part holds (Parquet metadata), or, for a JSONL part, the one
-    its lines give: counts, tokens and error codes; attempt, worker and timings are unknown
-    (0, -1), the fingerprint absent."""
+def summary_from_part(name: str, f: IO[bytes]) -> ShardSummary:
+    """The summary a committed part (`f`, open) holds: Parquet metadata (the footer alone is
+    read), or, for a JSONL part, the one its lines give: counts, tokens and error codes;
+    attempt, worker and timings are unknown (0, -1), the fingerprint absent."""
     if name.endswith(ParquetParts.suffix):
-        meta = pq.ParquetFile(pa.BufferReader(data)).schema_arrow.metadata or {}
+        meta = pq.ParquetFile(f).schema_arrow.metadata or {}
         return ShardSummary.from_json(meta[SUMMARY_KEY])
     errors: dict[str, int] = {}
     rows = prompt = completion = 0
-    for line in openai_batch.read_jsonl(data):
+    for line in openai_batch.read_jsonl(f.read()):
         rows += 1
         if line.get("error"):
             code = line["error"].get("code") or "error"
@@ -173,5 +175,10 @@ def summary_from_part(name: str, data: bytes) -> ShardSummary:
 
 def error_lines(data: bytes) -> bytes | None:
     """The failed requests of a JSONL part (its error file's content), None when none failed."""
-    failed = [line for line in openai_batch.read_jsonl(data) if line.get("error")]
+    return _failed_jsonl(openai_batch.read_jsonl(data))
+
+
+def _failed_jsonl(lines: Iterable[dict[str, Any]]) -> bytes | None:
+    """The lines whose request failed, as JSONL; None when none did."""
+    failed = [line for line in lines if line.get("error")]
     return openai_batch.to_jsonl(failed) if failed else None

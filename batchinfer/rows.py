@@ -21,9 +21,6 @@ from batchinfer.errors import RowError
 from batchinfer.openai_batch import ParsedRequest, parse_request
 from batchinfer.sampling import Sampling, resolve
 
-OPENAI_COLUMNS = ("custom_id", "line", "request")
-"""The columns readers/openai_batch.py gives each line: id, 1-based line number, raw bytes."""
-
 
 @dataclass
 class RowRequests:
@@ -42,10 +39,7 @@ class RowRequests:
 
     def at_line(self, error: RowError, i: int) -> RowError:
         """Row `i`'s error naming its line, as bad_request errors do (openai_batch only)."""
-        line = self.lines[i]
-        if line is None or error.message.startswith("line "):
-            return error
-        return RowError(error.code, f"line {line}: {error.message}")
+        return _at_line(error, self.lines[i])
 
 
 class RowRequestBuilder:
@@ -99,12 +93,19 @@ class RowRequestBuilder:
                 try:
                     settings = resolve(self.defaults, request.settings)
                 except RowError as e:
-                    cell = RowError(e.code, f"line {line}: {e.message}")
+                    cell = _at_line(e, line)
             cells.append(cell)
             sampling.append(settings)
             kinds.append(request.kind if request else None)
             models.append(request.model if request else None)
         return RowRequests(cells, sampling, kinds, models, lines)
+
+
+def _at_line(error: RowError, line: int | None) -> RowError:
+    """`error` naming its line ("line N: ..."), unless it has none or already does."""
+    if line is None or error.message.startswith("line "):
+        return error
+    return RowError(error.code, f"line {line}: {error.message}")
 
 
 def _setting_object(value: Any) -> dict[str, Any] | RowError | None:

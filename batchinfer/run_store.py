@@ -29,10 +29,10 @@ from batchinfer import atomic, faults, lease, storage
 from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
 from batchinfer.records import Manifest, Record, RunStatus, ShardSummary
-from batchinfer.results import error_lines, summary_from_part
+from batchinfer.results import OpenAIBatchParts, ParquetParts, error_lines, summary_from_part
 
 META_DIR = storage.RUN_META_DIR
-PART_RE = re.compile(r"^part-(\d+)\.(?:parquet|jsonl)$")
+PART_RE = re.compile(rf"^part-(\d+)(?:{re.escape(ParquetParts.suffix)}|{re.escape(OpenAIBatchParts.suffix)})$")
 ERRORS_DIR = "errors"
 
 
@@ -108,7 +108,8 @@ class RunStore:
             return dict(pool.map(summary, sorted(indexes.items())))
 
     def summary_from_part(self, part: str) -> ShardSummary:
-        return summary_from_part(part, self.fs.cat_file(self.part(part).path))
+        with self.fs.open(self.part(part).path, "rb") as f:
+            return summary_from_part(part, f)
 
     def summary_of(self, part: str) -> ShardSummary:
         """A committed part's summary: its commit record, else what the part itself says."""
@@ -120,7 +121,7 @@ class RunStore:
         (its winner crashed between the part and the error file); returns how many."""
         have = set(self._ls(self.root.child(ERRORS_DIR)))
         missing = [s.part for s in committed.values()
-                   if s.part.endswith(".jsonl") and s.rows_failed and s.part not in have]
+                   if s.part.endswith(OpenAIBatchParts.suffix) and s.rows_failed and s.part not in have]
         for part in missing:
             errors = error_lines(self.fs.cat_file(self.part(part).path))
             if errors is not None:

@@ -33,6 +33,7 @@ from batchinfer.records import (
     WorkerInfo,
     now_iso,
 )
+from batchinfer.results import suffix_of
 from batchinfer.run_store import RunStore
 from batchinfer.signals import SignalWatch
 
@@ -353,7 +354,7 @@ def _unwrap(call: Callable[[], Any]) -> Any:
 
 def part_suffix(plan: Plan) -> str:
     """The file suffix of the plan's parts (output.format is in its settings)."""
-    return ".jsonl" if plan.settings.get("output", {}).get("format") == "openai_batch" else ".parquet"
+    return suffix_of(plan.settings.get("output", {}).get("format", "parquet"))
 
 
 def exit_code_for(status: str) -> int:

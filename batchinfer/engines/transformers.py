@@ -119,20 +119,20 @@ class TransformersEngine(BatchEngine):
             input_ids[i, width - lengths[i]:] = torch.tensor(r.prompt_token_ids, dtype=torch.long)
             attention[i, width - lengths[i]:] = 1
         first = settings[0]
+        failed: dict[int, Result] = {}  # rows not decoded: a grammar the compiler refused
         if first.greedy and first.response_format is None and all(
                 s.greedy and s.stop == first.stop and s.response_format is None for s in settings):
             new = self._generate_greedy(input_ids, attention, limits, first.stop, width)
         else:
             matchers = self._matchers(settings)
             failed = {i: m for i, m in enumerate(matchers) if isinstance(m, Result)}
-            for i in failed:  # not decoded: a grammar the compiler refused
+            for i in failed:
                 matchers[i], limits[i] = None, 0
             seeds = [self.seed_of(r) for r in requests]
             new = self._decode(input_ids.to(self.device), attention.to(self.device), limits, settings,
                                seeds, matchers)
-            return [failed[i] if i in failed else self._result(tokens, limit, n, s)
-                    for i, (tokens, limit, n, s) in enumerate(zip(new, limits, lengths, settings, strict=True))]
-        return [self._result(tokens, limit, n, s) for tokens, limit, n, s in zip(new, limits, lengths, settings, strict=True)]
+        return [failed[i] if i in failed else self._result(tokens, limit, n, s)
+                for i, (tokens, limit, n, s) in enumerate(zip(new, limits, lengths, settings, strict=True))]
 
     def _generate_greedy(self, input_ids, attention, limits: list[int], stop: tuple[str, ...],
                          width: int) -> list[list[int]]:
