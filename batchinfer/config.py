@@ -220,6 +220,8 @@ class RunConfig(Section):
     request_timeout_s: Annotated[Annotated[float, Gt(0)] | None, Neutral(
         "a row past it is a timeout error, which a rerun of failed rows retries")] = None
     """Deadline for one request; one past it becomes a timeout row error, or restarts a stuck engine."""
+    row_retries: Annotated[int, Ge(0), _SCHEDULING] = 2
+    """Times a request that failed with a retryable error (timeout, engine_error, request_failed) is run again within its shard attempt before the row is recorded as failed."""
     engine_restarts: Annotated[int, Ge(0), _SCHEDULING] = 2
     """Times a worker restarts a failed engine in place, per shard attempt, before giving the shard back."""
     speculative: Annotated[bool, _SCHEDULING] = True
@@ -234,6 +236,10 @@ class RunConfig(Section):
     """Seconds between progress lines when stderr is not a terminal (job logs, cron)."""
     driver_lease_s: Annotated[float, Ge(5), _SCHEDULING] = 60
     """Seconds a driver's lease on the run lasts unless renewed; a dead driver on another host blocks reruns this long."""
+    gpu_hour_cost: Annotated[Annotated[float, Ge(0)] | None, _SCHEDULING] = None
+    """Price of one GPU-hour (e.g. 1.86 for an on-demand L40S in USD); the manifest, summary and report then show the run's cost and its cost per 1M output tokens. A CPU worker counts as one GPU."""
+    metrics_export_port: Annotated[Annotated[int, Ge(1), Le(65535)] | None, _SCHEDULING] = None
+    """Port of Ray's Prometheus endpoint (http://<node>:<port>/metrics) on the local cluster batchinfer starts; null: Ray picks one (logged). A joined cluster exports where `ray start --metrics-export-port` said."""
     ray_address: Annotated[str | None, _SCHEDULING] = None
     """Ray cluster to join; default $RAY_ADDRESS, else a fresh local cluster."""
     runtime_env: Annotated[dict[str, Any], _SCHEDULING] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MANIFEST_VERSION = 1
 """The manifest layout this code writes. A manifest without a version field is layout 1."""
@@ -81,6 +81,10 @@ class ShardSummary(RowCounts):
     """The plan's fingerprint; absent in records written before it was kept."""
     generation: int | None = None
     """The driver lease generation that committed it; absent in older records."""
+    started_at: float | None = None
+    """When the attempt started (Unix time, seconds); absent in older records."""
+    row_retries: int = 0
+    """Requests run again within this attempt after a retryable error (run.row_retries)."""
 
 
 class ShardAttempt(Record):
@@ -127,12 +131,18 @@ class WorkerProgress(Record):
 # ---------------------------------------------------------------------- the run
 
 
+RUN_STATES = ("planning", "running", "completed", "partial", "failed", "interrupted")
+"""The run lifecycle a driver writes to `status.json`, in order: planning -> running ->
+completed | partial | failed | interrupted. A reader adds `stale` (the state says a driver
+runs it, but its lease lapsed) and `not_started` (status.py)."""
+
+
 class RunStatus(Record):
-    """`_batchinfer/status.json`: the driver's state, rewritten at state changes and on
-    commits. Advisory: liveness is the driver lease (lease.py)."""
+    """`_batchinfer/status.json`: the driver's state, rewritten at state changes and, at
+    most every few seconds, on commits. Advisory: liveness is the driver lease (lease.py)."""
 
     state: str
-    """starting | running | complete | partial | interrupted | failed"""
+    """One of RUN_STATES."""
     reason: str | None = None
     """Why the run failed or was interrupted."""
     started_at: str | None = None
@@ -141,8 +151,18 @@ class RunStatus(Record):
     pid: int | None = None
     shards_done: int = 0
     shards_total: int = 0
+    rows_done: int | None = None
+    """Rows in committed shards (with or without an error); absent in older records."""
+    rows_failed: int | None = None
+    rows_total: int | None = None
     fingerprint: str | None = None
     workers: list[WorkerInfo] = Field(default_factory=list)
+
+    _legacy_state = field_validator("state")(lambda v: _LEGACY_STATES.get(v, v))
+
+
+_LEGACY_STATES = {"complete": "completed", "starting": "running"}
+"""States written before the lifecycle (issue 13) had its names."""
 
 
 class ShardTotals(Record):
@@ -181,6 +201,71 @@ class ThisRun(Record):
     engines: list[dict[str, Any]] = Field(default_factory=list)
     """Each worker's engine accounting when the run ended (`Engine.stats`, up to the last
     shard handed out), with its `worker` index; empty for backends that keep none."""
+    started_at: float | None = None
+    """When this invocation started (Unix time, seconds)."""
+    workers_started_at: float | None = None
+    """When the workers were asked for (Unix time, seconds): GPU time is billed from here."""
+    attempts: list[Attempt] = Field(default_factory=list)
+    """Every shard attempt this invocation started, in start order."""
+    worker_restarts: list[WorkerRestart] = Field(default_factory=list)
+    engine_restarts: int = 0
+    """Engine restarts in place, over this invocation's committed shards."""
+    row_retries: int = 0
+    """Requests retried within their shard attempt, over this invocation's committed shards."""
+    busy_s: float | None = None
+    """Seconds, summed over workers, that an engine held at least one request."""
+
+
+class Attempt(Record):
+    """One shard attempt of this run (the report's timeline): where and when it ran and how
+    it ended."""
+
+    shard: int
+    worker: int
+    attempt: int
+    started_at: float
+    """Unix time, seconds."""
+    ended_at: float
+    outcome: str
+    """committed (its part is the shard's) | lost (another copy committed first) | error (the
+    call raised; retried) | worker_died | cancelled (a raced copy committed) | unfinished
+    (the run stopped first)"""
+    speculative: bool = False
+    reason: str | None = None
+
+
+class WorkerRestart(Record):
+    """A worker actor replaced by the driver (it died, hung, or failed to start)."""
+
+    worker: int
+    at: float
+    """Unix time, seconds."""
+    reason: str
+
+
+class Cost(Record):
+    """What this invocation used, in GPU-hours and (with run.gpu_hour_cost) money.
+
+    A worker counts `max(run.gpus_per_worker, 1)` GPUs: a CPU worker (the embedded default)
+    counts as one, so the arithmetic is the one a GPU run gets."""
+
+    workers: int
+    gpus_per_worker: float
+    wall_s: float
+    """Seconds the workers were held: from the first worker starting to the end of the run."""
+    gpu_hours: float
+    """workers x GPUs per worker x wall_s / 3600: what a cluster bills."""
+    busy_gpu_hours: float | None
+    """GPU-hours while an engine held at least one request; None if no worker reported it."""
+    output_tokens: int
+    tokens_per_gpu_hour: float
+    """Output (completion) tokens per GPU-hour used."""
+    gpu_hour_cost: float | None = None
+    """run.gpu_hour_cost: price of one GPU-hour (any currency; USD in the README)."""
+    total: float | None = None
+    """gpu_hours x gpu_hour_cost."""
+    per_million_output_tokens: float | None = None
+    """total / (output_tokens / 1e6): the number to compare with a batch API's price."""
 
 
 class FailedShard(Record):
@@ -195,7 +280,7 @@ class Manifest(Record):
     version: int = MANIFEST_VERSION
     """The layout; manifests written before this field existed are layout 1."""
     status: str
-    """complete | partial | interrupted"""
+    """completed | partial | interrupted"""
     output: str
     fingerprint: str
     plan_created_at: str
@@ -207,6 +292,12 @@ class Manifest(Record):
     this_run: ThisRun
     failed_shards: list[FailedShard] = Field(default_factory=list)
     shard_summaries: list[ShardSummary] = Field(default_factory=list)
+    cost: Cost | None = None
+    """This invocation's GPU-hours and cost; absent in manifests written before it was kept."""
+    settings: dict[str, Any] = Field(default_factory=dict)
+    """The plan's settings (model, engine, sampling, prompt template): what the fingerprint covers."""
+
+    _legacy_status = field_validator("status")(lambda v: _LEGACY_STATES.get(v, v))
 
     def describes(self, fingerprint: str, committed: int) -> bool:
         """Whether this manifest is current: made for the plan with `fingerprint`, after the

@@ -360,7 +360,7 @@ def part_suffix(plan: Plan) -> str:
 def exit_code_for(status: str) -> int:
     """The exit code of a run (or `status`) in this state: 0 complete, 3 partial, 4 running
     (another driver holds the run), 1 anything else (failed, interrupted, stale: rerun)."""
-    return {"complete": EXIT_OK, "partial": EXIT_PARTIAL, "running": EXIT_BUSY}.get(status, EXIT_FAILED)
+    return {"completed": EXIT_OK, "partial": EXIT_PARTIAL, "running": EXIT_BUSY}.get(status, EXIT_FAILED)
 
 
 def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummary],
@@ -386,7 +386,7 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
     if status is None:
         # complete: every planned row has exactly one committed row, and none failed
         done = len(committed) == len(plan.shards) and rows_ok + rows_failed == plan.total_rows
-        status = "complete" if done and not rows_failed else "partial"
+        status = "completed" if done and not rows_failed else "partial"
     return Manifest(
         status=status,
         output=store.url,

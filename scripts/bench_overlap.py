@@ -36,7 +36,7 @@ def one_run(workdir: Path, shards_per_worker: int, rows: int, tag: str) -> dict:
         "run": {"num_workers": 1, "rows_per_shard": 10, "shards_per_worker": shards_per_worker},
     })
     report = runner.run(cfg, progress=False)
-    assert report.status == "complete" and report.manifest["rows"]["ok"] == rows, report.manifest
+    assert report.status == "completed" and report.manifest["rows"]["ok"] == rows, report.manifest
     return report.manifest["this_run"]
 
 

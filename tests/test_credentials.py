@@ -220,7 +220,7 @@ def test_a_run_survives_keys_rotated_while_planning_and_while_generating(
         sampling={"max_tokens": 2})
     report = runner.run(cfg, progress=False)
 
-    assert (report.status, report.exit_code) == ("complete", 0)
+    assert (report.status, report.exit_code) == ("completed", 0)
     assert len(opened) > 2, "planning read inputs through storage.arrow_file after the rotation"
     assert 0 < mid_run["parts_at_revocation"] < parts(), f"the second rotation was not mid-run: {mid_run}"
     assert [rotating.refused(k) for k in rotating.keys] == [True, True, False]

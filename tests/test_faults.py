@@ -88,7 +88,7 @@ def test_worker_sigkilled_mid_shard(tmp_path, ray_cluster):
     os.kill(workers[0]["pid"], signal.SIGKILL)
     thread.join(timeout=600)
     report = result[0]
-    assert (report.status, report.exit_code) == ("complete", 0)
+    assert (report.status, report.exit_code) == ("completed", 0)
     assert_exactly_once(tmp_path / "out", 40)
     assert max(s.attempt for s in report.manifest.shard_summaries) >= 2  # the killed worker's shards
 
@@ -119,7 +119,7 @@ def test_long_prompt_whose_prefill_outlasts_hang_timeout_is_not_a_hang(tmp_path,
     cfg = engine_config(tmp_path, "transformers", run={"hang_timeout_s": 15}, engine={"max_batch_size": 1})
     with caplog.at_level(logging.WARNING, logger="batchinfer.scheduler"):
         report = runner.run(cfg, progress=False)
-    assert (report.status, report.exit_code) == ("complete", 0), report.manifest
+    assert (report.status, report.exit_code) == ("completed", 0), report.manifest
     assert "starting a replacement" not in caplog.text
     assert [s.attempt for s in report.manifest.shard_summaries] == [1]
     df = assert_read_exactly_once(tmp_path / "out", 5).set_index("id")
@@ -133,7 +133,7 @@ def test_static_batch_of_long_prompts_outlasting_hang_timeout_is_not_a_hang(tmp_
     cfg = engine_config(tmp_path, "transformers", run={"hang_timeout_s": 15}, engine={"max_batch_size": 3})
     with caplog.at_level(logging.WARNING, logger="batchinfer.scheduler"):
         report = runner.run(cfg, progress=False)
-    assert (report.status, report.exit_code) == ("complete", 0), report.manifest
+    assert (report.status, report.exit_code) == ("completed", 0), report.manifest
     assert "starting a replacement" not in caplog.text
     df = assert_read_exactly_once(tmp_path / "out", 5)
     assert df.error.isna().all() and (df.output.str.len() > 0).all()
@@ -188,7 +188,7 @@ def test_engine_that_breaks_is_restarted_in_place(tmp_path, ray_cluster):
     write_sample_prompts(str(tmp_path / "prompts"), files=1, rows_per_file=10, row_group_size=5)
     cfg = engine_config(tmp_path, "tests.fault_engines:BrokenUntilRestartEngine")
     report = runner.run(cfg, progress=False)
-    assert (report.status, report.exit_code) == ("complete", 0)
+    assert (report.status, report.exit_code) == ("completed", 0)
     assert_exactly_once(tmp_path / "out", 10)
     summaries = report.manifest.shard_summaries
     # One restart in place, seen by the shards in flight at the time; no shard went back.
@@ -238,7 +238,7 @@ def test_shard_that_always_fails_ends_partial_and_a_rerun_retries_only_it(tmp_pa
 
     marker.unlink()  # the cause is fixed
     rerun = runner.run(cfg, progress=False)
-    assert (rerun.status, rerun.exit_code) == ("complete", 0)
+    assert (rerun.status, rerun.exit_code) == ("completed", 0)
     assert rerun.manifest.this_run.shards == 1
     after = part_stats(tmp_path / "out")
     assert {k: after[k] for k in before} == before
@@ -282,7 +282,7 @@ def test_driver_sigkilled_at_any_point_then_rerun_is_exactly_once(tmp_path, driv
     after = part_stats(out)
     assert {k: after[k] for k in survived} == survived  # committed before the kill: untouched
     manifest = json.loads((out / "_batchinfer" / "manifest.json").read_text())
-    assert manifest["status"] == "complete" and manifest["rows"]["ok"] == 20
+    assert manifest["status"] == "completed" and manifest["rows"]["ok"] == 20
     assert len(list(records.iterdir())) == 4  # a record lost to the kill was rebuilt from its part
 
 

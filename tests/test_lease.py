@@ -50,7 +50,7 @@ def test_a_second_driver_on_a_live_run_is_refused_naming_the_holder(run_url):
     text = str(busy.value)
     assert f"pid {first.holder.pid}" in text and first.holder.host in text
     assert "last heartbeat 0 s ago" in text and "exit 4" in text
-    first.release("complete")
+    first.release("completed")
     assert DriverLease(meta_of(url, cfg), lease_s=60).acquire().generation == 2  # released: taken at once
 
 

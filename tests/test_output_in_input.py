@@ -215,11 +215,11 @@ def test_output_inside_input_interrupt_resume_rerun_and_new_run(tmp_path, driver
     before = part_stats(out)
     rerun = driver("run", config, "--no-progress")
     assert rerun.wait(timeout=120) == 0, rerun.output()
-    assert "batchinfer: complete (already done; nothing to do)" in rerun.output()
+    assert "batchinfer: completed (already done; nothing to do)" in rerun.output()
     assert part_stats(out) == before
     status = subprocess.run([sys.executable, "-m", "batchinfer.cli", "status", str(out)], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0 and "state    complete" in status.stdout, status.stdout + status.stderr
+    assert status.returncode == 0 and "state    completed" in status.stdout, status.stdout + status.stderr
 
     fresh = driver("run", config, "--no-progress", "--new-run")
     assert fresh.wait(timeout=300) == 0, fresh.output()

@@ -136,7 +136,7 @@ def test_ray_job_submit_runs_the_job(tmp_path, ray_head):
     submit(ray_head, "bi-submit", config, runtime_env(tmp_path, 60))
     assert wait_status(ray_head, "bi-submit", {"SUCCEEDED", "FAILED", "STOPPED"}, 300) == "SUCCEEDED"
     logs = ray_job(ray_head, "logs", "bi-submit").stdout
-    assert "4 of 4 shards to do" in logs and "batchinfer: complete" in logs
+    assert "4 of 4 shards to do" in logs and "batchinfer: completed" in logs
     assert "progress: " in logs and " rows (" in logs  # periodic progress lines in the job log
     assert "rows     20 ok, 0 failed" in logs
     assert_exactly_once(tmp_path / "out", 20)
@@ -177,7 +177,7 @@ def test_nightly_config_fired_twice_for_one_date_does_inference_once(tmp_path, s
 
     first = driver(*args)
     assert first.wait(timeout=300) == 0, first.output()
-    assert "batchinfer: complete" in first.output()
+    assert "batchinfer: completed" in first.output()
     s3.fs.invalidate_cache()
     results = "example-batch-bucket/results/2026-11-27"
     before = {i["name"]: i["ETag"] for i in s3.fs.ls(results, detail=True) if i["type"] == "file"}

@@ -35,7 +35,7 @@ META = LEGACY / "_batchinfer"
 
 def test_a_manifest_written_before_records_parses_as_version_1():
     m = Manifest.from_json((META / "manifest.json").read_text())
-    assert m.version == 1 and m.status == "complete"
+    assert m.version == 1 and m.status == "completed"
     assert (m.rows.total, m.rows.ok, m.shards.committed, m.tokens.completion) == (3, 3, 1, 6)
     assert m.this_run.workers == 1 and m.failed_shards == []
     [s] = m.shard_summaries
@@ -49,12 +49,24 @@ def test_what_is_written_now_keeps_the_old_layout_plus_a_version():
     assert new.pop("version") == MANIFEST_VERSION
     # fields added since (issue 11): empty for a run that did not record them
     assert new["this_run"].pop("tail_s") is None and new["this_run"].pop("engines") == []
+    # and since issue 13: the timeline, cost and settings; the lifecycle's state names
+    this_run = new["this_run"]
+    assert [this_run.pop(k) for k in ("started_at", "workers_started_at", "attempts", "worker_restarts",
+                                      "engine_restarts", "row_retries", "busy_s")] == [None, None, [], [], 0, 0, None]
+    assert (new.pop("cost"), new.pop("settings")) == (None, {})
+    summary = new["shard_summaries"][0]
+    assert (summary.pop("started_at"), summary.pop("row_retries")) == (None, 0)
+    assert (old["status"], new["status"]) == ("complete", "completed")
+    old["status"] = "completed"
     del old["shard_summaries"][0]["won"]
     assert new == old
     for name, kind in (("status.json", RunStatus), ("commits/part-000000.json", ShardSummary)):
         text = (META / name).read_text()
         before = json.loads(text)
         after = json.loads(kind.from_json(text).to_json(indent=None))
+        if "state" in before:  # the lifecycle's name for it
+            assert (before["state"], after["state"]) == ("complete", "completed")
+            before["state"] = "completed"
         assert _keeps(after, before), (after, before)
     status = RunStatus.from_json((META / "status.json").read_text())
     assert status.workers == [WorkerInfo(worker=0, host=status.host, pid=status.workers[0].pid)]
@@ -78,11 +90,11 @@ def test_a_legacy_run_directory_reads_whole(tmp_path):
     manifest = store.read_manifest()
     assert manifest.describes(plan.fingerprint, len(committed))
     assert committed[0] == store.summary_from_part("part-000000.parquet")  # record and part metadata agree
-    assert store.read_status().state == "complete"
+    assert store.read_status().state == "completed"
     result = CliRunner().invoke(main, ["status", str(run), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert (info["state"], info["rows"]) == ("complete", {"done": 3, "total": 3, "failed": 0})
+    assert (info["state"], info["rows"]) == ("completed", {"done": 3, "total": 3, "failed": 0})
 
 
 def test_a_torn_or_foreign_record_reads_as_absent(tmp_path):

@@ -108,7 +108,7 @@ def test_sigkill_then_rerun_answers_every_row_exactly_once(tmp_path, driver, whe
 
     second = driver("run", config, "--no-progress")
     assert second.wait(timeout=600) == 0, second.output()
-    assert "batchinfer: complete" in second.output()
+    assert "batchinfer: completed" in second.output()
 
     df = assert_exactly_once(where.read(), where.rows)
     assert df.output.str.len().min() > 0
@@ -119,7 +119,7 @@ def test_sigkill_then_rerun_answers_every_row_exactly_once(tmp_path, driver, whe
         assert after[name] == stat, f"{name} was rewritten"
 
     manifest = where.manifest()
-    assert manifest["status"] == "complete"
+    assert manifest["status"] == "completed"
     assert manifest["rows"] == {"total": where.rows, "ok": where.rows, "failed": 0, "missing": 0}
     assert manifest["shards"] == {"total": shards, "committed": shards, "failed": 0}
     assert manifest["tokens"]["completion"] == df.completion_tokens.sum()

@@ -36,7 +36,7 @@ def test_run_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
     cfg = make_config(tmp_path, input={"passthrough_columns": ["category"]},
                       run={"num_workers": 2, "rows_per_shard": 20})
     report = runner.run(cfg, progress=False)
-    assert (report.status, report.exit_code, report.did_work) == ("complete", 0, True)
+    assert (report.status, report.exit_code, report.did_work) == ("completed", 0, True)
 
     out = tmp_path / "out"
     df = pd.read_parquet(out)
@@ -54,11 +54,11 @@ def test_run_end_to_end_then_rerun_does_nothing(tmp_path, ray_cluster):
     assert m.shards == ShardTotals(total=3, committed=3, failed=0)  # the middle one spans both files
     assert m.tokens.completion == df.completion_tokens.sum()
     assert m.tokens.prompt == df.prompt_tokens.sum()
-    assert json.loads((out / "_batchinfer" / "manifest.json").read_text())["status"] == "complete"
+    assert json.loads((out / "_batchinfer" / "manifest.json").read_text())["status"] == "completed"
 
     before = part_stats(out)
     again = runner.run(cfg, progress=False)
-    assert (again.status, again.exit_code, again.did_work) == ("complete", 0, False)
+    assert (again.status, again.exit_code, again.did_work) == ("completed", 0, False)
     assert part_stats(out) == before
 
 
@@ -210,6 +210,6 @@ def test_cli_plan_and_status(tmp_path, ray_cluster):
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
-    assert info["state"] == "complete"
+    assert info["state"] == "completed"
     assert info["shards"] == {"done": 2, "total": 2}
     assert info["rows"] == {"done": 10, "total": 10, "failed": 0}

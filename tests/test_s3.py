@@ -49,7 +49,7 @@ def test_s3_prompts_to_s3_results(tmp_path, s3, ray_cluster):
     upload_prompts(tmp_path, s3, files=2, rows=15)
     cfg = s3_config(tmp_path, s3, input={"passthrough_columns": ["category"]})
     report = runner.run(cfg, progress=False)
-    assert (report.status, report.exit_code) == ("complete", 0)
+    assert (report.status, report.exit_code) == ("completed", 0)
 
     df = s3.read("out/run/")
     assert sorted(df.id) == ids_of(30)

@@ -50,7 +50,7 @@ def reference(tmp_path_factory, prompts, ray_cluster):
     """Each row's text from one plain run: one worker, shards of 4 rows."""
     folder = tmp_path_factory.mktemp("reference")
     result = runner.run(seeded_config(folder, prompts), progress=False)
-    assert (result.status, result.exit_code) == ("complete", 0)
+    assert (result.status, result.exit_code) == ("completed", 0)
     out = texts(folder / "out")
     same_prompt = [{out[k] for k in ids_of(ROWS)[i::len(PROMPTS)]} for i in range(len(PROMPTS))]
     assert all(len(s) == ROWS // len(PROMPTS) for s in same_prompt), same_prompt  # ids differ: texts differ
@@ -72,7 +72,7 @@ def test_a_row_seed_is_a_stable_63_bit_hash_of_the_seed_and_the_row_id():
 ])
 def test_a_fresh_run_samples_the_same_text_per_row(tmp_path, prompts, reference, run):
     result = runner.run(seeded_config(tmp_path, prompts, **run), progress=False)
-    assert (result.status, result.exit_code) == ("complete", 0)
+    assert (result.status, result.exit_code) == ("completed", 0)
     got = texts(tmp_path / "out")
     assert {k for k in got if got[k] != reference[k]} == set()
 

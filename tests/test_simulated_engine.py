@@ -205,7 +205,7 @@ def test_a_whole_job_on_the_simulated_engine_completes_exactly_once(tmp_path, ra
     cfg = make_config(tmp_path, engine={"backend": "simulated", "options": {"speed": 1000}},
                       sampling={"max_tokens": 16}, run={"num_workers": 2, "rows_per_shard": 20})
     report = runner.run(cfg, progress=False)
-    assert (report.status, report.exit_code) == ("complete", 0)
+    assert (report.status, report.exit_code) == ("completed", 0)
     assert_exactly_once(tmp_path / "out", ids_of(60))
     df = pd.read_parquet(tmp_path / "out")
     assert (df.output == "[simulated: 16 tokens]").all() and (df.completion_tokens == 16).all()

@@ -104,7 +104,7 @@ def run_batchinfer(cfg: dict[str, Any]) -> dict[str, Any]:
     report = runner.run(config, progress=False, install_signal_handlers=False)
     total_s = time.perf_counter() - started
     m = report.manifest
-    if report.status != "complete" or m.rows.ok != m.rows.total:
+    if report.status != "completed" or m.rows.ok != m.rows.total:
         raise RuntimeError(f"benchmark job ended {report.status}: {m.rows}")
     this = m.this_run
     return {"total_s": round(total_s, 3), "generate_s": this.generate_s, "rows": this.rows,

@@ -345,7 +345,7 @@ def driver_main(cfg_path: str, out_path: str) -> None:
                         install_signal_handlers=False)
     probe.stop()
     m = report.manifest
-    if report.status != "complete" or m.rows.ok != m.rows.total:
+    if report.status != "completed" or m.rows.ok != m.rows.total:
         raise RuntimeError(f"scale job ended {report.status}: {m.rows}")
     # Growth once the scheduler is under way (the first samples include Ray's own warm-up).
     steady = [(c, r) for _, phase, c, r in probe.samples if phase == "schedule" and c >= m.shards.total // 10]
