@@ -10,20 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 
 import click
 
-from batchinfer import engines, lease, plan as planning, runner, storage
+from batchinfer import engines, lifecycle, logs, plan as planning, runner, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.config_loader import load_config, to_commented_yaml
 from batchinfer.errors import describe
 from batchinfer.lease import LeaseLost, RunBusy, RunLapsed
+from batchinfer.lifecycle import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from batchinfer.metrics import run_label
 from batchinfer.prompts import check_sample
-from batchinfer.records import Manifest, RunStatus
+from batchinfer.records import Cost, Manifest
 from batchinfer.results import OpenAIBatchParts
 from batchinfer.run_store import RunStore
-from batchinfer.runner import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 log = logging.getLogger("batchinfer")
 
@@ -31,11 +33,9 @@ SET_HELP = "Override a config key, e.g. --set sampling.max_tokens=32 (repeatable
 DATE_HELP = "Date for {date} in input.path/output.path, YYYY-MM-DD (default: today, UTC)."
 
 
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("filelock", "fsspec", "urllib3", "botocore", "s3fs", "asyncio"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+LOG_FORMAT_HELP = ("Log lines on stderr, from the driver and the workers: text, or json (one object "
+                   "per line: time, level, logger, run, worker, shard, event, and the fields of "
+                   "the event; progress too). The summary on stdout stays text.")
 
 
 def _fail(code: int, message: str) -> None:
@@ -52,7 +52,9 @@ def load_or_exit(config_path: str, sets: tuple[str, ...], date: str | None = Non
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.option("--log-format", type=click.Choice(logs.FORMATS), default="text", show_default=True,
+              envvar=logs.ENV_VAR, show_envvar=True, help=LOG_FORMAT_HELP)
+def main(verbose: bool, log_format: str) -> None:
     """Batch LLM inference on Ray: Parquet prompts in, Parquet results out, exactly once.
 
     \b
@@ -61,7 +63,7 @@ def main(verbose: bool) -> None:
                 2 bad usage/config/inputs/output (fix, then rerun),
                 4 another live driver holds the run (this one did nothing).
     """
-    setup_logging(verbose)
+    logs.setup(verbose, log_format)
 
 
 @main.command()
@@ -84,27 +86,39 @@ def run(config_path: str, sets: tuple[str, ...], date: str | None, new_run: bool
 
 def run_job(cfg: Config, *, new_run: bool = False, progress: bool = True) -> int:
     """Run and print the summary; return the exit code. Shared with jobs/batch_job.py."""
+    logs.bind(run=run_label(cfg.output.path))  # the run a JSON log line is about, as metrics label it
     try:
         report = runner.run(cfg, new_run=new_run, progress=progress)
     except runner.USAGE_ERRORS as e:
-        click.echo(f"error: {e}", err=True)
+        _say(f"error: {e}", logging.ERROR, "usage_error")
         return EXIT_USAGE
     except (RunBusy, LeaseLost) as e:
-        click.echo(f"batchinfer: {e}", err=True)
+        _say(f"batchinfer: {e}", logging.WARNING, "run_busy")
         return EXIT_BUSY
     except RunLapsed as e:
-        click.echo(f"error: {e}", err=True)
+        _say(f"error: {e}", logging.ERROR, "lease_lapsed")
         return EXIT_FAILED
     except KeyboardInterrupt:
-        click.echo("interrupted; rerun the same command to resume", err=True)
+        _say("interrupted; rerun the same command to resume", logging.WARNING, "interrupted")
         return EXIT_FAILED
     except Exception as e:
-        traceback.print_exc()
-        click.echo(f"error: run failed: {describe(e)}\n"
-                   "rerun the same command to resume after fixing the cause", err=True)
+        _say(f"error: run failed: {describe(e)}\n"
+             "rerun the same command to resume after fixing the cause", logging.ERROR, "run_failed",
+             with_traceback=True)
         return EXIT_FAILED
     click.echo(format_summary(report.manifest, did_work=report.did_work))
     return report.exit_code
+
+
+def _say(message: str, level: int, event: str, with_traceback: bool = False) -> None:
+    """Why a run stopped, on stderr: as written for a person, or with --log-format json a log
+    record (`event` in its `reason` field) like every other line there."""
+    if logs.active_format() == "json":
+        log.log(level, message, extra={"reason": event}, exc_info=with_traceback)
+        return
+    if with_traceback:
+        traceback.print_exc()
+    click.echo(message, err=True)
 
 
 def format_summary(m: Manifest, *, did_work: bool = True) -> str:
@@ -123,13 +137,29 @@ def format_summary(m: Manifest, *, did_work: bool = True) -> str:
                      f"{this.rows_per_s:.2f} rows/s, {this.tokens_per_s:.1f} tokens/s")
     for f in m.failed_shards:
         lines.append(f"  failed   {f.part}: {f.reason}")
+    if did_work and m.cost is not None:
+        lines.append("  cost     " + format_cost(m.cost))
+    failed_rows = "; _errors/: the failed rows" if rows.failed else ""
     if any(s.part.endswith(OpenAIBatchParts.suffix) for s in m.shard_summaries):
-        lines.append(f"  output   {m.output}  (part-*.jsonl: OpenAI batch output lines; errors/: failed requests)")
+        lines.append(f"  output   {m.output}  (part-*.jsonl: OpenAI batch output lines"
+                     f"{'; _errors/: failed requests' if rows.failed else ''})")
     else:
-        lines.append(f"  output   {m.output}  (pandas.read_parquet reads it as one table)")
+        lines.append(f"  output   {m.output}  (pandas.read_parquet reads it as one table{failed_rows})")
     if m.status == "interrupted":
         lines.append("  rerun the same command to finish the remaining shards")
     return "\n".join(lines)
+
+
+def format_cost(c) -> str:
+    """A Cost on one line: GPU-hours, busy share, output tokens per GPU-hour and, with a price,
+    the run's cost and its cost per 1M output tokens."""
+    busy = "" if c.busy_gpu_hours is None else f" ({c.busy_gpu_hours:.3g} busy)"
+    text = f"{c.gpu_hours:.3g} GPU-hours{busy}, {c.tokens_per_gpu_hour:,.0f} output tokens per GPU-hour"
+    if c.total is None:
+        return text + " (set run.gpu_hour_cost for the price)"
+    per_m = "" if c.per_million_output_tokens is None else \
+        f", {c.per_million_output_tokens:,.4g} per 1M output tokens"
+    return text + f"; {c.total:,.4g} at {c.gpu_hour_cost:g} per GPU-hour{per_m}"
 
 
 @main.command()
@@ -189,83 +219,68 @@ def _first_prompt(cfg: Config, p) -> str:
 
 @main.command()
 @click.argument("output_path", metavar="OUTPUT_PATH")
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the status as JSON (keys documented in batchinfer/lifecycle.py; "
+                   "with --watch, one object per line).")
+@click.option("--watch", is_flag=True,
+              help="Refresh every --interval seconds until the run is no longer planning or "
+                   "running; exit with the final state's code.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="Seconds between refreshes with --watch.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="Take the storage settings (endpoint, region, profile) from this config.")
-def status(output_path: str, as_json: bool, config_path: str | None) -> None:
-    """Show a run's progress and state from its run directory alone.
+def status(output_path: str, as_json: bool, watch: bool, interval: float,
+           config_path: str | None) -> None:
+    """Show a run's state and progress from its run directory alone (local or s3://).
 
     \b
-    States: running (a live driver holds it), stale (its driver stopped
-    heartbeating: rerun to resume), interrupted, failed (with the reason),
-    complete, partial, not started.
-    Exit codes: 0 complete, 3 partial, 4 running, 1 stale/interrupted/failed/
-    not started (rerun to resume), 2 no run at OUTPUT_PATH.
+    States: planning, running (a live driver holds it), completed, partial,
+    failed (with the reason), interrupted, stale (its driver stopped
+    heartbeating: rerun to resume), not_started.
+    Exit codes: 0 completed, 3 partial, 4 planning/running, 1 stale/failed/
+    interrupted/not_started (rerun to resume), 2 no run at OUTPUT_PATH.
     """
     storage_cfg = load_or_exit(config_path, ()).storage if config_path else None
     store = RunStore(output_path, storage_cfg)
-    try:
-        with storage.errors(output_path, "OUTPUT_PATH"):
-            plan = store.read_plan()
-            committed = store.committed() if plan is not None else {}
-            manifest = store.read_manifest()
-            record = store.read_status()
-            holder = lease.read_holder(store.meta)
-    except storage.StorageError as e:
-        _fail(EXIT_USAGE, str(e))
-    if plan is None:
-        _fail(EXIT_USAGE, f"no run at {store.url} (expected {store.meta.url}/plan.json)")
-    state, detail = run_state(plan, committed, manifest, record, holder)
-    rows_done = sum(s.rows for s in committed.values())
-    info = {
-        "output": store.url, "state": state, "detail": detail,
-        "shards": {"done": len(committed), "total": len(plan.shards)},
-        "rows": {"done": rows_done, "total": plan.total_rows,
-                 "failed": sum(s.rows_failed for s in committed.values())},
-        "updated_at": record.updated_at if record is not None else None,
-        "driver": None if holder is None else {
-            "host": holder.host, "pid": holder.pid, "generation": holder.generation,
-            "last_heartbeat_s": round(holder.age_s(), 1), "released": holder.released},
-        "fingerprint": plan.fingerprint,
-    }
-    if as_json:
-        click.echo(json.dumps(info, indent=1))
-    else:
-        click.echo(f"run      {store.url}")
-        click.echo(f"state    {state}" + (f": {detail}" if detail else ""))
-        click.echo(f"shards   {len(committed)}/{len(plan.shards)} committed")
-        click.echo(f"rows     {rows_done:,}/{plan.total_rows:,} done, "
-                   f"{info['rows']['failed']:,} with errors")
-    sys.exit(runner.exit_code_for(state))
+    redraw = watch and not as_json and sys.stdout.isatty()
+    while True:
+        try:
+            with storage.errors(output_path, "OUTPUT_PATH"):
+                view = lifecycle.read(store)
+        except storage.StorageError as e:
+            _fail(EXIT_USAGE, str(e))
+        if view is None:
+            _fail(EXIT_USAGE, f"no run at {store.url} (expected {store.meta.url}/plan.json "
+                              "or status.json)")
+        if as_json:
+            click.echo(json.dumps(view.to_json(), indent=None if watch else 1))
+        else:
+            if redraw:
+                click.clear()
+            click.echo(format_status(view.to_json()))
+        if not watch or view.state not in lifecycle.LIVE_STATES:
+            sys.exit(view.exit_code)
+        time.sleep(interval)
 
 
-def run_state(plan, committed: dict, manifest: Manifest | None, record: RunStatus | None,
-              holder) -> tuple[str, str]:
-    """(state, detail) of a run from its records: a live driver lease (running); else a
-    failure or interruption recorded after the last manifest; else the manifest if it
-    describes the parts on record; else the lease (expired or its driver gone: stale)."""
-    if holder is not None and holder.is_live():
-        return "running", holder.describe()
-    finished = manifest is not None and manifest.describes(plan.fingerprint, len(committed))
-    if record is not None and record.state in ("failed", "interrupted") and (
-            not finished or (record.updated_at or "") > manifest.finished_at):
-        why = record.reason or "no reason recorded"
-        fixed = " once the cause is fixed" if record.state == "failed" else ""
-        after = f"rerun the same command to resume{fixed}"
-        return record.state, f"{why}; {after}"
-    if finished:
-        return manifest.status, ""
-    if holder is not None and not holder.released:
-        return "stale", (f"driver on {holder.host} (pid {holder.pid}) last seen "
-                         f"{_ago(holder.age_s())} ago; rerun to resume")
-    return ("stale", "no driver is running it; rerun to resume") if committed or record is not None \
-        else ("not started", "")
-
-
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+def format_status(info: dict) -> str:
+    """`status` for a person: state, progress, driver and, once finished, the cost."""
+    shards, rows = info["shards"], info["rows"]
+    lines = [f"run      {info['output']}",
+             f"state    {info['state']}" + (f": {info['detail']}" if info["detail"] else "")]
+    if shards["total"] is not None:
+        pct = 100 * rows["done"] / rows["total"] if rows["total"] else 100.0
+        lines.append(f"shards   {shards['done']}/{shards['total']} committed"
+                     + (f", {shards['failed']} failed" if shards["failed"] else ""))
+        lines.append(f"rows     {rows['done']:,}/{rows['total']:,} done ({pct:.0f}%), "
+                     f"{rows['failed']:,} with errors")
+        lines.append(f"tokens   {info['tokens']['prompt']:,} in, {info['tokens']['completion']:,} out")
+    if info["updated_at"]:
+        lines.append(f"updated  {info['updated_at']}"
+                     + (f" (started {info['started_at']})" if info["started_at"] else ""))
+    if info["cost"]:
+        lines.append("cost     " + format_cost(Cost.model_validate(info["cost"])))
+    return "\n".join(lines)
 
 
 @main.command("build-engine")
@@ -308,6 +323,42 @@ def validate(config_path: str, sets: tuple[str, ...], date: str | None) -> None:
         _fail(EXIT_USAGE, str(e))
     click.echo(f"# OK: engine backends registered: {', '.join(engines.names())}")
     sys.exit(EXIT_OK)
+
+
+@main.command("report")
+@click.argument("output_path", metavar="OUT")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Where to write the page (default: <OUT's last path part>-report.html in the "
+                   "current directory, e.g. local-report.html for out/local).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="Take the storage settings (endpoint, region, profile) from this config.")
+def report_command(output_path: str, html_path: str | None, config_path: str | None) -> None:
+    """Write the report of the run at OUT: one self-contained HTML page.
+
+    \b
+    Throughput over time, each worker's shard attempts on a timeline,
+    latency and token-length histograms, errors by code with sample ids,
+    failed shards, the settings and fingerprint, GPU-hours and cost. It
+    opens offline (plotly.js is inside). A run without a manifest (still
+    running, or killed) is reported from its commit records.
+    Exit codes: 0 written, 2 no run at OUT or it cannot be read.
+    """
+    from pathlib import Path
+
+    from batchinfer.report import NoRun, build_page, default_html_path  # plotly: only here
+
+    storage_cfg = load_or_exit(config_path, ()).storage if config_path else None
+    target = Path(html_path) if html_path else default_html_path(output_path)
+    try:
+        with storage.errors(output_path, "OUT"):
+            page = build_page(output_path, storage_cfg)
+    except (NoRun, storage.StorageError) as e:
+        _fail(EXIT_USAGE, str(e))
+    try:
+        target.write_text(page, encoding="utf-8")
+    except OSError as e:
+        _fail(EXIT_USAGE, f"cannot write the report to {target}: {describe(e)}")
+    click.echo(f"report written: {target}")
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ class OutputConfig(Section):
     path: Annotated[str, Neutral("where results go, not what they are")] = "out/run-1/"
     """Run directory (any fsspec URL): result parts, plan record, manifest."""
     format: Annotated[Literal["parquet", "openai_batch"], OUTPUT] = "parquet"
-    """parquet: one Parquet part per shard (id, output, finish_reason, tokens, error); openai_batch: JSONL parts in the OpenAI Batch API's output shape, failed requests also under errors/."""
+    """parquet: one Parquet part per shard (id, output, finish_reason, tokens, error); openai_batch: JSONL parts in the OpenAI Batch API's output shape, failed requests also under _errors/."""
     compression: Annotated[Literal["zstd", "snappy", "gzip", "none"],
                            Neutral("how parts are encoded; the rows read back the same")] = "zstd"
     """Parquet compression codec of the result parts (openai_batch parts are plain JSONL)."""

@@ -23,7 +23,7 @@ with `body` a `chat.completion` (or `text_completion`) object: choices[0].messag
 (text), finish_reason, usage. A request that failed has `response: null` and
 `error: {code, message}` (batchinfer's row error code, e.g. prompt_too_long); one whose output
 exists but does not satisfy its response format (incomplete_json) has both. Every failed
-request is also written to the shard's error file (errors/part-NNNNNN.jsonl), so the
+request is also written to the shard's error file (_errors/part-NNNNNN.jsonl), so the
 output and error files load with the same code as the Batch API's.
 """
 

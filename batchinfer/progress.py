@@ -1,14 +1,19 @@
-"""Progress on the driver: a tqdm bar on a terminal, a plain line every so often in logs."""
+"""Progress on the driver: a tqdm bar on a terminal, a plain line every so often in logs
+(with --log-format json: a "progress" log record with the numbers as fields, never a bar)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from batchinfer import logs
 from batchinfer.records import WorkerProgress
+
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -19,7 +24,8 @@ class Progress:
         self.done_shards, self.done_rows = done_shards, done_rows
         self.started = time.monotonic()
         self.enabled = enabled
-        self.tty = enabled and self.stream.isatty()
+        self.json = logs.active_format() == "json"
+        self.tty = enabled and not self.json and self.stream.isatty()
         self.bar = None
         if self.tty:
             self.bar = tqdm(total=total_rows, initial=done_rows, unit="row", file=self.stream,
@@ -47,7 +53,10 @@ class Progress:
             self.bar.refresh()
         elif self.enabled and time.monotonic() >= self.next_line:
             self.next_line = time.monotonic() + self.interval_s
-            print(self.line(), file=self.stream, flush=True)
+            if self.json:
+                log.info("progress", extra=self.fields())
+            else:
+                print(self.line(), file=self.stream, flush=True)
 
     def tokens_per_s(self) -> float:
         return self.tokens / max(time.monotonic() - self.started, 1e-9)
@@ -59,12 +68,24 @@ class Progress:
     def line(self) -> str:
         pct = 100.0 * self.rows / max(self.total_rows, 1)
         elapsed = time.monotonic() - self.started
-        new_rows = self.rows - self.done_rows
-        eta = ""
-        if new_rows > 0:
-            eta = f", eta {_duration(elapsed * (self.total_rows - self.rows) / new_rows)}"
+        eta_s = self._eta_s(elapsed)
+        eta = "" if eta_s is None else f", eta {_duration(eta_s)}"
         return (f"progress: {self.rows}/{self.total_rows} rows ({pct:.0f}%), "
                 f"{self._postfix()}, elapsed {_duration(elapsed)}{eta}")
+
+    def fields(self) -> dict[str, Any]:
+        """The progress as numbers: the fields of a JSON "progress" record."""
+        elapsed = time.monotonic() - self.started
+        eta_s = self._eta_s(elapsed)
+        return {"rows_done": self.rows, "rows_total": self.total_rows,
+                "shards_done": self.shards, "shards_total": self.total_shards,
+                "shards_failed": self.failed, "tokens_per_s": round(self.tokens_per_s(), 1),
+                "elapsed_s": round(elapsed, 1), "eta_s": None if eta_s is None else round(eta_s, 1)}
+
+    def _eta_s(self, elapsed: float) -> float | None:
+        """Seconds left at this run's pace so far; None before it has done a row."""
+        new_rows = self.rows - self.done_rows
+        return elapsed * (self.total_rows - self.rows) / new_rows if new_rows > 0 else None
 
     def close(self) -> None:
         if self.bar is not None:

@@ -126,6 +126,10 @@ class WorkerProgress(Record):
     max_model_len: int = 0
     window: int = 0
     """Requests the worker keeps submitted to its engine (`Engine.max_in_flight`)."""
+    in_flight: int = 0
+    """Requests in the engine now."""
+    busy_s: float = 0.0
+    """Seconds, since the worker started, that its engine held at least one request."""
 
 
 # ---------------------------------------------------------------------- the run

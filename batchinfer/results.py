@@ -5,8 +5,13 @@ parquet: columns `id`, the passthrough columns, then `output`, `finish_reason`,
 shard's summary rides along in the file's key-value metadata so a part describes itself.
 
 openai_batch: JSONL in the OpenAI Batch API's output shape (openai_batch.py), one line per
-request, and the failed requests again in an error file. JSONL has nowhere to keep the
-summary, so a part whose commit record was lost to a crash is summarized from its lines.
+request. JSONL has nowhere to keep the summary, so a part whose commit record was lost to a
+crash is summarized from its lines.
+
+Either way, a shard with failed rows also gets a failed-rows file (`_errors/<part name>`, in
+the part's format): Parquet rows `id, error_code, error_message, shard, attempt`; JSONL the
+OpenAI error lines (what the Batch API's error file holds). It is a function of the
+committed part alone (`failed_rows`), so a crash between the two is repaired from the part.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ if TYPE_CHECKING:  # annotations only
     from batchinfer.rows import RowRequests
 
 SUMMARY_KEY = b"batchinfer.shard"
+ERROR_COLUMNS = ("error_code", "error_message", "shard", "attempt")
+"""The columns of a Parquet failed-rows file, after `id`."""
 
 _RESULT_TYPES = {"output": pa.string(), "finish_reason": pa.string(), "prompt_tokens": pa.int64(),
                  "completion_tokens": pa.int64(), "latency_s": pa.float64(), "error": pa.string()}
@@ -113,8 +120,9 @@ class ParquetParts:
         """The shard's result part as Parquet bytes (run in a thread: building columns of many
         rows must not hold up the event loop that feeds the engine)."""
         passthrough = {c: table.column(c) for c in self.cfg.input.passthrough_columns}
-        return EncodedPart(to_parquet(build_table(self.schema, ids, passthrough, rows), summary,
-                                      self.cfg.output.compression))
+        result = build_table(self.schema, ids, passthrough, rows)
+        return EncodedPart(to_parquet(result, summary, self.cfg.output.compression),
+                           failed_parquet(result.column("id"), result.column("error"), summary))
 
 
 class OpenAIBatchParts:
@@ -173,9 +181,34 @@ def summary_from_part(name: str, f: IO[bytes]) -> ShardSummary:
                         generate_s=0.0, committed_at=now_iso())
 
 
-def error_lines(data: bytes) -> bytes | None:
-    """The failed requests of a JSONL part (its error file's content), None when none failed."""
-    return _failed_jsonl(openai_batch.read_jsonl(data))
+def failed_parquet(ids: pa.ChunkedArray | pa.Array, errors: pa.ChunkedArray | pa.Array,
+                   summary: ShardSummary) -> bytes | None:
+    """A Parquet part's failed-rows file: one row per failed row, `id` (the part's id type),
+    `error_code` (the error before its first colon), `error_message` (the rest), `shard`,
+    `attempt`; None when no row failed."""
+    failed = [(i, e) for i, e in zip(ids.to_pylist(), errors.to_pylist(), strict=True) if e]
+    if not failed:
+        return None
+    codes, messages = zip(*((e.split(":", 1) + [""])[:2] for _, e in failed), strict=True)
+    table = pa.table({
+        "id": pa.array([i for i, _ in failed], type=ids.type),
+        "error_code": pa.array(codes, pa.string()),
+        "error_message": pa.array([m.strip() for m in messages], pa.string()),
+        "shard": pa.array([summary.shard] * len(failed), pa.int64()),
+        "attempt": pa.array([summary.attempt] * len(failed), pa.int64()),
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def failed_rows(name: str, f: IO[bytes], summary: ShardSummary) -> bytes | None:
+    """The failed-rows file of a committed part (`f`, open), None when no row failed: what
+    the winner of its commit writes, rebuilt when a crash came between the two."""
+    if name.endswith(ParquetParts.suffix):
+        table = pq.read_table(f, columns=["id", "error"])
+        return failed_parquet(table.column("id"), table.column("error"), summary)
+    return _failed_jsonl(openai_batch.read_jsonl(f.read()))
 
 
 def _failed_jsonl(lines: Iterable[dict[str, Any]]) -> bytes | None:

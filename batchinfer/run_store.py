@@ -4,7 +4,9 @@ Layout (everything but the parts starts with "_", which Parquet dataset readers 
 
     part-000000.parquet ...            one per committed shard, visible only once complete
                                        (output.format openai_batch: part-000000.jsonl ...)
-    errors/part-000000.jsonl ...       openai_batch: the shard's failed requests, if any
+    _errors/part-000000.parquet ...    the shard's failed rows, if any (id, error_code,
+                                       error_message, shard, attempt); openai_batch:
+                                       _errors/part-000000.jsonl, its failed requests
     _SUCCESS                           written when every shard has committed
     _batchinfer/plan.json              the plan and its fingerprint
     _batchinfer/commits/part-*.json    the summary of each committed shard
@@ -16,8 +18,9 @@ Layout (everything but the parts starts with "_", which Parquet dataset readers 
 A part file is the commit: it appears in one atomic create-if-absent step, so only the
 first attempt to commit a shard wins. Its summary is stored in the part's own Parquet
 metadata too (a JSONL part's is counted from its lines), so a commit record lost to a crash
-is rebuilt from the part. An error file is written by the winner after its part, and is
-rebuilt from the part when a crash came between the two (`repair_error_files`).
+is rebuilt from the part. A failed-rows file is written by the winner after its part, and is
+rebuilt from the part when a crash came between the two (`repair_error_files`): it is a
+function of the committed part alone, so it holds exactly the rows the part has failed.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ from batchinfer import atomic, faults, lease, storage
 from batchinfer.config import StorageConfig
 from batchinfer.plan import Plan
 from batchinfer.records import Manifest, Record, RunStatus, ShardSummary
-from batchinfer.results import OpenAIBatchParts, ParquetParts, error_lines, summary_from_part
+from batchinfer.results import OpenAIBatchParts, ParquetParts, failed_rows, summary_from_part
 
 META_DIR = storage.RUN_META_DIR
 PART_RE = re.compile(rf"^part-(\d+)(?:{re.escape(ParquetParts.suffix)}|{re.escape(OpenAIBatchParts.suffix)})$")
-ERRORS_DIR = "errors"
+ERRORS_DIR = "_errors"
+"""Failed-rows files, one per committed shard with failed rows (skipped by Parquet readers)."""
+LEGACY_ERRORS_DIR = "errors"
+"""Where openai_batch runs before issue 13 kept them; removed with the run by --new-run."""
 
 
 class RunStore:
@@ -117,15 +123,15 @@ class RunStore:
         return found if found is not None else self.summary_from_part(part)
 
     def repair_error_files(self, committed: dict[int, ShardSummary]) -> int:
-        """Write the error file of every committed JSONL part with failed rows that lacks one
-        (its winner crashed between the part and the error file); returns how many."""
+        """Write the failed-rows file of every committed part with failed rows that lacks one
+        (its winner crashed between the part and that file); returns how many."""
         have = set(self._ls(self.root.child(ERRORS_DIR)))
-        missing = [s.part for s in committed.values()
-                   if s.part.endswith(OpenAIBatchParts.suffix) and s.rows_failed and s.part not in have]
-        for part in missing:
-            errors = error_lines(self.fs.cat_file(self.part(part).path))
+        missing = [s for s in committed.values() if s.rows_failed and s.part not in have]
+        for summary in missing:
+            with self.fs.open(self.part(summary.part).path, "rb") as f:
+                errors = failed_rows(summary.part, f, summary)
             if errors is not None:
-                atomic.put(self.root.child(ERRORS_DIR, part), errors, self._staging())
+                atomic.put(self.root.child(ERRORS_DIR, summary.part), errors, self._staging())
         return len(missing)
 
     def _record(self, shard_name: str) -> storage.Location:
@@ -154,9 +160,10 @@ class RunStore:
         for name in self._ls(self.root):
             if PART_RE.match(name) or name == "_SUCCESS":
                 self.fs.rm(self.root.child(name).path)
-        for name in self._ls(self.root.child(ERRORS_DIR)):
-            if PART_RE.match(name):
-                self.fs.rm(self.root.child(ERRORS_DIR, name).path)
+        for folder in (ERRORS_DIR, LEGACY_ERRORS_DIR):
+            for name in self._ls(self.root.child(folder)):
+                if PART_RE.match(name):
+                    self.fs.rm(self.root.child(folder, name).path)
         keep = {lease.LEASE_FILE, f"{lease.LEASE_FILE}.lock"}
         for name in self._ls(self.meta):
             if name not in keep:

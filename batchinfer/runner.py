@@ -15,13 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchinfer import atomic, engines, faults, model_refs, plan as planning, prompts, storage
+from batchinfer import atomic, engines, faults, logs, model_refs, plan as planning, prompts, storage
 from batchinfer.config import Config, ConfigError
 from batchinfer.errors import describe
 from batchinfer.lease import DriverLease, LeaseLost, RunBusy, RunLapsed
+from batchinfer.lifecycle import EXIT_FAILED, exit_code_for
+from batchinfer.metrics import metrics_endpoint, run_label
+from batchinfer.outcome import Outcome
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
 from batchinfer.records import (
+    Cost,
     FailedShard,
     Manifest,
     RowTotals,
@@ -39,7 +43,6 @@ from batchinfer.signals import SignalWatch
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_BUSY = 0, 1, 2, 3, 4
 STATUS_EVERY_S = 5.0
 
 
@@ -55,7 +58,7 @@ USAGE_ERRORS = (ConfigError, RunRefused, planning.InputError, storage.StorageErr
 @dataclass
 class RunReport:
     status: str
-    """complete | partial | interrupted | failed"""
+    """completed | partial | interrupted | failed"""
     exit_code: int
     manifest: Manifest
     did_work: bool
@@ -172,6 +175,7 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
         with storage.errors(cfg.output.path, "output.path"):
             held.acquire()  # also the write probe: a read-only or full output fails here
         held.start_renewing(on_lost=stop.set)  # from now on: planning may take minutes
+        status.begin()
         try:
             report = _run_held(cfg, store, held, status, stop, signals, new_run, progress,
                                started, infos)
@@ -186,6 +190,9 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
         raise
     except (RunBusy, LeaseLost):
         state = None  # another driver holds the run: nothing here is ours to record
+        raise
+    except RunRefused:
+        status.restore()  # the output holds another run: its status stays its own
         raise
     except BaseException as e:
         reason = describe(e)
@@ -229,10 +236,12 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
             store.repair_error_files(committed)
         manifest = store.read_manifest()
         if manifest is None or not manifest.describes(plan.fingerprint, len(committed)):
-            manifest = build_manifest(plan, store, committed, {}, {}, started, started, 0, None)
+            manifest = build_manifest(plan, store, committed, cfg=cfg, started=started)
             with storage.errors(cfg.output.path, "output.path"):
                 store.write_manifest(manifest, success=True)
-        log.info("run at %s is already complete: nothing to do", store.url)
+        log.info("run at %s is already finished: nothing to do", store.url)
+        status.plan = plan
+        status.write(manifest.status, force=True)
         return RunReport(manifest.status, exit_code_for(manifest.status), manifest, False)
     if stop.is_set():
         raise KeyboardInterrupt
@@ -240,7 +249,7 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
     log.info("%d of %d shards to do (%d rows); %d already committed",
              len(pending), len(plan.shards), sum(plan.shards[i].num_rows for i in pending),
              len(committed))
-    status.start(plan, len(committed))
+    status.start(plan, committed)
     # Imported here so `plan`, `status` and `validate` never import Ray.
     from batchinfer.scheduler import Scheduler
 
@@ -255,9 +264,13 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
         except SystemExit:  # ray.init's own SIGTERM handler (sys.exit) ran before ours was back
             owns_ray = True
             raise KeyboardInterrupt from None
+        endpoint = metrics_endpoint()
+        log.info("live metrics: %s (run label %s; Grafana dashboard: configs/grafana/)",
+                 endpoint or "Ray's Prometheus endpoint on each node", run_label(cfg.output.path))
         scheduler = Scheduler(cfg=cfg, plan=plan, stop=stop, generation=held.generation,
                               on_commit=status.commit)
         _prepare_engine(cfg)
+        workers_started = time.time()  # GPU time is billed from here
         workers = scheduler.start_workers(cfg.run.worker_start_timeout_s)
         log.info("%d workers ready (engine load %s s)", len(workers),
                  ", ".join(str(w.load_s) for w in workers))
@@ -284,10 +297,10 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
         raise outcome.fatal
     committed.update(outcome.committed)
     verify_committed(plan, committed, store)
-    manifest = build_manifest(plan, store, committed, outcome.committed, outcome.failed,
-                              started, generate_started, len(workers),
-                              "interrupted" if outcome.interrupted else None,
-                              tail_s=outcome.tail_s, engines=outcome.engines)
+    manifest = build_manifest(plan, store, committed, cfg=cfg, started=started, outcome=outcome,
+                              generate_started=generate_started, workers=len(workers),
+                              workers_started=workers_started,
+                              status="interrupted" if outcome.interrupted else None)
     faults.point("manifest")
     with storage.errors(cfg.output.path, "output.path"):
         store.repair_error_files(committed)
@@ -357,21 +370,15 @@ def part_suffix(plan: Plan) -> str:
     return suffix_of(plan.settings.get("output", {}).get("format", "parquet"))
 
 
-def exit_code_for(status: str) -> int:
-    """The exit code of a run (or `status`) in this state: 0 complete, 3 partial, 4 running
-    (another driver holds the run), 1 anything else (failed, interrupted, stale: rerun)."""
-    return {"completed": EXIT_OK, "partial": EXIT_PARTIAL, "running": EXIT_BUSY}.get(status, EXIT_FAILED)
-
-
-def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummary],
-                   new: dict[int, ShardSummary], failed: dict[int, str], started: float,
-                   generate_started: float, workers: int, status: str | None,
-                   tail_s: float | None = None, engines: list[dict[str, Any]] | None = None) -> Manifest:
-    """The final report: status, counts, tokens, throughput, and every shard's summary.
-
-    `committed` holds every committed shard, `new` those this invocation committed.
-    """
+def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummary], *, cfg: Config,
+                   started: float, outcome: Outcome | None = None, generate_started: float | None = None,
+                   workers: int = 0, workers_started: float | None = None,
+                   status: str | None = None) -> Manifest:
+    """The final report: status, counts, tokens, throughput, cost, this invocation's timeline
+    and every shard's summary. `committed` holds every committed shard; `outcome` is what
+    this invocation's scheduler did (None when it had nothing to do)."""
     finished = time.time()
+    outcome = outcome if outcome is not None else Outcome()
     summaries = [committed[i] for i in sorted(committed)]
     errors: dict[str, int] = {}
     for s in summaries:
@@ -379,12 +386,12 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
             errors[code] = errors.get(code, 0) + n
     rows_ok = sum(s.rows_ok for s in summaries)
     rows_failed = sum(s.rows_failed for s in summaries)
-    this_run = list(new.values())
+    this_run = list(outcome.committed.values())
     run_rows = sum(s.rows for s in this_run)
     run_tokens = sum(s.completion_tokens for s in this_run)
-    gen_s = max(finished - generate_started, 1e-9)
+    gen_s = max(finished - (generate_started or started), 1e-9)
     if status is None:
-        # complete: every planned row has exactly one committed row, and none failed
+        # completed: every planned row has exactly one committed row, and none failed
         done = len(committed) == len(plan.shards) and rows_ok + rows_failed == plan.total_rows
         status = "completed" if done and not rows_failed else "partial"
     return Manifest(
@@ -393,7 +400,7 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
         fingerprint=plan.fingerprint,
         plan_created_at=plan.created_at,
         finished_at=now_iso(),
-        shards=ShardTotals(total=len(plan.shards), committed=len(committed), failed=len(failed)),
+        shards=ShardTotals(total=len(plan.shards), committed=len(committed), failed=len(outcome.failed)),
         rows=RowTotals(total=plan.total_rows, ok=rows_ok, failed=rows_failed,
                        missing=plan.total_rows - rows_ok - rows_failed),
         errors=errors,
@@ -408,49 +415,105 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
             completion_tokens=run_tokens,
             rows_per_s=round(run_rows / gen_s, 3) if run_rows else 0.0,
             tokens_per_s=round(run_tokens / gen_s, 2) if run_rows else 0.0,
-            tail_s=tail_s,
-            engines=engines or [],
+            tail_s=outcome.tail_s,
+            engines=outcome.engines,
+            started_at=round(started, 3),
+            workers_started_at=None if workers_started is None else round(workers_started, 3),
+            attempts=outcome.attempts,
+            worker_restarts=outcome.worker_restarts,
+            engine_restarts=sum(s.engine_restarts for s in this_run),
+            row_retries=sum(s.row_retries for s in this_run),
+            busy_s=outcome.busy_s,
         ),
         failed_shards=[FailedShard(shard=i, part=f"{plan.shards[i].name}{part_suffix(plan)}", reason=r)
-                       for i, r in sorted(failed.items())],
+                       for i, r in sorted(outcome.failed.items())],
         shard_summaries=summaries,
+        cost=run_cost(cfg, workers, finished - workers_started if workers_started else 0.0,
+                      outcome.busy_s, run_tokens) if workers else None,
+        settings=plan.settings,
+    )
+
+
+def run_cost(cfg: Config, workers: int, wall_s: float, busy_s: float | None, output_tokens: int) -> Cost:
+    """GPU-hours and cost of `workers` held for `wall_s` (records.Cost). A worker counts
+    max(run.gpus_per_worker, 1) GPUs; `busy_s` is summed over workers already."""
+    gpus = max(cfg.run.gpus_per_worker, 1.0)
+    gpu_hours = workers * gpus * wall_s / 3600
+    price = cfg.run.gpu_hour_cost
+    total = None if price is None else gpu_hours * price
+    return Cost(
+        workers=workers, gpus_per_worker=cfg.run.gpus_per_worker, wall_s=round(wall_s, 2),
+        gpu_hours=round(gpu_hours, 6),
+        busy_gpu_hours=None if busy_s is None else round(busy_s * gpus / 3600, 6),
+        output_tokens=output_tokens,
+        tokens_per_gpu_hour=round(output_tokens / gpu_hours, 1) if gpu_hours else 0.0,
+        gpu_hour_cost=price,
+        total=None if total is None else round(total, 6),
+        per_million_output_tokens=(round(total / output_tokens * 1e6, 6)
+                                   if total is not None and output_tokens else None),
     )
 
 
 class _Status:
-    """Writes `_batchinfer/status.json`: the driver's state (with the reason of a failure),
-    its workers and progress, at state changes and, at most every few seconds, on commits.
-    Liveness is the driver lease's heartbeat (lease.py), renewed on its own clock."""
+    """Writes `_batchinfer/status.json` as the run moves through its lifecycle (lifecycle.py):
+    planning once this driver holds the run, running once its plan is adopted, then its end
+    state (with the reason of a failure); its workers and progress on commits, at most every
+    few seconds. Liveness is the driver lease's heartbeat (lease.py), renewed on its own clock."""
 
     def __init__(self, store: RunStore):
         self.store = store
         self.started_at = now_iso()
         self.last = 0.0
-        self.state = "starting"
+        self.state = "planning"
         self.plan: Plan | None = None
-        self.done = 0
+        self.previous: RunStatus | None = None
+        self.done = self.rows_done = self.rows_failed = 0
         self.workers: list[WorkerInfo] = []
 
-    def start(self, plan: Plan, done: int) -> None:
-        self.plan, self.done = plan, done
-        self.write("starting", force=True)
+    def begin(self) -> None:
+        """This driver holds the run: planning (what was there is kept, for `restore`)."""
+        try:
+            self.previous = self.store.read_status()
+        except Exception:  # advisory: never fail a run over it
+            self.previous = None
+        self.write("planning", force=True)
+
+    def start(self, plan: Plan, committed: dict[int, ShardSummary]) -> None:
+        """The plan is adopted; `committed` were committed before: running."""
+        self.plan, self.done = plan, len(committed)
+        self.rows_done = sum(s.rows for s in committed.values())
+        self.rows_failed = sum(s.rows_failed for s in committed.values())
+        self.write("running", force=True)
 
     def commit(self, summary: ShardSummary) -> None:
         self.done += 1
+        self.rows_done += summary.rows
+        self.rows_failed += summary.rows_failed
         self.write(self.state)
+
+    def restore(self) -> None:
+        """Put back the status this driver found: it refused the run (the output holds
+        another), so that run's state is not this driver's to change."""
+        if self.previous is not None:
+            self._put(self.previous)
 
     def write(self, state: str, force: bool = False, reason: str | None = None) -> None:
         self.state = state
-        if self.plan is None or (not force and time.monotonic() - self.last < STATUS_EVERY_S):
+        if not force and time.monotonic() - self.last < STATUS_EVERY_S:
             return
         self.last = time.monotonic()
+        plan = self.plan
+        self._put(RunStatus(
+            state=state, reason=reason, started_at=self.started_at, updated_at=now_iso(),
+            host=socket.gethostname(), pid=os.getpid(), shards_done=self.done,
+            shards_total=len(plan.shards) if plan else 0, rows_done=self.rows_done,
+            rows_failed=self.rows_failed, rows_total=plan.total_rows if plan else None,
+            fingerprint=plan.fingerprint if plan else None, workers=self.workers,
+        ))
+
+    def _put(self, record: RunStatus) -> None:
         try:
-            self.store.write_status(RunStatus(
-                state=state, reason=reason, started_at=self.started_at, updated_at=now_iso(),
-                host=socket.gethostname(), pid=os.getpid(), shards_done=self.done,
-                shards_total=len(self.plan.shards), fingerprint=self.plan.fingerprint,
-                workers=self.workers,
-            ))
+            self.store.write_status(record)
         except Exception as e:  # advisory (the output may be full): never fail a run over it
             log.warning("could not write status.json: %s", e)
 
@@ -463,7 +526,7 @@ def _connect_ray(cfg: Config) -> bool:
         return False
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **logs.ray_init_kwargs())
     else:
         # address="local" never joins a stale "current cluster" left by an earlier `ray start`.
         needed = int(cfg.run.num_workers * cfg.run.cpus_per_worker + 0.999)
@@ -479,7 +542,8 @@ def _connect_ray(cfg: Config) -> bool:
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed),
-                     include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True)
+                     include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=True,
+                     _metrics_export_port=cfg.run.metrics_export_port, **logs.ray_init_kwargs())
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = multi_node
         node_ip = ray.util.get_node_ip_address()

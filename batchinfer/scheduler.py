@@ -16,13 +16,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from batchinfer import faults, storage
+from batchinfer import faults, logs, storage
 from batchinfer.config import Config
 from batchinfer.errors import describe
 from batchinfer.lease import LeaseLost
@@ -43,9 +43,11 @@ from batchinfer.lease_book import (
     Start,
     hang_limit,
 )
+from batchinfer.metrics import DriverMetrics, run_label
+from batchinfer.outcome import Outcome, Timeline
 from batchinfer.plan import Plan
 from batchinfer.progress import Progress
-from batchinfer.records import ShardSummary, WorkerInfo, WorkerProgress
+from batchinfer.records import ShardSummary, WorkerInfo, WorkerProgress, WorkerRestart
 from batchinfer.worker import ShardWorker
 
 __all__ = ["Outcome", "Scheduler", "WorkerStartError", "gpu_task_options", "hang_limit",
@@ -66,22 +68,6 @@ FATAL_ERRORS = (storage.StorageError, LeaseLost)
 
 class WorkerStartError(RuntimeError):
     """No worker could load its engine; the message carries the worker's own error."""
-
-
-@dataclass
-class Outcome:
-    committed: dict[int, ShardSummary] = field(default_factory=dict)
-    """Summaries of shards committed by this run, by shard index."""
-    failed: dict[int, str] = field(default_factory=dict)
-    """Shards that used up their attempts, with the last reason."""
-    interrupted: bool = False
-    """A stop was requested before the queue was done."""
-    fatal: BaseException | None = None
-    """The first error no retry can fix (FATAL_ERRORS); the run stopped on it."""
-    tail_s: float | None = None
-    """Seconds from the last shard handed out to the last commit."""
-    engines: list[dict[str, Any]] = field(default_factory=list)
-    """Each ready worker's `Engine.stats` up to the last shard handed out, at the end."""
 
 
 @dataclass
@@ -110,8 +96,10 @@ class Scheduler:
     first."""
 
     def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event, generation: int,
-                 on_commit: Callable[[ShardSummary], None] = lambda s: None):
+                 on_commit: Callable[[ShardSummary], None] = lambda s: None,
+                 metrics: DriverMetrics | None = None):
         self.cfg = cfg
+        self.metrics = metrics if metrics is not None else DriverMetrics(run_label(cfg.output.path))
         self.plan = plan
         self.stop = stop
         self.generation = generation
@@ -178,10 +166,12 @@ class Scheduler:
         for info in self.infos:  # what each worker said when it was ready
             self.book.slots[info.worker].window = info.window
         self.outcome = Outcome(committed=self.book.committed, failed=self.book.failed)
+        self.timeline = Timeline()
         self.last_handout: float | None = None  # time.time() of the last shard handed out
         self.last_commit: float | None = None
         self.committed_rows = 0
         self.live: dict[int, WorkerProgress] = {}
+        self.busy_before: dict[int, float] = {}  # busy seconds of replaced workers, by slot
         while self.book.unfinished:
             now = time.monotonic()
             if self.stop.is_set():
@@ -198,12 +188,22 @@ class Scheduler:
             self._wait_and_dispatch()
             self._poll_progress()
             self._carry_out(self.book.watchdog(time.monotonic()))
+            self.metrics.scheduling(len(self.book.queue) + len(self.book.solo), self._leases_by_worker())
             progress.update(len(self.outcome.committed), self.committed_rows, self.live,
                             len(self.outcome.failed))
         if self.last_commit is not None and self.last_handout is not None:
             self.outcome.tail_s = round(max(0.0, self.last_commit - self.last_handout), 3)
         self.outcome.engines = self._engine_stats()
+        self.outcome.busy_s = self._busy_s()
+        self.outcome.attempts = self.timeline.records()
+        self.metrics.finished()
         return self.outcome
+
+    def _leases_by_worker(self) -> dict[int, int]:
+        held = {slot.index: 0 for slot in self.slots}
+        for lease in self.book.leases.values():
+            held[lease.slot] = held.get(lease.slot, 0) + 1
+        return held
 
     def _engine_stats(self) -> list[dict[str, Any]]:
         """Every ready worker's engine accounting, up to the last shard handed out; a worker
@@ -218,6 +218,19 @@ class Scheduler:
             if stats:
                 out.append({"worker": refs[ref], **stats})
         return sorted(out, key=lambda s: s["worker"])
+
+    def _busy_s(self) -> float | None:
+        """Seconds the workers' engines held a request, from their last progress reports
+        (the final ones asked for now) plus those of the workers they replaced."""
+        refs = {slot.actor.progress.remote(): slot.index for slot in self.slots if slot.ready}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_TIMEOUT_S) if refs else ([], [])
+        for ref in done:
+            info = _get_or_none(ref)
+            if info is not None:
+                self.live[refs[ref]] = info
+        if not self.live and not self.busy_before:
+            return None
+        return round(sum(p.busy_s for p in self.live.values()) + sum(self.busy_before.values()), 3)
 
     def _wait_and_dispatch(self) -> None:
         waiting = {**{lease.ticket: ("lease", lease.id) for lease in self.book.leases.values()},
@@ -244,14 +257,18 @@ class Scheduler:
             result = ray.get(ref)  # a ShardAttempt, or a probe's row count
         except RayActorError as e:
             error = describe(e).split(" Some common causes")[0]  # Ray's advice is long
+            self.timeline.end(lease_id, "worker_died", lease.killed or error)
             decisions = self.book.died(lease_id, error, time.monotonic())
         except RayTaskError as e:
+            self.timeline.end(lease_id, "error", describe(e))
             if isinstance(e.cause, FATAL_ERRORS):
                 self.book.drop(lease_id)
                 self._halt(lease.shard, e.cause)
                 return
             decisions = self.book.errored(lease_id, describe(e))
         else:
+            if lease.probe is None:
+                self.timeline.end(lease_id, "committed" if result.won else "lost")
             decisions = self.book.succeeded(lease_id, result.summary if lease.probe is None else None)
         self._carry_out(decisions)
 
@@ -274,6 +291,7 @@ class Scheduler:
                     faults.point("first-shard")
 
     def _start(self, lease: Lease) -> None:
+        self.timeline.start(lease)
         actor = self.slots[lease.slot].actor
         if lease.probe is None:
             if not lease.speculative:
@@ -294,15 +312,27 @@ class Scheduler:
         self._start(race.lease)
 
     def _commit(self, commit: Commit) -> None:
+        self.metrics.shard_committed(commit.summary)
         self.last_commit = time.time()
         self.committed_rows += commit.summary.rows
         self.on_commit(commit.summary)
         faults.point("committed")
 
+    def _cancel(self, cancel: Cancel) -> None:
+        self.timeline.end(cancel.lease.id, "cancelled", "another copy of the shard committed first")
+        ray.cancel(cancel.lease.ticket)
+
     def _replace(self, replace: Replace) -> None:
         """Swap a dead or hung worker for a fresh one; the shards it held come back as failed
         attempts (the book already counts them)."""
         slot = self.slots[replace.slot]
+        self.timeline.end_slot(slot.index, "worker_died", f"worker {slot.index} {replace.reason}")
+        self.outcome.worker_restarts.append(WorkerRestart(worker=slot.index, at=time.time(),
+                                                          reason=replace.reason))
+        self.metrics.worker_restarted(slot.index)
+        self.busy_before[slot.index] = self.busy_before.get(slot.index, 0.0) + (
+            self.live[slot.index].busy_s if slot.index in self.live else 0.0)
+        self.live.pop(slot.index, None)
         log.warning("worker %d: %s; starting a replacement (%s)", slot.index, replace.reason,
                     f"{replace.replacements} so far" if replace.counted
                     else "lost to a narrowing probe, not counted")
@@ -358,6 +388,15 @@ def _note(level: int, message: str, *fields: str) -> Callable[[Scheduler, Any], 
     return handler
 
 
+def _counted(handler: Callable[[Scheduler, Any], None],
+             count: Callable[[Scheduler, Any], None]) -> Callable[[Scheduler, Any], None]:
+    """`handler`, then `count` the decision in the run's metrics."""
+    def both(scheduler: Scheduler, decision: Any) -> None:
+        handler(scheduler, decision)
+        count(scheduler, decision)
+    return both
+
+
 def _poisoned(scheduler: Scheduler, poisoned: Poisoned) -> None:
     log.warning("shard %s: %d row(s) kill a worker alone %s; they become worker_died row "
                 "errors and the shard runs again", scheduler._name(poisoned.shard),
@@ -368,11 +407,13 @@ _HANDLERS: dict[type, Callable[[Scheduler, Any], None]] = {
     Start: lambda s, d: s._start(d.lease),
     Race: Scheduler._race,
     Commit: Scheduler._commit,
-    Cancel: lambda s, d: ray.cancel(d.lease.ticket),
+    Cancel: Scheduler._cancel,
     Replace: Scheduler._replace,
     GiveUp: _give_up,
-    Retry: _note(logging.WARNING, "shard %s attempt %d failed, retrying: %s", "attempt", "reason"),
-    Fail: _note(logging.ERROR, "shard %s failed after %d attempts: %s", "attempts", "reason"),
+    Retry: _counted(_note(logging.WARNING, "shard %s attempt %d failed, retrying: %s", "attempt", "reason"),
+                    lambda s, d: s.metrics.shard_retried(s.timeline.last_worker(d.shard))),
+    Fail: _counted(_note(logging.ERROR, "shard %s failed after %d attempts: %s", "attempts", "reason"),
+                   lambda s, d: s.metrics.shard_failed()),
     Narrow: _note(logging.WARNING, "shard %s: its worker died %d times (last: %s); probing its "
                   "rows for the ones that kill a worker alone", "deaths", "cause"),
     Poisoned: _poisoned,
@@ -383,7 +424,7 @@ def worker_options(cfg: Config) -> dict[str, Any]:
     """Ray options of an engine worker: its resources, accelerator type and runtime_env."""
     run = cfg.run
     env = dict(run.runtime_env)
-    env["env_vars"] = {**WORKER_ENV, **env.get("env_vars", {})}
+    env["env_vars"] = {**WORKER_ENV, **logs.worker_env(), **env.get("env_vars", {})}
     opts: dict[str, Any] = {"num_cpus": run.cpus_per_worker, "num_gpus": run.gpus_per_worker,
                             "runtime_env": env}
     if run.accelerator_type:

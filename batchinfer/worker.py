@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from batchinfer import storage
+from batchinfer import logs, storage
 from batchinfer.config import Config
 from batchinfer.engines import Engine, Request, Result, get_engine_class, row_seed
 from batchinfer.errors import describe
 from batchinfer.lease import LeaseStale
+from batchinfer.metrics import WorkerMetrics, run_label
 from batchinfer.plan import Plan, Shard, id_column, input_reader
 from batchinfer.prompts import PromptBuilder, RowError, load_tokenizer
 from batchinfer.records import ShardAttempt, ShardSummary, WorkerInfo, WorkerProgress, now_iso
@@ -58,6 +59,7 @@ class EngineFailed(RuntimeError):
 
 class ShardWorker:
     def __init__(self, *, config: Config, plan: Plan, worker_index: int, generation: int):
+        logs.setup_from_env(run=run_label(config.output.path), worker=worker_index)  # before the engine loads
         self.cfg = config
         self.plan = plan
         self.worker_index = worker_index
@@ -82,6 +84,11 @@ class ShardWorker:
         self._canary: list[int] | None = None  # a prompt this worker's engine answered
         self.rows_done = 0
         self.tokens_out = 0
+        self.in_flight = 0
+        self._busy_s = 0.0  # seconds with at least one request in the engine, until _busy_since
+        self._busy_since: float | None = None
+        self.metrics = WorkerMetrics(run_label(config.output.path), worker_index)
+        self._busy_reported = 0.0  # busy seconds already added to the metrics
         self.engine_restarts = 0
         self._beats_before = 0  # heartbeats of engines replaced by restarts
 
@@ -93,15 +100,29 @@ class ShardWorker:
                           window=self.engine.max_in_flight)
 
     async def progress(self) -> WorkerProgress:
+        """What the driver polls every few seconds; also when the live metrics move."""
+        busy = self.busy_s
+        self.metrics.in_flight(self.in_flight)
+        self.metrics.engine_busy(busy - self._busy_reported)
+        self._busy_reported = busy
         return WorkerProgress(rows=self.rows_done, completion_tokens=self.tokens_out,
                               heartbeat=self._beats_before + self.engine.heartbeat,
                               busy=self.engine.busy(), max_model_len=self.engine.max_model_len,
-                              window=self.engine.max_in_flight)
+                              window=self.engine.max_in_flight, in_flight=self.in_flight,
+                              busy_s=round(busy, 3))
+
+    @property
+    def busy_s(self) -> float:
+        """Seconds the engine held at least one request (this worker's own accounting, the
+        same for every backend)."""
+        since = self._busy_since
+        return self._busy_s + (time.perf_counter() - since if since is not None else 0.0)
 
     async def stats(self, until: float | None = None) -> dict:
         """The engine's own accounting (`Engine.stats`), up to `until` (a time.time())."""
         return self.engine.stats(until)
 
+    @logs.contextual(shard="shard_index")
     async def process(self, shard_index: int, attempt: int,
                       skip: dict[int, str] | None = None) -> ShardAttempt:
         """Read, generate, write and commit one shard; return its summary (the winner's, if
@@ -109,7 +130,7 @@ class ShardWorker:
         (row in shard -> reason) killed a worker on their own: they are not run but recorded
         as `worker_died` row errors."""
         shard = self.plan.shards[shard_index]
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         restarts_before = self.engine_restarts
         ticket = self._tickets
         self._tickets += 1
@@ -125,13 +146,14 @@ class ShardWorker:
                                                   if not isinstance(shard_in.encoded[i], RowError)])
         finally:
             await self._end_turn(ticket)
-        rows = await self._finish(shard_in, first)
+        rows, retried = await self._finish(shard_in, first)
         generate_s = time.perf_counter() - started
         summary = ShardSummary(
             shard=shard.index, part=f"{shard.name}{self.writer.suffix}", attempt=attempt,
             worker=self.worker_index, **summarize(rows).model_dump(),
             generate_s=round(generate_s, 3), engine_restarts=self.engine_restarts - restarts_before,
             committed_at=now_iso(), fingerprint=self.plan.fingerprint, generation=self.generation,
+            started_at=round(started_at, 3), row_retries=retried,
         )
         part = await asyncio.to_thread(self.writer.encode, shard_in.table, shard_in.ids, shard_in.requests,
                                        rows, summary)
@@ -160,6 +182,7 @@ class ShardWorker:
                     raise
                 time.sleep(1.0)
 
+    @logs.contextual(shard="shard_index")
     async def probe(self, shard_index: int, rows: list[int]) -> int:
         """Run some rows of a shard and keep nothing; the driver is looking for rows that
         kill the worker (it calls this alone on a worker). Returns how many rows ran."""
@@ -225,21 +248,51 @@ class ShardWorker:
             raise
         return tasks
 
-    async def _finish(self, shard_in: ShardInput, tasks: dict[int, asyncio.Task]) -> list[RowOutcome]:
-        """Every row's outcome. Rows that make the engine raise are retried or isolated:
+    async def _finish(self, shard_in: ShardInput,
+                      tasks: dict[int, asyncio.Task]) -> tuple[list[RowOutcome], int]:
+        """Every row's outcome, and how many requests ran again (`run.row_retries`).
 
-        - some rows of a round succeed and others raise: the engine works, so the ones
-          that raise are rows it cannot take (poison rows) and become row errors;
-        - nothing succeeds: the engine itself may be broken. It is restarted in place and
-          checked with a prompt it answered before; rows that still fail on an engine
-          that passes that check are poison rows; an engine that keeps failing after
-          `run.engine_restarts` restarts gives the shard attempt back (EngineFailed).
-        """
+        A row whose request ends in a retryable error (RETRYABLE: a timeout, an engine
+        error, a request the engine failed) runs again, up to run.row_retries times, within
+        this shard attempt, before its error is recorded. Each round is settled by
+        `_settle`, which restarts a broken engine."""
         encoded = shard_in.encoded
         outcomes: dict[int, RowOutcome] = {
             i: RowOutcome(Result.failed(e.code, e.message), None)
             for i, e in enumerate(encoded) if isinstance(e, RowError)}
-        restarts, verified = 0, False
+        tries: dict[int, int] = {}
+        restarts, retry = 0, False
+        while tasks:
+            settled, restarts = await self._settle(shard_in, tasks, restarts, retry)
+            outcomes.update(settled)
+            again = [i for i, o in settled.items()
+                     if _retryable(o) and tries.get(i, 0) < self.cfg.run.row_retries]
+            for i in again:
+                tries[i] = tries.get(i, 0) + 1
+            if again:
+                log.info("worker %d: %d request(s) failed with a retryable error; running them "
+                         "again", self.worker_index, len(again))
+                self.metrics.row_retried(len(again))
+            tasks, retry = (await self._submit(shard_in, again) if again else {}), True
+        return [outcomes[i] for i in range(len(encoded))], sum(tries.values())
+
+    async def _settle(self, shard_in: ShardInput, tasks: dict[int, asyncio.Task], restarts: int,
+                      retry: bool) -> tuple[dict[int, RowOutcome], int]:
+        """The outcomes of `tasks`, and the engine restarts so far this attempt. Rows that
+        make the engine raise are retried or isolated:
+
+        - some rows of a round succeed and others raise: the engine works, so the ones
+          that raise are rows it cannot take (poison rows) and become row errors;
+        - nothing succeeds: the engine itself may be broken. In a round of retried rows it
+          is first asked a prompt it answered before (a poison row retried alone must not
+          cost an engine restart); if it fails that, or in a first round, it is restarted in
+          place and checked with that prompt; rows that still fail on an engine that passes
+          the check are poison rows; an engine that keeps failing after `run.engine_restarts`
+          restarts gives the shard attempt back (EngineFailed).
+        """
+        encoded = shard_in.encoded
+        outcomes: dict[int, RowOutcome] = {}
+        verified = False
         try:
             while tasks:
                 done = await asyncio.gather(*tasks.values(), return_exceptions=True)
@@ -251,6 +304,8 @@ class ShardWorker:
                         outcomes[i] = result
                 if not failed:
                     break
+                if not verified and retry and len(failed) == len(tasks):
+                    verified = await self._engine_answers(self.engine)
                 if len(failed) < len(tasks) or verified:
                     outcomes.update({i: _row_failure(e, len(encoded[i])) for i, e in failed.items()})
                     break
@@ -265,16 +320,20 @@ class ShardWorker:
             for t in tasks.values():
                 t.cancel()
             raise
-        return [outcomes[i] for i in range(len(encoded))]
+        return outcomes, restarts
 
     async def _generate(self, request: Request) -> RowOutcome:
         """One row through the engine, holding one slot of the window while it runs."""
         started = time.perf_counter()
         timeout = self.cfg.run.request_timeout_s
-        if timeout is None:
-            result = await self.engine.generate(request)
-        else:
-            result = await asyncio.wait_for(self.engine.generate(request), timeout)
+        self._request_in(started)
+        try:
+            if timeout is None:
+                result = await self.engine.generate(request)
+            else:
+                result = await asyncio.wait_for(self.engine.generate(request), timeout)
+        finally:
+            self._request_out()
         latency = time.perf_counter() - started
         fmt = request.sampling.response_format if request.sampling else None
         if fmt is not None and result.error is None:
@@ -287,6 +346,17 @@ class ShardWorker:
             self.tokens_out += result.completion_tokens or 0
         return RowOutcome(result, round(latency, 4))
 
+    def _request_in(self, now: float) -> None:
+        if self.in_flight == 0:
+            self._busy_since = now
+        self.in_flight += 1
+
+    def _request_out(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._busy_since is not None:
+            self._busy_s += time.perf_counter() - self._busy_since
+            self._busy_since = None
+
     async def _restart_engine(self, failed: Engine, reason: str) -> bool:
         """Replace a failed engine with a fresh one (once, however many shards saw it fail),
         then check it on a prompt the old one answered; True if that check passed."""
@@ -297,15 +367,20 @@ class ShardWorker:
                 self._beats_before += failed.heartbeat
                 await asyncio.to_thread(_shutdown_quietly, failed)
                 self.engine = await asyncio.to_thread(self.engine_cls, config=self.cfg)
+        return await self._engine_answers(self.engine)
+
+    async def _engine_answers(self, engine: Engine) -> bool:
+        """Whether `engine` answers a prompt this worker's engine answered before (False when
+        there is none yet)."""
         if self._canary is None:
             return False
         try:
-            check = await asyncio.wait_for(self.engine.generate(Request(-1, self._canary)),
+            check = await asyncio.wait_for(engine.generate(Request(-1, self._canary)),
                                            self.cfg.run.request_timeout_s)
             return check.error is None
         except Exception as e:
-            log.warning("worker %d: the restarted engine failed its check: %s", self.worker_index,
-                        _describe(e))
+            log.warning("worker %d: its engine failed a check on a prompt it answered before: %s",
+                        self.worker_index, _describe(e))
             return False
 
     # ------------------------------------------------------------------ internals
@@ -364,6 +439,15 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return "no result within run.request_timeout_s"
     return describe(error)
+
+
+RETRYABLE = ("timeout", "engine_error", "request_failed")
+"""Row error codes a second try may fix (run.row_retries): the request, not the row, failed."""
+
+
+def _retryable(outcome: RowOutcome) -> bool:
+    error = outcome.result.error
+    return error is not None and error.split(":", 1)[0] in RETRYABLE
 
 
 def _row_failure(error: BaseException, prompt_tokens: int) -> RowOutcome:

@@ -143,3 +143,28 @@ class SlowOnceRowEngine(SlowRowEngine):
 
     slow_s = 60.0
     once = True
+
+
+class FlakyRequestEngine(SlowRowEngine):
+    """TEST ENGINE: a request whose prompt holds the word FLAKY fails its first `failures`
+    times in this worker (as a TensorRT-LLM RequestError would: that request fails, the
+    engine goes on), then succeeds. Other requests run as usual."""
+
+    name = "flaky-request-test-engine"
+    failures = 1
+
+    def __init__(self, *, config):
+        super().__init__(config=config)
+        self.seen: dict[tuple[int, ...], int] = {}
+
+    async def generate(self, request: Request) -> Result:
+        if "FLAKY" in self.inner.tokenizer.decode(request.prompt_token_ids):
+            key = tuple(request.prompt_token_ids)
+            self.seen[key] = self.seen.get(key, 0) + 1
+            if self.seen[key] <= self.failures:
+                return Result.failed("request_failed", f"executor dropped the request (test engine, "
+                                     f"failure {self.seen[key]} of {self.failures})",
+                                     len(request.prompt_token_ids))
+        result = await self.inner.generate(request)
+        self.beat()
+        return result

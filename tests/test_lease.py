@@ -176,7 +176,7 @@ def test_a_lost_lease_is_exit_4_only_when_another_driver_holds_the_run(tmp_path)
 
 
 def test_status_prefers_a_live_driver_and_a_later_failure_over_an_old_manifest(tmp_path):
-    from batchinfer.cli import run_state
+    from batchinfer.lifecycle import decide as run_state
     from batchinfer.records import Manifest, RunStatus, ShardTotals
 
     store = RunStore(str(tmp_path / "run"))

@@ -147,14 +147,14 @@ def test_a_batch_file_killed_mid_run_resumes_to_exactly_once(tmp_path, driver, w
     assert second.wait(timeout=600) == 3, second.output()  # partial: the broken line is a failed row
     log = second.output() + first.output()
     assert "batchinfer: partial" in second.output()
-    assert "errors/: failed requests" in second.output()
+    assert "_errors/: failed requests" in second.output()
     assert "body fields not applied by batchinfer" in log and "logprobs (6 requests)" in log
     parts = where.files()
     assert len(parts) == 9
     after = where.stats()
     for name, stat in survived.items():  # committed before the kill: never recomputed
         assert after[name] == stat, f"{name} was rewritten"
-    by_id = check_output(parts, where.files("errors"), where.source)
+    by_id = check_output(parts, where.files("_errors"), where.source)
     assert sum(1 for line in by_id.values() if line["response"]) >= len(REQUESTS) - 3
     manifest = where.manifest()
     assert manifest["rows"]["total"] == len(REQUESTS) + 1 and manifest["rows"]["missing"] == 0

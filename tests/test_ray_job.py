@@ -185,7 +185,7 @@ def test_nightly_config_fired_twice_for_one_date_does_inference_once(tmp_path, s
 
     second = driver(*args)
     assert second.wait(timeout=120) == 0, second.output()
-    assert "already complete: nothing to do" in second.output()
+    assert "already finished: nothing to do" in second.output()
     assert "workers ready" not in second.output()  # no engine was started
     s3.fs.invalidate_cache()
     assert {i["name"]: i["ETag"] for i in s3.fs.ls(results, detail=True) if i["type"] == "file"} == before

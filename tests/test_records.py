@@ -94,7 +94,7 @@ def test_a_legacy_run_directory_reads_whole(tmp_path):
     result = CliRunner().invoke(main, ["status", str(run), "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.output)
-    assert (info["state"], info["rows"]) == ("completed", {"done": 3, "total": 3, "failed": 0})
+    assert (info["state"], info["rows"]) == ("completed", {"done": 3, "total": 3, "ok": 3, "failed": 0})
 
 
 def test_a_torn_or_foreign_record_reads_as_absent(tmp_path):

@@ -1,4 +1,5 @@
-"""Crash and resume: `batchinfer run` SIGKILLed mid-run, rerun, every input row exactly once.
+"""Crash and resume: `batchinfer run` SIGKILLed mid-run, rerun, every input row exactly once;
+and what `batchinfer status` says of the run at each step (running, stale, completed).
 
 The same test runs on a local run directory and on the loopback S3 server.
 """
@@ -8,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
 from scripts.sample_prompts import write_sample_prompts
-from tests.conftest import BUCKET, assert_exactly_once, make_config, wait_for, write_yaml
+from tests.conftest import BUCKET, REPO, assert_exactly_once, make_config, wait_for, write_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +86,18 @@ class S3Run:
         return f"out/run/{name}" in self.s3.keys("out/run/")
 
 
+def status(where, config: str, *options: str) -> subprocess.CompletedProcess:
+    """`batchinfer status OUT --json` from another process, as a scheduler would call it."""
+    return subprocess.run([sys.executable, "-m", "batchinfer.cli", "status", where.output, "--json",
+                           "--config", config, *options], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def states(proc: subprocess.CompletedProcess) -> list[tuple[str, int]]:
+    """(state, exit_code) of every JSON object `status` printed (one per line with --watch)."""
+    return [(info["state"], info["exit_code"]) for info in map(json.loads, proc.stdout.splitlines())]
+
+
 @pytest.fixture(params=["local", "s3"])
 def where(request, tmp_path):
     if request.param == "local":
@@ -100,15 +115,40 @@ def test_sigkill_then_rerun_answers_every_row_exactly_once(tmp_path, driver, whe
     first = driver("run", config)
     shards = where.rows // 10
     wait_for(lambda: len(where.parts()) >= 6, 300, "6 committed shards", first.proc)
+    running = status(where, config)
+    info = json.loads(running.stdout)
+    assert (info["state"], running.returncode, info["exit_code"]) == ("running", 4, 4), running.stderr
+    assert info["rows"]["total"] == where.rows and 60 <= info["rows"]["done"] < where.rows
+    assert info["driver"]["pid"] == first.proc.pid and not info["terminal"]
     first.kill_group()  # SIGKILL the whole process group: no handler, no cleanup
     first.wait(timeout=30)
     survived = where.parts()
     assert 6 <= len(survived) < shards, f"{len(survived)} parts at kill time"
     assert not where.exists("_SUCCESS")
+    killed = status(where, config)  # its pid is gone from this host: stale at once
+    assert (states(killed), killed.returncode) == ([("stale", 1)], 1), killed.stdout + killed.stderr
+    assert "rerun to resume" in json.loads(killed.stdout)["detail"]
 
     second = driver("run", config, "--no-progress")
-    assert second.wait(timeout=600) == 0, second.output()
+    # a scheduler waiting on the run: one JSON line per refresh, until the state is final
+    watch = subprocess.Popen([sys.executable, "-m", "batchinfer.cli", "status", where.output, "--json",
+                              "--watch", "--interval", "0.5", "--config", config], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert second.wait(timeout=600) == 0, second.output()
+        out, err = watch.communicate(timeout=120)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    seen = states(subprocess.CompletedProcess([], watch.returncode, out, err))
+    assert (seen[-1], watch.returncode) == (("completed", 0), 0), out + err
+    assert {s for s, _ in seen[:-1]} <= {"stale", "planning", "running"} and ("running", 4) in seen, seen
     assert "batchinfer: completed" in second.output()
+    done = status(where, config)
+    assert (states(done), done.returncode) == ([("completed", 0)], 0)
+    assert json.loads(done.stdout)["rows"] == {"done": where.rows, "total": where.rows, "ok": where.rows,
+                                               "failed": 0}
 
     df = assert_exactly_once(where.read(), where.rows)
     assert df.output.str.len().min() > 0

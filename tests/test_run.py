@@ -211,5 +211,5 @@ def test_cli_plan_and_status(tmp_path, ray_cluster):
     assert status.returncode == 0, status.stderr
     info = json.loads(status.stdout)
     assert info["state"] == "completed"
-    assert info["shards"] == {"done": 2, "total": 2}
-    assert info["rows"] == {"done": 10, "total": 10, "failed": 0}
+    assert info["shards"] == {"done": 2, "total": 2, "failed": 0}
+    assert info["rows"] == {"done": 10, "total": 10, "ok": 10, "failed": 0}
