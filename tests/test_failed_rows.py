@@ -4,11 +4,15 @@ requests that fail coming from a FAILING TEST ENGINE (tests/fault_engines.py).""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from click.testing import CliRunner
 
 from batchinfer import runner
+from batchinfer.cli import main
 from batchinfer.run_store import ERRORS_DIR, RunStore
 from tests.conftest import make_config
 
@@ -57,6 +61,10 @@ def test_rows_still_failing_after_their_retries_are_listed_in_the_failed_rows_fi
     m = report.manifest
     assert (report.status, m.rows.failed, m.errors) == ("partial", 4, {"request_failed": 3, "empty_prompt": 1})
     assert m.this_run.row_retries == 0
+    status = CliRunner().invoke(main, ["status", str(tmp_path / "out"), "--json"])
+    info = json.loads(status.output)
+    assert (status.exit_code, info["state"], info["exit_code"], info["terminal"]) == (3, "partial", 3, True)
+    assert info["rows"] == {"done": 12, "total": 12, "ok": 8, "failed": 4}
 
     # one file per shard with failed rows, named as its part; the row's code, message,
     # shard and attempt; exactly the rows the parts hold as failed

@@ -213,3 +213,21 @@ def test_cli_plan_and_status(tmp_path, ray_cluster):
     assert info["state"] == "completed"
     assert info["shards"] == {"done": 2, "total": 2, "failed": 0}
     assert info["rows"] == {"done": 10, "total": 10, "ok": 10, "failed": 0}
+
+
+def test_the_cost_of_a_run_is_its_workers_gpu_hours_at_the_configured_price(tmp_path):
+    from batchinfer.cli import format_cost
+    from batchinfer.runner import run_cost
+
+    cfg = make_config(tmp_path, run={"gpus_per_worker": 1, "gpu_hour_cost": 2.0})
+    # 4 GPU workers held 30 minutes, engines busy 5,400 worker-seconds, 3.6M output tokens
+    c = run_cost(cfg, workers=4, wall_s=1800, busy_s=5400, output_tokens=3_600_000)
+    assert (c.gpu_hours, c.busy_gpu_hours, c.tokens_per_gpu_hour) == (2.0, 1.5, 1_800_000.0)
+    assert (c.total, c.per_million_output_tokens) == (4.0, pytest.approx(4.0 / 3.6))
+    assert format_cost(c) == ("2 GPU-hours (1.5 busy), 1,800,000 output tokens per GPU-hour; "
+                              "4 at 2 per GPU-hour, 1.111 per 1M output tokens")
+    # a CPU worker counts as one GPU; without a price, no money figures
+    cpu = run_cost(make_config(tmp_path), workers=2, wall_s=3600, busy_s=None, output_tokens=0)
+    assert (cpu.gpu_hours, cpu.busy_gpu_hours, cpu.tokens_per_gpu_hour, cpu.total,
+            cpu.per_million_output_tokens) == (2.0, None, 0.0, None, None)
+    assert format_cost(cpu).endswith("(set run.gpu_hour_cost for the price)")
