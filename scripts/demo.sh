@@ -23,5 +23,8 @@ for row in t.slice(0, 3).to_pylist():
     print(f"  [{row['id']}] {row['output']!r}  ({row['finish_reason']}, {row['completion_tokens']} tokens)")
 print("read them with: pandas.read_parquet('out/local')  or  duckdb: select * from 'out/local/*.parquet'")
 PY
+  .venv/bin/batchinfer report out/local --html out/local-report.html >/dev/null \
+    && echo "demo: the run's report (throughput, shard timeline, histograms, cost): out/local-report.html"
+  echo "demo: its state, as a scheduler reads it: .venv/bin/batchinfer status out/local --json"
 fi
 exit $status
