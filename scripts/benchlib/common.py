@@ -9,6 +9,7 @@ numbers mean little and ratios measured minutes apart mean much more.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -130,8 +131,10 @@ def base_config(workdir: Path, name: str, inputs: Path, **sections: dict[str, An
 # ---------------------------------------------------------------------- workloads
 
 
+@functools.cache
 def tokenizer():
-    """The embedded model's tokenizer (SmolLM2): every backend here tokenizes with it."""
+    """The embedded model's tokenizer (SmolLM2): every backend here tokenizes with it. Loaded
+    once per process (every part asks for it; none changes it)."""
     from batchinfer.config import EngineConfig
     from batchinfer.prompts import load_tokenizer
 
@@ -170,15 +173,16 @@ def one_token_words(tok, count: int = 400) -> list[str]:
 
 def template_overhead(tok) -> int:
     """Tokens the chat template adds around a one-word user prompt, less that word."""
-    return len(prompt_ids(tok, "time")) - 1
+    return len(prompt_ids(tok, ["time"])[0]) - 1
 
 
-def prompt_ids(tok, prompt: str) -> list[int]:
-    """The token ids batchinfer sends the engine for `prompt` (its PromptBuilder, defaults)."""
+def prompt_ids(tok, prompts: list[str]) -> list[list[int]]:
+    """The token ids batchinfer sends the engine for each of `prompts` (its PromptBuilder,
+    defaults), in one batch."""
     from batchinfer.config import InputConfig
     from batchinfer.prompts import PromptBuilder
 
-    return PromptBuilder(tok, InputConfig()).encode([prompt])[0]
+    return PromptBuilder(tok, InputConfig()).encode(prompts)
 
 
 def write_prompts(folder: Path, prompts: list[str], *, files: int = 1, row_group_size: int = 512,

@@ -60,10 +60,13 @@ class Size:
     """Rows of the job cut into PARTNER_ROWS_PER_SHARD."""
     files: int
     """Files planned on the loopback S3 server."""
+    workers: int = WORKERS
+    """Workers of both jobs. Tiny runs one: every worker's start costs seconds of this machine's
+    2 cores, twice (one per job), and the part's code is the same for any number."""
 
 
 SIZE = {
-    "tiny": Size(rows=2_000, partner_rows=2_000, files=50),
+    "tiny": Size(rows=2_000, partner_rows=2_000, files=50, workers=1),
     "quick": Size(rows=200_000, partner_rows=100_000, files=2_000),
     "full": Size(rows=1_000_000, partner_rows=100_000, files=10_000),
 }
@@ -73,7 +76,7 @@ def run(size: str, workdir: Path) -> common.Part:
     sz = SIZE[size]
     started = time.perf_counter()
     settings = {"size": size, **asdict(sz), "rows_per_shard": ROWS_PER_SHARD,
-                "partner_rows_per_shard": PARTNER_ROWS_PER_SHARD, "workers": WORKERS, "speed": SPEED,
+                "partner_rows_per_shard": PARTNER_ROWS_PER_SHARD, "speed": SPEED,
                 "prompt_tokens": PROMPT_TOKENS, "max_tokens": MAX_TOKENS, "max_batch_size": MAX_BATCH,
                 "s3_rows_per_file": FILE_ROWS_S3}
     part = common.Part(key="scale", title="Scale: many shards, many files", settings=settings)
@@ -89,11 +92,12 @@ def run(size: str, workdir: Path) -> common.Part:
 def _job(part: common.Part, sz: Size, workdir: Path) -> None:
     tok = common.tokenizer()
     pool = common.shape_prompts(PROMPT_POOL, PROMPT_TOKENS, seed=11, tok=tok)
-    main = _run_driver(workdir, "scale-main", _inputs(workdir / "scale-in", pool, sz.rows), ROWS_PER_SHARD)
+    main = _run_driver(workdir, "scale-main", _inputs(workdir / "scale-in", pool, sz.rows), ROWS_PER_SHARD,
+                       sz.workers)
     partner = _run_driver(workdir, "scale-partner", _inputs(workdir / "scale-in-partner", pool, sz.partner_rows),
-                          PARTNER_ROWS_PER_SHARD)
+                          PARTNER_ROWS_PER_SHARD, sz.workers)
     part.raw["job"] = {"main": main, "partner": partner}
-    engine_s = _engine_alone_s(sz.rows)
+    engine_s = _engine_alone_s(sz.rows, sz.workers)
     fig = _figures(main, partner)
     part.raw["job_figures"] = fig
 
@@ -126,7 +130,7 @@ def _job(part: common.Part, sz: Size, workdir: Path) -> None:
         common.Target("RSS growth per 10k shards", None if growth is None else round(growth * SHARD_TARGET, 1),
                       "<=", round(1024 - main["rss_at_schedule_mb"], 1), "MB"),
     ]
-    part.notes += _job_notes(main, partner, extrapolated, growth, engine_s)
+    part.notes += _job_notes(main, partner, extrapolated, growth, engine_s, sz.workers)
 
 
 def _figures(main: dict, partner: dict) -> dict[str, float | None]:
@@ -152,11 +156,11 @@ def _num(value: float | None, scale: float, unit: str, digits: int = 1) -> str:
 
 
 def _job_notes(main: dict, partner: dict, extrapolated: bool, growth: float | None,
-               engine_s: float) -> list[str]:
+               engine_s: float, workers: int) -> list[str]:
     notes = [
         f"Main job: {main['rows']:,} rows in {main['shards']:,} shards of {ROWS_PER_SHARD} rows; partner: "
         f"{partner['rows']:,} rows in shards of {PARTNER_ROWS_PER_SHARD:,}. Simulated L40S at {SPEED:g}x real "
-        f"time, {PROMPT_TOKENS}-token prompts, {MAX_TOKENS} output tokens, {WORKERS} workers: the engine alone "
+        f"time, {PROMPT_TOKENS}-token prompts, {MAX_TOKENS} output tokens, {workers} workers: the engine alone "
         f"would need {engine_s:.2f} s of the main job's {main['generate_s']:.1f} s, so the rest is framework.",
         "Driver RSS: the driver runs in its own process joined to the benchmark's Ray; peak is the "
         "kernel's high-water mark (/proc/self/status VmHWM); RSS before and after planning and at the "
@@ -187,17 +191,17 @@ def _inputs(folder: Path, pool: list[str], rows: int) -> Path:
     return common.write_prompts(folder, prompts, files=files, row_group_size=ROWS_PER_SHARD)
 
 
-def _engine_alone_s(rows: int) -> float:
+def _engine_alone_s(rows: int, workers: int) -> float:
     """Seconds the simulated engines alone need for `rows` at SPEED, all workers saturated."""
     from batchinfer.engines.simulated.model import saturated_throughput
     from batchinfer.engines.simulated.profiles import PROFILES
 
     profile = PROFILES["l40s-llama-3.1-8b-fp8"]
     tokens_per_s = saturated_throughput(profile, PROMPT_TOKENS, MAX_TOKENS, 4 * MAX_BATCH, max_batch_size=MAX_BATCH)
-    return rows * MAX_TOKENS / (tokens_per_s * SPEED * WORKERS)
+    return rows * MAX_TOKENS / (tokens_per_s * SPEED * workers)
 
 
-def _run_driver(workdir: Path, name: str, inputs: Path, rows_per_shard: int) -> dict[str, Any]:
+def _run_driver(workdir: Path, name: str, inputs: Path, rows_per_shard: int, workers: int) -> dict[str, Any]:
     """Run one job with its driver in a child process; return what the child measured."""
     import ray
 
@@ -205,7 +209,7 @@ def _run_driver(workdir: Path, name: str, inputs: Path, rows_per_shard: int) -> 
         workdir, name, inputs,
         engine={"backend": "simulated", "max_batch_size": MAX_BATCH, "options": {"speed": SPEED}},
         sampling={"max_tokens": MAX_TOKENS},
-        run={"num_workers": WORKERS, "rows_per_shard": rows_per_shard,
+        run={"num_workers": workers, "rows_per_shard": rows_per_shard,
              "runtime_env": {"env_vars": common.WORKER_ENV}})
     cfg_path, out_path = workdir / f"{name}.config.json", workdir / f"{name}.driver.json"
     cfg_path.write_text(json.dumps(cfg))
