@@ -1,6 +1,6 @@
 """The `batchinfer` command: a thin click layer over config, plan, runner and store.
 
-Exit codes: 0 complete, 3 partial (some rows or shards failed), 1 failed or interrupted
+Exit codes: 0 completed, 3 partial (some rows or shards failed), 1 failed or interrupted
 (rerun to resume), 2 bad usage, config, inputs or output (fix something before rerunning),
 4 another live driver holds the run (this one did nothing; not an error for a scheduler).
 """
@@ -23,12 +23,14 @@ from batchinfer.lease import LeaseLost, RunBusy, RunLapsed
 from batchinfer.lifecycle import EXIT_BUSY, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from batchinfer.metrics import run_label
 from batchinfer.prompts import check_sample
-from batchinfer.records import Cost, Manifest
+from batchinfer.records import Cost, Manifest, now_iso
 from batchinfer.results import OpenAIBatchParts
 from batchinfer.run_store import RunStore
 
 log = logging.getLogger("batchinfer")
 
+WATCH_ERRORS = 5
+"""Consecutive storage errors `status --watch` rides out before it exits 2."""
 SET_HELP = "Override a config key, e.g. --set sampling.max_tokens=32 (repeatable)."
 DATE_HELP = "Date for {date} in input.path/output.path, YYYY-MM-DD (default: today, UTC)."
 
@@ -39,7 +41,7 @@ LOG_FORMAT_HELP = ("Log lines on stderr, from the driver and the workers: text, 
 
 
 def _fail(code: int, message: str) -> None:
-    click.echo(f"error: {message}", err=True)
+    _say(f"error: {message}", logging.ERROR, "usage_error" if code == EXIT_USAGE else "failed")
     sys.exit(code)
 
 
@@ -58,7 +60,7 @@ def main(verbose: bool, log_format: str) -> None:
     """Batch LLM inference on Ray: Parquet prompts in, Parquet results out, exactly once.
 
     \b
-    Exit codes: 0 complete, 3 partial (some rows or shards failed),
+    Exit codes: 0 completed, 3 partial (some rows or shards failed),
                 1 failed or interrupted (rerun to resume),
                 2 bad usage/config/inputs/output (fix, then rerun),
                 4 another live driver holds the run (this one did nothing).
@@ -86,7 +88,7 @@ def run(config_path: str, sets: tuple[str, ...], date: str | None, new_run: bool
 
 def run_job(cfg: Config, *, new_run: bool = False, progress: bool = True) -> int:
     """Run and print the summary; return the exit code. Shared with jobs/batch_job.py."""
-    logs.bind(run=run_label(cfg.output.path))  # the run a JSON log line is about, as metrics label it
+    logs.bind(run=run_label(cfg.output.path, cfg.run.name))  # the run a JSON log line is about, as metrics label it
     try:
         report = runner.run(cfg, new_run=new_run, progress=progress)
     except runner.USAGE_ERRORS as e:
@@ -224,7 +226,8 @@ def _first_prompt(cfg: Config, p) -> str:
                    "with --watch, one object per line).")
 @click.option("--watch", is_flag=True,
               help="Refresh every --interval seconds until the run is no longer planning or "
-                   "running; exit with the final state's code.")
+                   "running (waiting for it to appear if OUTPUT_PATH has none yet); exit with "
+                   "the final state's code.")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
               help="Seconds between refreshes with --watch.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
@@ -243,20 +246,35 @@ def status(output_path: str, as_json: bool, watch: bool, interval: float,
     storage_cfg = load_or_exit(config_path, ()).storage if config_path else None
     store = RunStore(output_path, storage_cfg)
     redraw = watch and not as_json and sys.stdout.isatty()
+    errors = waited = 0
     while True:
         try:
             with storage.errors(output_path, "OUTPUT_PATH"):
                 view = lifecycle.read(store)
+            errors = 0
         except storage.StorageError as e:
-            _fail(EXIT_USAGE, str(e))
+            errors += 1  # watching: a blip of the object store does not end the watch
+            if not watch or errors >= WATCH_ERRORS:
+                _fail(EXIT_USAGE, str(e))
+            log.warning("status: %s (try %d of %d)", e, errors, WATCH_ERRORS)
+            time.sleep(interval)
+            continue
         if view is None:
-            _fail(EXIT_USAGE, f"no run at {store.url} (expected {store.meta.url}/plan.json "
-                              "or status.json)")
+            if not watch:
+                _fail(EXIT_USAGE, f"no run at {store.url} (expected {store.meta.url}/plan.json "
+                                  "or status.json)")
+            if not waited:  # a job just started may still be listing its inputs
+                log.info("status: no run at %s yet; waiting for one to start", store.url)
+            waited += 1
+            time.sleep(interval)
+            continue
         if as_json:
             click.echo(json.dumps(view.to_json(), indent=None if watch else 1))
         else:
             if redraw:
                 click.clear()
+            elif watch:
+                click.echo(f"--- {now_iso()}")
             click.echo(format_status(view.to_json()))
         if not watch or view.state not in lifecycle.LIVE_STATES:
             sys.exit(view.exit_code)

@@ -236,6 +236,8 @@ class RunConfig(Section):
     """Seconds between progress lines when stderr is not a terminal (job logs, cron)."""
     driver_lease_s: Annotated[float, Ge(5), _SCHEDULING] = 60
     """Seconds a driver's lease on the run lasts unless renewed; a dead driver on another host blocks reruns this long."""
+    name: Annotated[str | None, _SCHEDULING] = None
+    """The job's name in metrics and JSON logs (their `run` label), e.g. "nightly-summaries": stable across nights, so dashboards compare them; null: the output folder's name and a hash of its path."""
     gpu_hour_cost: Annotated[Annotated[float, Ge(0)] | None, _SCHEDULING] = None
     """Price of one GPU-hour (e.g. 1.86 for an on-demand L40S in USD); the manifest, summary and report then show the run's cost and its cost per 1M output tokens. A CPU worker counts as one GPU."""
     metrics_export_port: Annotated[Annotated[int, Ge(1), Le(65535)] | None, _SCHEDULING] = None

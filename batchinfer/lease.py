@@ -207,7 +207,9 @@ class DriverLease:
                 if previous is not None:
                     why = "released" if previous.released else (
                         "its holder is gone" if previous.provably_dead() else "expired")
-                    log.warning("taking over the run from the %s (%s)", previous.describe(), why)
+                    # a released lease is the normal handover of a rerun; the others are news
+                    log.log(logging.INFO if previous.released else logging.WARNING,
+                            "taking over the run from the %s (%s)", previous.describe(), why)
                 taken = atomic.replace_if_version(self.loc, mine.to_bytes(), found[1], self.staging)
             if not taken:  # a write whose reply was lost may have landed all the same
                 current = read_holder(self.meta)

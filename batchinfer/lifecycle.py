@@ -36,6 +36,7 @@ Keys are never removed or renamed within a version; new keys may be added.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,25 @@ def exit_code_for(state: str) -> int:
     return {"completed": EXIT_OK, "partial": EXIT_PARTIAL}.get(state, EXIT_FAILED)
 
 
+@dataclass(frozen=True)
+class Counts:
+    """A run's progress: from its manifest once finished, from the driver's status record
+    while it runs (updated at most every few seconds), else from the commit records."""
+
+    shards_done: int = 0
+    shards_failed: int = 0
+    rows_done: int = 0
+    rows_failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def of_summaries(cls, summaries: Iterable[ShardSummary]) -> Counts:
+        summaries = list(summaries)
+        return cls(len(summaries), 0, sum(s.rows for s in summaries), sum(s.rows_failed for s in summaries),
+                   sum(s.prompt_tokens for s in summaries), sum(s.completion_tokens for s in summaries))
+
+
 @dataclass
 class RunView:
     """What a run directory says about its run now."""
@@ -73,8 +93,9 @@ class RunView:
     state: str
     detail: str
     plan: Plan | None
-    committed: dict[int, ShardSummary]
+    counts: Counts
     manifest: Manifest | None
+    """The manifest, if it describes the parts on record (a resumed run's old one does not)."""
     record: RunStatus | None
     holder: lease.Holder | None
 
@@ -84,9 +105,7 @@ class RunView:
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON form (module docstring)."""
-        plan, committed, m, record, holder = self.plan, self.committed, self.manifest, self.record, self.holder
-        current = m if m is not None and plan is not None and m.describes(plan.fingerprint, len(committed)) else None
-        summaries = committed.values()
+        plan, c, m, record, holder = self.plan, self.counts, self.manifest, self.record, self.holder
         return {
             "version": JSON_VERSION,
             "output": self.output,
@@ -95,51 +114,61 @@ class RunView:
             "terminal": self.state in TERMINAL_STATES,
             "detail": self.detail,
             "fingerprint": plan.fingerprint if plan is not None else None,
-            "shards": {"done": len(committed), "total": len(plan.shards) if plan else None,
-                       "failed": current.shards.failed if current else 0},
-            "rows": {"done": sum(s.rows for s in summaries),
-                     "total": plan.total_rows if plan else None,
-                     "ok": sum(s.rows_ok for s in summaries),
-                     "failed": sum(s.rows_failed for s in summaries)},
-            "tokens": {"prompt": sum(s.prompt_tokens for s in summaries),
-                       "completion": sum(s.completion_tokens for s in summaries)},
+            "shards": {"done": c.shards_done, "total": len(plan.shards) if plan else None,
+                       "failed": c.shards_failed},
+            "rows": {"done": c.rows_done, "total": plan.total_rows if plan else None,
+                     "ok": c.rows_done - c.rows_failed, "failed": c.rows_failed},
+            "tokens": {"prompt": c.prompt_tokens, "completion": c.completion_tokens},
             "started_at": record.started_at if record else None,
             "updated_at": record.updated_at if record else None,
-            "finished_at": current.finished_at if current else None,
+            "finished_at": m.finished_at if m else None,
             "driver": None if holder is None else {
                 "host": holder.host, "pid": holder.pid, "generation": holder.generation,
                 "last_heartbeat_s": round(holder.age_s(), 1), "released": holder.released},
             "workers": len(record.workers) if record else 0,
-            "cost": current.cost.model_dump() if current and current.cost else None,
+            "cost": m.cost.model_dump() if m and m.cost else None,
         }
 
 
 def read(store: RunStore) -> RunView | None:
     """The run at `store` as it stands, None if there is none (no plan, status or driver
-    lease). Raises what storage raises (the caller names the path)."""
+    lease). Reads, never writes; a few small records and one listing of the parts, except
+    for a run that stopped without a manifest, whose commit records are read. Raises what
+    storage raises (the caller names the path)."""
     plan = store.read_plan()
     record = store.read_status()
     holder = lease.read_holder(store.meta)
     if plan is None and record is None and holder is None:
         return None
-    committed = store.committed() if plan is not None else {}
+    parts = len(store.part_names()) if plan is not None else 0
     manifest = store.read_manifest()
-    state, detail = decide(plan, committed, manifest, record, holder)
-    return RunView(store.url, state, detail, plan, committed, manifest, record, holder)
+    if plan is None or manifest is None or not manifest.describes(plan.fingerprint, parts):
+        manifest = None
+    state, detail = decide(plan, parts, manifest, record, holder)
+    if manifest is not None:
+        counts = Counts(manifest.shards.committed, manifest.shards.failed,
+                        manifest.rows.ok + manifest.rows.failed, manifest.rows.failed,
+                        manifest.tokens.prompt, manifest.tokens.completion)
+    elif state in LIVE_STATES and record is not None and record.rows_done is not None:
+        counts = Counts(record.shards_done, record.shards_failed, record.rows_done,
+                        record.rows_failed or 0, record.prompt_tokens, record.completion_tokens)
+    else:
+        counts = Counts.of_summaries(store.committed(rebuild=False).values() if parts else ())
+    return RunView(store.url, state, detail, plan, counts, manifest, record, holder)
 
 
-def decide(plan: Plan | None, committed: dict, manifest: Manifest | None, record: RunStatus | None,
+def decide(plan: Plan | None, committed: int, manifest: Manifest | None, record: RunStatus | None,
            holder: lease.Holder | None) -> tuple[str, str]:
-    """(state, detail) from the records: a live driver lease (planning or running, as its
-    status says); else a failure or interruption recorded after the last manifest; else the
-    manifest if it describes the parts on record; else stale (a driver stopped without
-    saying why) or not started."""
+    """(state, detail) from the records and the number of committed parts: a live driver
+    lease (planning or running, as its status says); else a failure or interruption recorded
+    after the last manifest; else the manifest if it describes the parts on record; else
+    stale (a driver stopped without saying why) or not started."""
     if holder is not None and holder.is_live():
         state = record.state if record is not None and record.state in LIVE_STATES else "running"
         if plan is None:
             state = "planning"
         return state, holder.describe()
-    finished = plan is not None and manifest is not None and manifest.describes(plan.fingerprint, len(committed))
+    finished = plan is not None and manifest is not None and manifest.describes(plan.fingerprint, committed)
     if record is not None and record.state in ("failed", "interrupted") and (
             not finished or (record.updated_at or "") > manifest.finished_at):
         why = record.reason or "no reason recorded"

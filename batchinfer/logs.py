@@ -5,10 +5,11 @@
 In JSON mode every record on stderr, from the driver and from every worker, is one line:
 
     {"time": "2026-05-01T12:00:00.123Z", "level": "INFO", "logger": "batchinfer.worker",
-     "run": "s3://bucket/out/2026-05-01", "worker": 1, "shard": 17, "event": "...", ...}
+     "run": "2026-05-01-3fa2b9c0", "worker": 1, "shard": 17, "event": "...", ...}
 
-`time` is UTC with milliseconds; `run` (the run's output path), `worker` (the worker index)
-and `shard` (the shard index) are null where unknown, e.g. `worker` on the driver; fields
+`time` is UTC with milliseconds; `run` (the run's label, as its metrics carry it:
+metrics.run_label), `worker` (the worker index) and `shard` (the shard index) are null where
+unknown (the driver sets them on records about a worker or shard); fields
 passed with `extra=` follow, and an exception comes as the field `exception`. The driver's
 progress lines are records too (event "progress", see progress.py).
 

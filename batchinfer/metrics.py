@@ -17,7 +17,7 @@ configs/grafana/batchinfer.json is a dashboard of all of them.
 | batchinfer_shard_duration_seconds            | histogram | run, worker         | seconds | driver: a committed attempt's generate_s |
 | batchinfer_shard_retries (`_total`)          | counter   | run, worker         | attempts | driver: attempts that ended without a commit and went back to the queue |
 | batchinfer_shards_failed (`_total`)          | counter   | run                 | shards  | driver: shards that used up their attempts |
-| batchinfer_engine_restarts (`_total`)        | counter   | run, worker         | restarts | driver: engine restarts in place, from committed shards |
+| batchinfer_engine_restarts (`_total`)        | counter   | run, worker         | restarts | worker: engine restarts in place, whether or not its shard attempt then committed |
 | batchinfer_worker_restarts (`_total`)        | counter   | run, worker         | restarts | driver: worker actors replaced |
 | batchinfer_queue_depth                       | gauge     | run                 | shards  | driver: shards waiting to be handed out |
 | batchinfer_leases                            | gauge     | run, worker         | shards  | driver: shards a worker holds |
@@ -47,6 +47,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -102,7 +103,7 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
     MetricDef("batchinfer_shards_failed", "counter", ("run",),
               "Shards that used up their attempts."),
     MetricDef("batchinfer_engine_restarts", "counter", _RW,
-              "Engine restarts in place during committed shard attempts."),
+              "Engine restarts in place, counted by the worker as they happen."),
     MetricDef("batchinfer_worker_restarts", "counter", _RW,
               "Worker actors replaced (died, hung or failed to start)."),
     MetricDef("batchinfer_queue_depth", "gauge", ("run",), "Shards waiting to be handed out."),
@@ -117,13 +118,16 @@ METRICS: dict[str, MetricDef] = {d.name: d for d in (
 
 
 def run_label(output_url: str, name: str | None = None) -> str:
-    """The `run` label: `name` if given, else the output path's last component and the first
-    8 hex digits of its URL's sha256, e.g. `out-3fa2b9c0` (two runs writing to folders of the
-    same name stay apart)."""
+    """The `run` label: `name` (run.name) if given, else the output path's last component
+    and the first 8 hex digits of the sha256 of its URL, e.g. `local-3fa2b9c0` (two runs
+    writing to folders of the same name stay apart). A local path counts as its absolute
+    path, so `out/local/`, `out/local` and `./out/local` are one run."""
     if name:
         return name
-    last = output_url.rstrip("/").rsplit("/", 1)[-1] or "run"
-    return f"{last}-{hashlib.sha256(output_url.encode()).hexdigest()[:8]}"
+    url = output_url if "://" in output_url else os.path.abspath(output_url)
+    url = url.rstrip("/")
+    last = url.rsplit("/", 1)[-1] or "run"
+    return f"{last}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
 
 
 def metrics_endpoint() -> str | None:
@@ -227,7 +231,6 @@ class DriverMetrics(_Recorder):
         self._inc("batchinfer_prompt_tokens", summary.prompt_tokens, worker=w)
         self._inc("batchinfer_completion_tokens", summary.completion_tokens, worker=w)
         self._inc("batchinfer_shards_committed", 1, worker=w)
-        self._inc("batchinfer_engine_restarts", summary.engine_restarts, worker=w)
         _instrument("batchinfer_shard_duration_seconds").observe(
             max(float(summary.generate_s), 0.0), tags={"run": self.run, "worker": w})
 
@@ -280,6 +283,11 @@ class WorkerMetrics(_Recorder):
     def engine_busy(self, seconds: float) -> None:
         """Add `seconds` during which the engine held at least one request."""
         self._inc("batchinfer_engine_busy_seconds", seconds, worker=self.worker)
+
+    @_guarded
+    def engine_restarted(self) -> None:
+        """The worker restarted its engine in place."""
+        self._inc("batchinfer_engine_restarts", 1, worker=self.worker)
 
     @_guarded
     def row_retried(self, n: int = 1) -> None:

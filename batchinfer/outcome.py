@@ -31,6 +31,9 @@ class Outcome:
     busy_s: float | None = None
     """Seconds, summed over workers (replaced ones included), an engine held a request;
     None if no worker reported it."""
+    engine_restarts: int | None = None
+    """Engine restarts in place, summed over workers (replaced ones included, as of their
+    last report); None if no worker reported."""
 
 
 class Timeline:
@@ -62,8 +65,16 @@ class Timeline:
         workers = [e["worker"] for e in self.attempts.values() if e["shard"] == shard]
         return workers[-1] if workers else -1
 
-    def records(self) -> list[Attempt]:
-        """Every attempt; those still open are `unfinished` (the run stopped first)."""
+    def records(self, committed: dict[int, ShardSummary]) -> list[Attempt]:
+        """Every attempt; those still open are `unfinished` (the run stopped first). The
+        attempt whose part a shard's commit holds (`committed`: its summary) is `committed`,
+        also when its worker died before it could say so (its call ended in a death)."""
         for lease_id in self.attempts:
             self.end(lease_id, "unfinished")
+        winners = {(s.shard, s.attempt, s.worker) for s in committed.values()}
+        for entry in self.attempts.values():
+            key = (entry["shard"], entry["attempt"], entry["worker"])
+            if key in winners and entry["outcome"] != "committed":
+                entry["reason"] = f"its part is the shard's commit; the call ended {entry['outcome']}"
+                entry["outcome"] = "committed"
         return [Attempt(**e) for e in self.attempts.values()]

@@ -130,6 +130,8 @@ class WorkerProgress(Record):
     """Requests in the engine now."""
     busy_s: float = 0.0
     """Seconds, since the worker started, that its engine held at least one request."""
+    engine_restarts: int = 0
+    """Engine restarts in place since the worker started (committed or not)."""
 
 
 # ---------------------------------------------------------------------- the run
@@ -159,6 +161,11 @@ class RunStatus(Record):
     """Rows in committed shards (with or without an error); absent in older records."""
     rows_failed: int | None = None
     rows_total: int | None = None
+    shards_failed: int = 0
+    """Shards recorded as failed (out of attempts) so far in this run."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Tokens of the committed shards."""
     fingerprint: str | None = None
     workers: list[WorkerInfo] = Field(default_factory=list)
 
@@ -213,7 +220,8 @@ class ThisRun(Record):
     """Every shard attempt this invocation started, in start order."""
     worker_restarts: list[WorkerRestart] = Field(default_factory=list)
     engine_restarts: int = 0
-    """Engine restarts in place, over this invocation's committed shards."""
+    """Engine restarts in place during this invocation, by every worker (replaced ones too),
+    whether or not the attempt it happened in committed."""
     row_retries: int = 0
     """Requests retried within their shard attempt, over this invocation's committed shards."""
     busy_s: float | None = None
@@ -250,8 +258,8 @@ class WorkerRestart(Record):
 class Cost(Record):
     """What this invocation used, in GPU-hours and (with run.gpu_hour_cost) money.
 
-    A worker counts `max(run.gpus_per_worker, 1)` GPUs: a CPU worker (the embedded default)
-    counts as one, so the arithmetic is the one a GPU run gets."""
+    A worker counts `run.gpus_per_worker` GPUs (fractions too), and a CPU worker (the
+    embedded default, 0 GPUs) one, so its arithmetic is the one a GPU run gets."""
 
     workers: int
     gpus_per_worker: float

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batchinfer import lease, openai_batch
+from batchinfer import lifecycle, openai_batch
 from batchinfer.config import StorageConfig
 from batchinfer.records import ShardSummary
 from batchinfer.report_page import SAMPLE_IDS, ErrorCode, RunView, Sample, render
@@ -72,7 +72,7 @@ def gather(store: RunStore, max_rows: int = MAX_SAMPLE_ROWS) -> RunView:
     if manifest is not None and manifest.shard_summaries:
         summaries = manifest.shard_summaries
     else:
-        summaries = [s for _, s in sorted(store.committed().items())]
+        summaries = [s for _, s in sorted(store.committed(rebuild=False).items())]
     counts: dict[str, int] = {}
     for s in summaries:
         for code, n in s.errors.items():
@@ -81,7 +81,8 @@ def gather(store: RunStore, max_rows: int = MAX_SAMPLE_ROWS) -> RunView:
         state, detail = manifest.status, ""
         counts = manifest.errors or counts
     else:
-        state, detail = run_state(store)
+        view = lifecycle.read(store)  # the state `batchinfer status` would say
+        state, detail = (view.state, view.detail) if view is not None else ("not_started", "")
     return RunView(
         url=store.url, state=state, manifest=manifest, detail=detail,
         fingerprint=manifest.fingerprint if manifest else plan.fingerprint,
@@ -90,20 +91,6 @@ def gather(store: RunStore, max_rows: int = MAX_SAMPLE_ROWS) -> RunView:
         settings=(manifest.settings if manifest else {}) or (plan.settings if plan else {}),
         summaries=summaries, sample=sample_rows(store, summaries, max_rows),
         errors=sample_errors(store, summaries, counts))
-
-
-def run_state(store: RunStore) -> tuple[str, str]:
-    """(state, detail) of a run without a manifest: its status record, checked against the
-    driver lease (a `running` record whose driver is gone is `stale`)."""
-    record = store.read_status()
-    holder = lease.read_holder(store.meta)
-    if holder is not None and holder.is_live():
-        return "running", holder.describe()
-    if record is None:
-        return "not started", ""
-    if record.state in ("planning", "running"):
-        return "stale", "no driver is running it; rerun the same command to resume"
-    return record.state, record.reason or ""
 
 
 def sample_rows(store: RunStore, summaries: list[ShardSummary], max_rows: int) -> Sample:

@@ -89,10 +89,15 @@ class RunStore:
                 atomic.put(self.root.child(ERRORS_DIR, part), errors, self._staging())
         return won
 
-    def committed(self) -> dict[int, ShardSummary]:
-        """Summaries of every committed shard, by shard index; rebuilds records lost to a crash."""
-        parts = self._ls(self.root)
-        indexes = {int(m.group(1)): name for name in parts if (m := PART_RE.match(name))}
+    def part_names(self) -> list[str]:
+        """The committed parts' file names, from one listing (no record is read)."""
+        return sorted(name for name in self._ls(self.root) if PART_RE.match(name))
+
+    def committed(self, rebuild: bool = True) -> dict[int, ShardSummary]:
+        """Summaries of every committed shard, by shard index. A record lost to a crash is
+        read from its part, and written again when `rebuild` (the driver); readers such as
+        `status` and `report` pass False and change nothing."""
+        indexes = {int(PART_RE.match(name).group(1)): name for name in self.part_names()}
         records = {n.removesuffix(".json") for n in self._ls(self.meta.child("commits"))}
 
         def summary(item: tuple[int, str]) -> tuple[int, ShardSummary]:
@@ -104,10 +109,11 @@ class RunStore:
                     return index, found
                 # a record cut short by a crash (or gone): the part itself knows the summary
             found = self.summary_from_part(name)
-            try:
-                self._write(self._record(shard_name), found)
-            except OSError:  # a full or read-only output: the part itself stays the record
-                pass
+            if rebuild:
+                try:
+                    self._write(self._record(shard_name), found)
+                except OSError:  # a full or read-only output: the part itself stays the record
+                    pass
             return index, found
 
         with ThreadPoolExecutor(16) as pool:

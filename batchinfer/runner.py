@@ -80,9 +80,38 @@ def preflight(cfg: Config) -> None:
                           f"{len(problems)} problems for engine.backend {cfg.engine.backend!r}:\n"
                           + "\n".join(f"  - {p}" for p in problems))
     engines.check_available(cfg.engine.backend)
+    _check_metrics_port(cfg)
     model_refs.resolve(cfg.engine.model)
     if cfg.engine.tokenizer:
         model_refs.resolve(cfg.engine.tokenizer)
+
+
+def _check_metrics_port(cfg: Config) -> None:
+    """The embedded cluster's run.metrics_export_port must be free: Ray's agent fails to start
+    on a taken one and the node times out ~30 s later with no word of why (the agent's own
+    log says "Address already in use"). A killed run's agent can hold it for a while."""
+    port = cfg.run.metrics_export_port
+    if port is None or cfg.run.ray_address or os.environ.get("RAY_ADDRESS"):
+        return  # a joined cluster exports where its nodes were started to
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+            return
+        except OSError as e:
+            why = e.strerror or str(e)
+    holder = ""
+    try:
+        import psutil
+
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                holder = f" by pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline()[:2])})"
+                break
+    except Exception:  # naming the holder is a courtesy
+        pass
+    raise ConfigError(f"run.metrics_export_port {port} is taken on this machine{holder}: {why}. "
+                      "Pick a free port, stop that process (a Ray agent left by a killed run "
+                      "holds its port until it exits), or set it null to let Ray choose")
 
 
 def prepare_plan(cfg: Config, store: RunStore, *, new_run: bool,
@@ -191,8 +220,10 @@ def run(cfg: Config, *, new_run: bool = False, progress: bool = True,
     except (RunBusy, LeaseLost):
         state = None  # another driver holds the run: nothing here is ours to record
         raise
-    except RunRefused:
-        status.restore()  # the output holds another run: its status stays its own
+    except USAGE_ERRORS as e:
+        # Refused before adopting a plan (the output holds another run, or its inputs changed
+        # since it was planned): the run there keeps its own status. A new run says why.
+        reason = None if status.plan is None and status.restore() else describe(e)
         raise
     except BaseException as e:
         reason = describe(e)
@@ -232,17 +263,7 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
     verify_committed(plan, committed, store)
     pending = [s.index for s in plan.shards if s.index not in committed]
     if not pending:
-        with storage.errors(cfg.output.path, "output.path"):
-            store.repair_error_files(committed)
-        manifest = store.read_manifest()
-        if manifest is None or not manifest.describes(plan.fingerprint, len(committed)):
-            manifest = build_manifest(plan, store, committed, cfg=cfg, started=started)
-            with storage.errors(cfg.output.path, "output.path"):
-                store.write_manifest(manifest, success=True)
-        log.info("run at %s is already finished: nothing to do", store.url)
-        status.plan = plan
-        status.write(manifest.status, force=True)
-        return RunReport(manifest.status, exit_code_for(manifest.status), manifest, False)
+        return _already_finished(cfg, plan, store, committed, status, started)
     if stop.is_set():
         raise KeyboardInterrupt
 
@@ -266,9 +287,9 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
             raise KeyboardInterrupt from None
         endpoint = metrics_endpoint()
         log.info("live metrics: %s (run label %s; Grafana dashboard: configs/grafana/)",
-                 endpoint or "Ray's Prometheus endpoint on each node", run_label(cfg.output.path))
+                 endpoint or "Ray's Prometheus endpoint on each node", run_label(cfg.output.path, cfg.run.name))
         scheduler = Scheduler(cfg=cfg, plan=plan, stop=stop, generation=held.generation,
-                              on_commit=status.commit)
+                              on_commit=status.commit, on_fail=status.fail)
         _prepare_engine(cfg)
         workers_started = time.time()  # GPU time is billed from here
         workers = scheduler.start_workers(cfg.run.worker_start_timeout_s)
@@ -311,6 +332,26 @@ def _run_held(cfg: Config, store: RunStore, held: DriverLease, status: _Status,
         store.write_manifest(manifest, success=len(committed) == len(plan.shards))
     status.write(manifest.status, force=True)
     return RunReport(manifest.status, exit_code_for(manifest.status), manifest, True)
+
+
+def _already_finished(cfg: Config, plan: Plan, store: RunStore, committed: dict[int, ShardSummary],
+                      status: _Status, started: float) -> RunReport:
+    """Every shard is committed: repair what a crash may have left (failed-rows files, the
+    manifest) and report the run as it is."""
+    with storage.errors(cfg.output.path, "output.path"):
+        store.repair_error_files(committed)
+    manifest = store.read_manifest()
+    if manifest is None or not manifest.describes(plan.fingerprint, len(committed)):
+        manifest = build_manifest(plan, store, committed, cfg=cfg, started=started)
+        with storage.errors(cfg.output.path, "output.path"):
+            store.write_manifest(manifest, success=True)
+    log.info("run at %s is already finished: nothing to do", store.url)
+    if status.previous is not None and status.previous.state == manifest.status:
+        status.restore()  # the finished run's own record, with its times and workers
+    else:
+        status.plan = plan
+        status.write(manifest.status, force=True)
+    return RunReport(manifest.status, exit_code_for(manifest.status), manifest, False)
 
 
 def _prepare_engine(cfg: Config) -> None:
@@ -421,7 +462,8 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
             workers_started_at=None if workers_started is None else round(workers_started, 3),
             attempts=outcome.attempts,
             worker_restarts=outcome.worker_restarts,
-            engine_restarts=sum(s.engine_restarts for s in this_run),
+            engine_restarts=(outcome.engine_restarts if outcome.engine_restarts is not None
+                             else sum(s.engine_restarts for s in this_run)),
             row_retries=sum(s.row_retries for s in this_run),
             busy_s=outcome.busy_s,
         ),
@@ -436,8 +478,9 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
 
 def run_cost(cfg: Config, workers: int, wall_s: float, busy_s: float | None, output_tokens: int) -> Cost:
     """GPU-hours and cost of `workers` held for `wall_s` (records.Cost). A worker counts
-    max(run.gpus_per_worker, 1) GPUs; `busy_s` is summed over workers already."""
-    gpus = max(cfg.run.gpus_per_worker, 1.0)
+    run.gpus_per_worker GPUs (a fraction too: 4 workers on 0.25 GPU are one GPU), and a CPU
+    worker (0 GPUs) one; `busy_s` is summed over workers already."""
+    gpus = cfg.run.gpus_per_worker or 1.0
     gpu_hours = workers * gpus * wall_s / 3600
     price = cfg.run.gpu_hour_cost
     total = None if price is None else gpu_hours * price
@@ -467,7 +510,8 @@ class _Status:
         self.state = "planning"
         self.plan: Plan | None = None
         self.previous: RunStatus | None = None
-        self.done = self.rows_done = self.rows_failed = 0
+        self.done = self.rows_done = self.rows_failed = self.shards_failed = 0
+        self.prompt_tokens = self.completion_tokens = 0
         self.workers: list[WorkerInfo] = []
 
     def begin(self) -> None:
@@ -481,21 +525,32 @@ class _Status:
     def start(self, plan: Plan, committed: dict[int, ShardSummary]) -> None:
         """The plan is adopted; `committed` were committed before: running."""
         self.plan, self.done = plan, len(committed)
-        self.rows_done = sum(s.rows for s in committed.values())
-        self.rows_failed = sum(s.rows_failed for s in committed.values())
+        for summary in committed.values():
+            self._count(summary)
         self.write("running", force=True)
 
     def commit(self, summary: ShardSummary) -> None:
         self.done += 1
-        self.rows_done += summary.rows
-        self.rows_failed += summary.rows_failed
+        self._count(summary)
         self.write(self.state)
 
-    def restore(self) -> None:
-        """Put back the status this driver found: it refused the run (the output holds
-        another), so that run's state is not this driver's to change."""
+    def fail(self, shard: int) -> None:
+        self.shards_failed += 1
+        self.write(self.state)
+
+    def _count(self, summary: ShardSummary) -> None:
+        self.rows_done += summary.rows
+        self.rows_failed += summary.rows_failed
+        self.prompt_tokens += summary.prompt_tokens
+        self.completion_tokens += summary.completion_tokens
+
+    def restore(self) -> bool:
+        """Put back the status this driver found, if there was one: it refused the run (the
+        output holds another, or the inputs changed) or found it finished, so that run's
+        record is not this driver's to change."""
         if self.previous is not None:
             self._put(self.previous)
+        return self.previous is not None
 
     def write(self, state: str, force: bool = False, reason: str | None = None) -> None:
         self.state = state
@@ -508,6 +563,8 @@ class _Status:
             host=socket.gethostname(), pid=os.getpid(), shards_done=self.done,
             shards_total=len(plan.shards) if plan else 0, rows_done=self.rows_done,
             rows_failed=self.rows_failed, rows_total=plan.total_rows if plan else None,
+            shards_failed=self.shards_failed, prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
             fingerprint=plan.fingerprint if plan else None, workers=self.workers,
         ))
 

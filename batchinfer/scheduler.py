@@ -97,13 +97,15 @@ class Scheduler:
 
     def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event, generation: int,
                  on_commit: Callable[[ShardSummary], None] = lambda s: None,
+                 on_fail: Callable[[int], None] = lambda shard: None,
                  metrics: DriverMetrics | None = None):
         self.cfg = cfg
-        self.metrics = metrics if metrics is not None else DriverMetrics(run_label(cfg.output.path))
+        self.metrics = metrics if metrics is not None else DriverMetrics(run_label(cfg.output.path, cfg.run.name))
         self.plan = plan
         self.stop = stop
         self.generation = generation
         self.on_commit = on_commit
+        self.on_fail = on_fail
         self.plan_ref = ray.put(plan)
         self.slots: list[_Slot] = []
         self.infos: list[WorkerInfo] = []
@@ -171,7 +173,7 @@ class Scheduler:
         self.last_commit: float | None = None
         self.committed_rows = 0
         self.live: dict[int, WorkerProgress] = {}
-        self.busy_before: dict[int, float] = {}  # busy seconds of replaced workers, by slot
+        self.replaced: list[WorkerProgress] = []  # the last reports of replaced workers
         while self.book.unfinished:
             now = time.monotonic()
             if self.stop.is_set():
@@ -194,8 +196,8 @@ class Scheduler:
         if self.last_commit is not None and self.last_handout is not None:
             self.outcome.tail_s = round(max(0.0, self.last_commit - self.last_handout), 3)
         self.outcome.engines = self._engine_stats()
-        self.outcome.busy_s = self._busy_s()
-        self.outcome.attempts = self.timeline.records()
+        self._worker_totals()
+        self.outcome.attempts = self.timeline.records(self.book.committed)
         self.metrics.finished()
         return self.outcome
 
@@ -219,18 +221,20 @@ class Scheduler:
                 out.append({"worker": refs[ref], **stats})
         return sorted(out, key=lambda s: s["worker"])
 
-    def _busy_s(self) -> float | None:
-        """Seconds the workers' engines held a request, from their last progress reports
-        (the final ones asked for now) plus those of the workers they replaced."""
+    def _worker_totals(self) -> None:
+        """What the workers counted themselves (`Outcome.busy_s`, `Outcome.engine_restarts`):
+        their last progress reports (the final ones asked for now), plus those of the workers
+        they replaced."""
         refs = {slot.actor.progress.remote(): slot.index for slot in self.slots if slot.ready}
         done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_TIMEOUT_S) if refs else ([], [])
         for ref in done:
             info = _get_or_none(ref)
             if info is not None:
                 self.live[refs[ref]] = info
-        if not self.live and not self.busy_before:
-            return None
-        return round(sum(p.busy_s for p in self.live.values()) + sum(self.busy_before.values()), 3)
+        reports = [*self.live.values(), *self.replaced]
+        if reports:
+            self.outcome.busy_s = round(sum(p.busy_s for p in reports), 3)
+            self.outcome.engine_restarts = sum(p.engine_restarts for p in reports)
 
     def _wait_and_dispatch(self) -> None:
         waiting = {**{lease.ticket: ("lease", lease.id) for lease in self.book.leases.values()},
@@ -276,7 +280,7 @@ class Scheduler:
         """Stop handing out shards: `error` would fail every attempt of every shard."""
         if self.outcome.fatal is None:
             log.error("shard %s: %s; stopping the run (no retry can fix this)",
-                      self.plan.shards[index].name, error)
+                      self.plan.shards[index].name, error, extra={"shard": index})
             self.outcome.fatal = error
         self.stop.set()
 
@@ -303,12 +307,13 @@ class Scheduler:
     def _race(self, race: Race) -> None:
         if race.queued:
             log.info("shard %s waits behind another shard on its worker: worker %d (idle) runs "
-                     "a copy too; the first commit wins", self._name(race.lease.shard), race.lease.slot)
+                     "a copy too; the first commit wins", self._name(race.lease.shard), race.lease.slot,
+                     extra=_about(race.lease.slot, race.lease.shard))
             self._start(race.lease)
             return
         log.warning("shard %s has run %.0fs (median %.0fs): racing a copy on worker %d; "
                     "the first commit wins", self._name(race.lease.shard), race.ran_s,
-                    race.median_s, race.lease.slot)
+                    race.median_s, race.lease.slot, extra=_about(race.lease.slot, race.lease.shard))
         self._start(race.lease)
 
     def _commit(self, commit: Commit) -> None:
@@ -330,12 +335,11 @@ class Scheduler:
         self.outcome.worker_restarts.append(WorkerRestart(worker=slot.index, at=time.time(),
                                                           reason=replace.reason))
         self.metrics.worker_restarted(slot.index)
-        self.busy_before[slot.index] = self.busy_before.get(slot.index, 0.0) + (
-            self.live[slot.index].busy_s if slot.index in self.live else 0.0)
-        self.live.pop(slot.index, None)
+        if slot.index in self.live:  # what the replaced worker counted, for the run's totals
+            self.replaced.append(self.live.pop(slot.index))
         log.warning("worker %d: %s; starting a replacement (%s)", slot.index, replace.reason,
                     f"{replace.replacements} so far" if replace.counted
-                    else "lost to a narrowing probe, not counted")
+                    else "lost to a narrowing probe, not counted", extra=_about(slot.index))
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:
@@ -380,11 +384,17 @@ def _give_up(_: Scheduler, give_up: GiveUp) -> None:
     raise WorkerStartError(give_up.message)
 
 
+def _about(worker: int, shard: int | None = None) -> dict[str, int]:
+    """The `worker` and `shard` fields of a driver log record about them (logs.py)."""
+    return {"worker": worker} if shard is None else {"worker": worker, "shard": shard}
+
+
 def _note(level: int, message: str, *fields: str) -> Callable[[Scheduler, Any], None]:
     """A decision the scheduler only logs: `message` with the shard's name, then `fields`."""
     def handler(scheduler: Scheduler, decision: Any) -> None:
         log.log(level, message, scheduler._name(decision.shard),
-                *(getattr(decision, f) for f in fields))
+                *(getattr(decision, f) for f in fields),
+                extra=_about(scheduler.timeline.last_worker(decision.shard), decision.shard))
     return handler
 
 
@@ -400,7 +410,7 @@ def _counted(handler: Callable[[Scheduler, Any], None],
 def _poisoned(scheduler: Scheduler, poisoned: Poisoned) -> None:
     log.warning("shard %s: %d row(s) kill a worker alone %s; they become worker_died row "
                 "errors and the shard runs again", scheduler._name(poisoned.shard),
-                len(poisoned.rows), sorted(poisoned.rows))
+                len(poisoned.rows), sorted(poisoned.rows), extra={"shard": poisoned.shard})
 
 
 _HANDLERS: dict[type, Callable[[Scheduler, Any], None]] = {
@@ -413,7 +423,7 @@ _HANDLERS: dict[type, Callable[[Scheduler, Any], None]] = {
     Retry: _counted(_note(logging.WARNING, "shard %s attempt %d failed, retrying: %s", "attempt", "reason"),
                     lambda s, d: s.metrics.shard_retried(s.timeline.last_worker(d.shard))),
     Fail: _counted(_note(logging.ERROR, "shard %s failed after %d attempts: %s", "attempts", "reason"),
-                   lambda s, d: s.metrics.shard_failed()),
+                   lambda s, d: (s.metrics.shard_failed(), s.on_fail(d.shard))),
     Narrow: _note(logging.WARNING, "shard %s: its worker died %d times (last: %s); probing its "
                   "rows for the ones that kill a worker alone", "deaths", "cause"),
     Poisoned: _poisoned,

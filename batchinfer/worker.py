@@ -59,7 +59,8 @@ class EngineFailed(RuntimeError):
 
 class ShardWorker:
     def __init__(self, *, config: Config, plan: Plan, worker_index: int, generation: int):
-        logs.setup_from_env(run=run_label(config.output.path), worker=worker_index)  # before the engine loads
+        # before the engine loads, so its lines are in the run's format too
+        logs.setup_from_env(run=run_label(config.output.path, config.run.name), worker=worker_index)
         self.cfg = config
         self.plan = plan
         self.worker_index = worker_index
@@ -87,7 +88,7 @@ class ShardWorker:
         self.in_flight = 0
         self._busy_s = 0.0  # seconds with at least one request in the engine, until _busy_since
         self._busy_since: float | None = None
-        self.metrics = WorkerMetrics(run_label(config.output.path), worker_index)
+        self.metrics = WorkerMetrics(run_label(config.output.path, config.run.name), worker_index)
         self._busy_reported = 0.0  # busy seconds already added to the metrics
         self.engine_restarts = 0
         self._beats_before = 0  # heartbeats of engines replaced by restarts
@@ -109,7 +110,7 @@ class ShardWorker:
                               heartbeat=self._beats_before + self.engine.heartbeat,
                               busy=self.engine.busy(), max_model_len=self.engine.max_model_len,
                               window=self.engine.max_in_flight, in_flight=self.in_flight,
-                              busy_s=round(busy, 3))
+                              busy_s=round(busy, 3), engine_restarts=self.engine_restarts)
 
     @property
     def busy_s(self) -> float:
@@ -364,6 +365,7 @@ class ShardWorker:
             if self.engine is failed:
                 log.warning("worker %d: restarting its engine in place after: %s", self.worker_index, reason)
                 self.engine_restarts += 1
+                self.metrics.engine_restarted()
                 self._beats_before += failed.heartbeat
                 await asyncio.to_thread(_shutdown_quietly, failed)
                 self.engine = await asyncio.to_thread(self.engine_cls, config=self.cfg)

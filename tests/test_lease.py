@@ -185,12 +185,12 @@ def test_status_prefers_a_live_driver_and_a_later_failure_over_an_old_manifest(t
                                         shards=ShardTotals(total=3, committed=2, failed=1),
                                         finished_at="2026-11-29T01:00:00+00:00")
     committed = {0: {}, 1: {}}
-    assert run_state(plan, committed, manifest, None, None) == ("partial", "")
+    assert run_state(plan, len(committed), manifest, None, None) == ("partial", "")
     held = DriverLease(store.meta, lease_s=60)
     held.acquire()
-    assert run_state(plan, committed, manifest, None, read_holder(store.meta))[0] == "running"
+    assert run_state(plan, len(committed), manifest, None, read_holder(store.meta))[0] == "running"
     held.release("failed")
     failed = RunStatus(state="failed", reason="StorageError: no space",
                        updated_at="2026-11-29T02:00:00+00:00")
-    state, detail = run_state(plan, committed, manifest, failed, read_holder(store.meta))
+    state, detail = run_state(plan, len(committed), manifest, failed, read_holder(store.meta))
     assert state == "failed" and detail.startswith("StorageError: no space; rerun")

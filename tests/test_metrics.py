@@ -196,8 +196,14 @@ def test_run_label():
     label = run_label(url)
     assert re.fullmatch(r"2026-01-02-[0-9a-f]{8}", label)
     assert label != run_label("s3://other/nightly/2026-01-02/"), "same folder name, other URL"
-    assert run_label("/tmp/out") == run_label("/tmp/out")
-    assert run_label(url, "my-run") == "my-run"
+    assert run_label(url) == run_label(url.rstrip("/"))
+    assert run_label(url, "my-run") == "my-run"  # run.name
+
+
+def test_a_local_output_path_is_one_run_however_it_is_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    labels = {run_label(p) for p in ("out/local/", "out/local", "./out/local", str(tmp_path / "out" / "local"))}
+    assert len(labels) == 1 and labels.pop().startswith("local-")
 
 
 class FakeInstrument:
@@ -319,7 +325,10 @@ class Recording:
         self.metrics = WorkerMetrics(run, worker)
         self.in_flight = None
 
-    async def record(self, in_flight: int | None, busy_s: list[float], retries: list[int]) -> bool:
+    async def record(self, in_flight: int | None, busy_s: list[float], retries: list[int],
+                     engine_restarts: int = 0) -> bool:
+        for _ in range(engine_restarts):
+            self.metrics.engine_restarted()
         for s in busy_s:
             self.metrics.engine_busy(s)
         for n in retries:
@@ -350,7 +359,7 @@ def _record(port: int, done: threading.Event) -> None:
     driver.scheduling(5, {0: 2, 1: 1})
     actor = ray.remote(num_cpus=0)(Recording)
     actors = [actor.remote(RUN, 3), actor.remote(RUN, 3), actor.remote(RUN, 4)]
-    enabled = ray.get([actors[0].record.remote(4, [1.5, 0.0], [1]),
+    enabled = ray.get([actors[0].record.remote(4, [1.5, 0.0], [1], engine_restarts=1),
                        actors[1].record.remote(None, [1.0], [2, 0]),
                        actors[2].record.remote(2, [0.25], [])])
     _report({"endpoint": metrics.metrics_endpoint(), "enabled": enabled})
@@ -402,7 +411,7 @@ def test_ray_exports_what_was_recorded(own_cluster):
         "duration_buckets": {**{float(b): n for b, n in buckets.items()}, float("inf"): 3},
         "shard_retries": {("1",): 2},
         "shards_failed": {(): 1},
-        "engine_restarts": {("0",): 1},
+        "engine_restarts": {("3",): 1},  # the worker's own count, not its commits'
         "worker_restarts": {("0",): 1},
         "queue_depth": {(): 3},
         "leases": {("0",): 2, ("1",): 0},
@@ -504,3 +513,24 @@ def _child(mode: str, port: int, *args: str) -> None:
 
 if __name__ == "__main__":
     _child(sys.argv[1], int(sys.argv[2]), *sys.argv[3:])
+
+
+def test_a_taken_metrics_port_is_refused_before_anything_starts(tmp_path, monkeypatch):
+    """Ray's agent cannot start on a taken port, and its node then times out with no word of
+    why: `validate` and `run` refuse it first (exit 2), naming the process that holds it."""
+    import socket
+
+    from click.testing import CliRunner
+
+    from batchinfer.cli import main
+    from tests.conftest import make_config, write_yaml
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_yaml(tmp_path / "c.yaml", make_config(tmp_path, run={"metrics_export_port": port}))
+        result = CliRunner().invoke(main, ["validate", str(config)])
+    assert result.exit_code == 2
+    assert f"run.metrics_export_port {port} is taken on this machine by pid {os.getpid()}" in result.output

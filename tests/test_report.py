@@ -260,9 +260,9 @@ def test_histograms_bin_integers_one_per_value_and_skip_missing_values():
 
 
 def test_a_view_without_plots_data_says_so():
-    page = render(RunView(url="s3://b/run", state="not started", total_rows=10, total_shards=1,
+    page = render(RunView(url="s3://b/run", state="not_started", total_rows=10, total_shards=1,
                           sample=Sample({}, 0, 0, 0, 0)))
-    assert "run not finished: state not started" in page
+    assert "run not finished: state not_started" in page
     assert 'class="plot"' not in page and page.count("<script>") == 1
     assert "no shard committed yet" in page and "no latency (s) recorded" in page
 

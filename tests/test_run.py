@@ -231,3 +231,7 @@ def test_the_cost_of_a_run_is_its_workers_gpu_hours_at_the_configured_price(tmp_
     assert (cpu.gpu_hours, cpu.busy_gpu_hours, cpu.tokens_per_gpu_hour, cpu.total,
             cpu.per_million_output_tokens) == (2.0, None, 0.0, None, None)
     assert format_cost(cpu).endswith("(set run.gpu_hour_cost for the price)")
+    # workers sharing GPUs count their share
+    shared = run_cost(make_config(tmp_path, run={"gpus_per_worker": 0.25}), workers=4, wall_s=3600,
+                      busy_s=None, output_tokens=0)
+    assert shared.gpu_hours == 1.0
