@@ -24,9 +24,11 @@ from batchinfer.records import Attempt, Manifest, ShardSummary, now_iso
 
 SAMPLE_IDS = 5
 """Sample ids shown per error code."""
-OUTCOME_COLORS = {"committed": "#2e7d32", "lost": "#9e9e9e", "cancelled": "#bdbdbd",
-                  "error": "#ef6c00", "worker_died": "#c62828", "unfinished": "#1565c0"}
-"""Attempt outcomes (records.Attempt.outcome) and their colors on the timeline."""
+OUTCOME_COLORS = {"committed": "#2e7d32", "committed earlier": "#a5d6a7", "lost": "#9e9e9e",
+                  "cancelled": "#bdbdbd", "error": "#ef6c00", "worker_died": "#c62828",
+                  "unfinished": "#1565c0"}
+"""Attempt outcomes (records.Attempt.outcome; "committed earlier": a shard a previous
+invocation of a resumed run committed) and their colors on the timeline."""
 HIST_BINS = 40
 
 
@@ -245,18 +247,21 @@ class Bar:
 
 
 def timeline_bars(view: RunView) -> list[Bar]:
-    """The run's shard attempts (manifest.this_run.attempts); for runs that did not record
-    them, each committed shard's winning attempt, from its summary: it started at
-    `started_at`, or `generate_s` before its commit."""
+    """The run's shard attempts (manifest.this_run.attempts), and each committed shard that
+    no attempt of this invocation committed (a resumed run's earlier work, or a run that did
+    not record its attempts), from its summary: it started at `started_at`, or `generate_s`
+    before its commit."""
     attempts: list[Attempt] = view.manifest.this_run.attempts if view.manifest is not None else []
-    if attempts:
-        return [Bar(a.worker, a.shard, a.attempt, a.started_at, max(a.ended_at, a.started_at), a.outcome,
-                    a.speculative, a.reason) for a in attempts]
-    bars = []
+    bars = [Bar(a.worker, a.shard, a.attempt, a.started_at, max(a.ended_at, a.started_at), a.outcome,
+                a.speculative, a.reason) for a in attempts]
+    now = {a.shard for a in attempts if a.outcome == "committed"}
     for s in view.summaries:
+        if s.shard in now:
+            continue
         committed = _parse_iso(s.committed_at)
         start = s.started_at if s.started_at is not None else committed - s.generate_s
-        bars.append(Bar(s.worker, s.shard, s.attempt, start, max(committed, start), "committed"))
+        bars.append(Bar(s.worker, s.shard, s.attempt, start, max(committed, start),
+                        "committed earlier" if attempts else "committed"))
     return bars
 
 

@@ -249,6 +249,12 @@ def test_the_timeline_shows_every_attempt_or_else_each_committed_shard():
     later = s.model_copy(update={"started_at": bar.start - 5})
     [bar2] = timeline_bars(RunView(url="x", state="completed", summaries=[later]))
     assert bar2.start == bar.start - 5
+    # a resumed run: this invocation's attempts, and the shard an earlier one committed
+    resumed = m.model_copy(update={"this_run": m.this_run.model_copy(update={"attempts": [
+        Attempt(shard=1, worker=0, attempt=1, started_at=10.0, ended_at=20.0, outcome="committed")]})})
+    shard1 = s.model_copy(update={"shard": 1, "part": "part-000001.parquet"})
+    bars = timeline_bars(RunView(url="x", state="completed", manifest=resumed, summaries=[s, shard1]))
+    assert sorted((b.shard, b.outcome) for b in bars) == [(0, "committed earlier"), (1, "committed")]
 
 
 def test_histograms_bin_integers_one_per_value_and_skip_missing_values():
