@@ -68,8 +68,10 @@ def exit_code_for(state: str) -> int:
 
 @dataclass(frozen=True)
 class Counts:
-    """A run's progress: from its manifest once finished, from the driver's status record
-    while it runs (updated at most every few seconds), else from the commit records."""
+    """A run's progress: from its manifest once finished; while it runs, shards from the
+    listing of its parts (exact) and rows and tokens from the driver's status record (which
+    it rewrites on commits at most every 5 s, so they may trail the shards by that much);
+    else (stopped without a manifest) from the commit records."""
 
     shards_done: int = 0
     shards_failed: int = 0
@@ -150,8 +152,8 @@ def read(store: RunStore) -> RunView | None:
                         manifest.rows.ok + manifest.rows.failed, manifest.rows.failed,
                         manifest.tokens.prompt, manifest.tokens.completion)
     elif state in LIVE_STATES and record is not None and record.rows_done is not None:
-        counts = Counts(record.shards_done, record.shards_failed, record.rows_done,
-                        record.rows_failed or 0, record.prompt_tokens, record.completion_tokens)
+        counts = Counts(parts, record.shards_failed, record.rows_done, record.rows_failed or 0,
+                        record.prompt_tokens, record.completion_tokens)
     else:
         counts = Counts.of_summaries(store.committed(rebuild=False).values() if parts else ())
     return RunView(store.url, state, detail, plan, counts, manifest, record, holder)
