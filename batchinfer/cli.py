@@ -246,7 +246,7 @@ def status(output_path: str, as_json: bool, watch: bool, interval: float,
     storage_cfg = load_or_exit(config_path, ()).storage if config_path else None
     store = RunStore(output_path, storage_cfg)
     redraw = watch and not as_json and sys.stdout.isatty()
-    errors = waited = 0
+    errors, waited = 0, False
     while True:
         try:
             with storage.errors(output_path, "OUTPUT_PATH"):
@@ -265,7 +265,7 @@ def status(output_path: str, as_json: bool, watch: bool, interval: float,
                                   "or status.json)")
             if not waited:  # a job just started may still be listing its inputs
                 log.info("status: no run at %s yet; waiting for one to start", store.url)
-            waited += 1
+            waited = True
             time.sleep(interval)
             continue
         if as_json:

@@ -21,6 +21,13 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0]}"
 
 
+def split_error(error: str) -> tuple[str, str]:
+    """A row's `error` column, "code: message" (as RowError and Result.failed write it), as
+    (code, message)."""
+    code, _, message = error.partition(":")
+    return code, message.strip()
+
+
 class RowError(ValueError):
     """A row that cannot be turned into a request (a bad prompt, bad sampling settings, a bad
     OpenAI batch line); `code` is machine-readable and heads the row's `error` column."""

@@ -14,6 +14,7 @@ does not know are ignored (a record written by a newer version still reads).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -60,6 +61,15 @@ class RowCounts(Record):
     completion_tokens: int
     errors: dict[str, int] = Field(default_factory=dict)
     """Error code (the part of a row's `error` before the colon) -> rows with it."""
+
+
+def error_counts(summaries: Iterable[RowCounts]) -> dict[str, int]:
+    """Rows per error code over some shards (the manifest's `errors`)."""
+    out: dict[str, int] = {}
+    for s in summaries:
+        for code, n in s.errors.items():
+            out[code] = out.get(code, 0) + n
+    return out
 
 
 class ShardSummary(RowCounts):

@@ -29,9 +29,10 @@ import pyarrow.parquet as pq
 
 from batchinfer import lifecycle, openai_batch
 from batchinfer.config import StorageConfig
-from batchinfer.records import ShardSummary
+from batchinfer.errors import split_error
+from batchinfer.records import ShardSummary, error_counts
 from batchinfer.report_page import SAMPLE_IDS, ErrorCode, RunView, Sample, render
-from batchinfer.run_store import ERRORS_DIR, LEGACY_ERRORS_DIR, PART_RE, RunStore
+from batchinfer.run_store import RunStore
 
 MAX_SAMPLE_ROWS = 200_000
 """Rows read for the histograms, at most."""
@@ -66,17 +67,14 @@ def gather(store: RunStore, max_rows: int = MAX_SAMPLE_ROWS) -> RunView:
     if manifest is None and plan is None:
         raise NoRun(f"no run at {store.url} (expected {store.meta.url}/manifest.json "
                     "or plan.json)")
-    parts = [n for n in _names(store, "") if PART_RE.match(n)]
+    parts = store.part_names()
     if manifest is not None and plan is not None and not manifest.describes(plan.fingerprint, len(parts)):
         manifest = None  # shards committed since: a resumed run is under way
     if manifest is not None and manifest.shard_summaries:
         summaries = manifest.shard_summaries
     else:
         summaries = [s for _, s in sorted(store.committed(rebuild=False).items())]
-    counts: dict[str, int] = {}
-    for s in summaries:
-        for code, n in s.errors.items():
-            counts[code] = counts.get(code, 0) + n
+    counts = error_counts(summaries)
     if manifest is not None:
         state, detail = manifest.status, ""
         counts = manifest.errors or counts
@@ -140,7 +138,7 @@ def sample_errors(store: RunStore, summaries: list[ShardSummary],
     else from those parts' own `id` and `error` columns: a few files per code, never all."""
     ids: dict[str, list[str]] = {code: [] for code in counts}
     messages: dict[str, str] = {}
-    files = {name: folder for folder in (LEGACY_ERRORS_DIR, ERRORS_DIR) for name in _names(store, folder)}
+    files = store.failed_row_files()
     for s in summaries:
         if not any(len(ids.get(code, ())) < SAMPLE_IDS for code in s.errors):
             continue
@@ -170,14 +168,5 @@ def _failed_rows(store: RunStore, part: str, folder: str | None) -> list[tuple[s
     t = t.filter(pc.is_valid(t.column("error")))
     out = []
     for row_id, error in zip(t.column("id").to_pylist(), t.column("error").to_pylist(), strict=True):
-        code, _, message = error.partition(":")
-        out.append((str(row_id), code, message.strip()))
+        out.append((str(row_id), *split_error(error)))
     return out
-
-
-def _names(store: RunStore, folder: str) -> list[str]:
-    loc = store.root.child(folder) if folder else store.root
-    try:
-        return [p.rstrip("/").rsplit("/", 1)[-1] for p in store.fs.ls(loc.path, detail=False, refresh=True)]
-    except FileNotFoundError:
-        return []

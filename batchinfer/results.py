@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchinfer import openai_batch
+from batchinfer.errors import split_error
 from batchinfer.plan import id_column
 from batchinfer.records import RESULT_COLUMNS, RowCounts, ShardSummary, now_iso
 
@@ -76,7 +77,7 @@ def summarize(rows: list[RowOutcome]) -> RowCounts:
     errors: dict[str, int] = {}
     for r in rows:
         if r.result.error:
-            code = r.result.error.split(":", 1)[0]
+            code = split_error(r.result.error)[0]
             errors[code] = errors.get(code, 0) + 1
     return RowCounts(
         rows=len(rows),
@@ -189,11 +190,11 @@ def failed_parquet(ids: pa.ChunkedArray | pa.Array, errors: pa.ChunkedArray | pa
     failed = [(i, e) for i, e in zip(ids.to_pylist(), errors.to_pylist(), strict=True) if e]
     if not failed:
         return None
-    codes, messages = zip(*((e.split(":", 1) + [""])[:2] for _, e in failed), strict=True)
+    codes, messages = zip(*(split_error(e) for _, e in failed), strict=True)
     table = pa.table({
         "id": pa.array([i for i, _ in failed], type=ids.type),
         "error_code": pa.array(codes, pa.string()),
-        "error_message": pa.array([m.strip() for m in messages], pa.string()),
+        "error_message": pa.array(messages, pa.string()),
         "shard": pa.array([summary.shard] * len(failed), pa.int64()),
         "attempt": pa.array([summary.attempt] * len(failed), pa.int64()),
     })

@@ -128,6 +128,12 @@ class RunStore:
         found = self._read(self._record(_shard_name(part)), ShardSummary)
         return found if found is not None else self.summary_from_part(part)
 
+    def failed_row_files(self) -> dict[str, str]:
+        """Part name -> the folder holding its failed-rows file: `_errors/`, or `errors/` for
+        an openai_batch run written before it moved (the new folder wins)."""
+        return {name: folder for folder in (LEGACY_ERRORS_DIR, ERRORS_DIR)
+                for name in self._ls(self.root.child(folder))}
+
     def repair_error_files(self, committed: dict[int, ShardSummary]) -> int:
         """Write the failed-rows file of every committed part with failed rows that lacks one
         (its winner crashed between the part and that file); returns how many."""

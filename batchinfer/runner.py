@@ -35,6 +35,7 @@ from batchinfer.records import (
     ThisRun,
     TokenTotals,
     WorkerInfo,
+    error_counts,
     now_iso,
 )
 from batchinfer.results import suffix_of
@@ -421,10 +422,7 @@ def build_manifest(plan: Plan, store: RunStore, committed: dict[int, ShardSummar
     finished = time.time()
     outcome = outcome if outcome is not None else Outcome()
     summaries = [committed[i] for i in sorted(committed)]
-    errors: dict[str, int] = {}
-    for s in summaries:
-        for code, n in s.errors.items():
-            errors[code] = errors.get(code, 0) + n
+    errors = error_counts(summaries)
     rows_ok = sum(s.rows_ok for s in summaries)
     rows_failed = sum(s.rows_failed for s in summaries)
     this_run = list(outcome.committed.values())

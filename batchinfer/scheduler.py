@@ -97,10 +97,9 @@ class Scheduler:
 
     def __init__(self, *, cfg: Config, plan: Plan, stop: threading.Event, generation: int,
                  on_commit: Callable[[ShardSummary], None] = lambda s: None,
-                 on_fail: Callable[[int], None] = lambda shard: None,
-                 metrics: DriverMetrics | None = None):
+                 on_fail: Callable[[int], None] = lambda shard: None):
         self.cfg = cfg
-        self.metrics = metrics if metrics is not None else DriverMetrics(run_label(cfg.output.path, cfg.run.name))
+        self.metrics = DriverMetrics(run_label(cfg.output.path, cfg.run.name))
         self.plan = plan
         self.stop = stop
         self.generation = generation
@@ -207,30 +206,27 @@ class Scheduler:
             held[lease.slot] = held.get(lease.slot, 0) + 1
         return held
 
+    def _ask_ready(self, call: Callable[[Any], Any]) -> dict[int, Any]:
+        """`call(actor)` (a remote call) on every ready worker at once: the answers, by worker
+        index, of those that answer within a few seconds. A dead, failed or slow worker is
+        left out (these are reports at the end of the run, not work)."""
+        refs = {call(slot.actor): slot.index for slot in self.slots if slot.ready}
+        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_TIMEOUT_S) if refs else ([], [])
+        answers = {refs[ref]: _get_or_none(ref) for ref in done}
+        return {index: answer for index, answer in answers.items() if answer is not None}
+
     def _engine_stats(self) -> list[dict[str, Any]]:
-        """Every ready worker's engine accounting, up to the last shard handed out; a worker
-        that does not answer within a few seconds is left out (this is a report, not work)."""
+        """Every ready worker's engine accounting, up to the last shard handed out."""
         if self.stop.is_set():  # stopping: nothing more to wait for
             return []
-        refs = {slot.actor.stats.remote(self.last_handout): slot.index for slot in self.slots if slot.ready}
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_TIMEOUT_S) if refs else ([], [])
-        out = []
-        for ref in done:
-            stats = _get_or_none(ref)  # dead or failed: the run's result does not depend on it
-            if stats:
-                out.append({"worker": refs[ref], **stats})
-        return sorted(out, key=lambda s: s["worker"])
+        stats = self._ask_ready(lambda actor: actor.stats.remote(self.last_handout))
+        return [{"worker": index, **stats[index]} for index in sorted(stats) if stats[index]]
 
     def _worker_totals(self) -> None:
         """What the workers counted themselves (`Outcome.busy_s`, `Outcome.engine_restarts`):
         their last progress reports (the final ones asked for now), plus those of the workers
         they replaced."""
-        refs = {slot.actor.progress.remote(): slot.index for slot in self.slots if slot.ready}
-        done, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STATS_TIMEOUT_S) if refs else ([], [])
-        for ref in done:
-            info = _get_or_none(ref)
-            if info is not None:
-                self.live[refs[ref]] = info
+        self.live.update(self._ask_ready(lambda actor: actor.progress.remote()))
         reports = [*self.live.values(), *self.replaced]
         if reports:
             self.outcome.busy_s = round(sum(p.busy_s for p in reports), 3)

@@ -23,7 +23,7 @@ import pyarrow as pa
 from batchinfer import logs, storage
 from batchinfer.config import Config
 from batchinfer.engines import Engine, Request, Result, get_engine_class, row_seed
-from batchinfer.errors import describe
+from batchinfer.errors import describe, split_error
 from batchinfer.lease import LeaseStale
 from batchinfer.metrics import WorkerMetrics, run_label
 from batchinfer.plan import Plan, Shard, id_column, input_reader
@@ -59,8 +59,9 @@ class EngineFailed(RuntimeError):
 
 class ShardWorker:
     def __init__(self, *, config: Config, plan: Plan, worker_index: int, generation: int):
+        run = run_label(config.output.path, config.run.name)
         # before the engine loads, so its lines are in the run's format too
-        logs.setup_from_env(run=run_label(config.output.path, config.run.name), worker=worker_index)
+        logs.setup_from_env(run=run, worker=worker_index)
         self.cfg = config
         self.plan = plan
         self.worker_index = worker_index
@@ -88,7 +89,7 @@ class ShardWorker:
         self.in_flight = 0
         self._busy_s = 0.0  # seconds with at least one request in the engine, until _busy_since
         self._busy_since: float | None = None
-        self.metrics = WorkerMetrics(run_label(config.output.path, config.run.name), worker_index)
+        self.metrics = WorkerMetrics(run, worker_index)
         self._busy_reported = 0.0  # busy seconds already added to the metrics
         self.engine_restarts = 0
         self._beats_before = 0  # heartbeats of engines replaced by restarts
@@ -449,7 +450,7 @@ RETRYABLE = ("timeout", "engine_error", "request_failed")
 
 def _retryable(outcome: RowOutcome) -> bool:
     error = outcome.result.error
-    return error is not None and error.split(":", 1)[0] in RETRYABLE
+    return error is not None and split_error(error)[0] in RETRYABLE
 
 
 def _row_failure(error: BaseException, prompt_tokens: int) -> RowOutcome:
